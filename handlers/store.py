@@ -1,0 +1,220 @@
+"""C-STORE SCP: store the bytes as received, durably, index them, then answer.
+
+The handler decodes only the header (``stop_before_pixels``) for the index; the file written is the
+encoded dataset exactly as the peer sent it, behind a Part 10 preamble and file meta. The success status
+goes back only after the file is fsynced and renamed into place and the index row is committed.
+Every failure becomes a DICOM status, a quarantined copy with the reason and a log line without patient
+identity; the association and the node keep serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import evt
+from pynetdicom.sop_class import (
+    BasicTextSRStorage,
+    ComprehensiveSRStorage,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    EnhancedSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
+    MRImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage as Comprehensive3DSR,
+)
+
+from storage.files import FileStore, InvalidUID, check_uid
+from storage.index import Index, instance_meta_from_dataset
+
+log = logging.getLogger(__name__)
+
+# DICOM C-STORE statuses (PS3.4 B.2.3).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+PROCESSING_FAILURE = 0x0110
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
+    str(c)
+    for c in (
+        CTImageStorage,
+        EnhancedCTImageStorage,
+        MRImageStorage,
+        EnhancedMRImageStorage,
+        BasicTextSRStorage,
+        EnhancedSRStorage,
+        ComprehensiveSRStorage,
+        Comprehensive3DSR,
+        KeyObjectSelectionDocumentStorage,
+        SecondaryCaptureImageStorage,
+        MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        MultiFrameTrueColorSecondaryCaptureImageStorage,
+        GrayscaleSoftcopyPresentationStateStorage,
+        SegmentationStorage,
+    )
+)
+
+
+class StoreRefused(Exception):
+    """An instance is refused: carries the DICOM status and a reason without patient identity."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _safe_uid_for_log(value: object) -> str:
+    """A UID for a log line if it is one (UIDs carry no identity); otherwise a placeholder."""
+    try:
+        return check_uid(value)
+    except InvalidUID:
+        return "<invalid>"
+
+
+def store_encoded(
+    encoded: bytes,
+    transfer_syntax_uid: str,
+    context_sop_class_uid: str,
+    command_sop_instance_uid: str,
+    files: FileStore,
+    index: Index,
+    calling_ae: str = "",
+    origin: str = "received",
+) -> tuple[int, str]:
+    """Store one encoded Part 10 instance durably and index it.
+
+    Parameters
+    ----------
+    encoded
+        Preamble, file meta and dataset exactly as received.
+    transfer_syntax_uid, context_sop_class_uid, command_sop_instance_uid
+        From the presentation context and the C-STORE request.
+    files, index
+        The file store and the index.
+    calling_ae
+        Who sent it (kept in the index for audit).
+    origin
+        ``"received"`` for instances from peers, ``"result"`` for objects the node made.
+
+    Returns
+    -------
+    tuple[int, str]
+        The DICOM status and a short description (for the log).
+
+    Raises
+    ------
+    StoreRefused
+        With the failure status; the caller quarantines and answers it.
+    """
+    try:
+        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, force=False)
+        ds.SOPInstanceUID  # noqa: B018 - forces parsing up to the UIDs; errors surface here
+    except (InvalidDicomError, EOFError) as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND | 0x210, f"dataset cannot be parsed: {type(exc).__name__}") from exc
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        raise StoreRefused(CANNOT_UNDERSTAND | 0x211, f"dataset cannot be parsed: {type(exc).__name__}") from exc
+    try:
+        meta = instance_meta_from_dataset(ds, transfer_syntax_uid)
+    except Exception as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND | 0x212, f"header cannot be read: {type(exc).__name__}") from exc
+    try:
+        sop_uid = check_uid(meta.sop_instance_uid, "SOPInstanceUID")
+        study_uid = check_uid(meta.study_instance_uid, "StudyInstanceUID")
+        series_uid = check_uid(meta.series_instance_uid, "SeriesInstanceUID")
+        sop_class = check_uid(meta.sop_class_uid, "SOPClassUID")
+    except InvalidUID as exc:
+        raise StoreRefused(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"required UID refused: {exc}") from exc
+    if sop_class not in STORAGE_SOP_CLASSES:
+        raise StoreRefused(SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not stored by this node")
+    if context_sop_class_uid and sop_class != context_sop_class_uid:
+        raise StoreRefused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"dataset SOP class {sop_class} differs from the negotiated {context_sop_class_uid}",
+        )
+    if command_sop_instance_uid and command_sop_instance_uid.strip() != sop_uid:
+        raise StoreRefused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOP Instance UID differs from the C-STORE request's"
+        )
+    try:
+        stored = files.write_instance(study_uid, series_uid, sop_uid, encoded)
+    except OSError as exc:
+        raise StoreRefused(OUT_OF_RESOURCES, f"could not write the file: {exc.strerror or exc}") from exc
+    try:
+        if stored.duplicate and index.has_instance(sop_uid, stored.version):
+            return SUCCESS, f"duplicate of version {stored.version}, not stored again"
+        index.record_instance(
+            meta, stored.relpath, stored.size, stored.sha256, stored.version, calling_ae, origin=origin
+        )
+    except Exception as exc:
+        # The file is durable; startup recovery will index it. The peer must still hear a failure so it
+        # retries (a retry of identical bytes is then a no-op success once indexed).
+        raise StoreRefused(OUT_OF_RESOURCES, f"could not index the instance: {type(exc).__name__}") from exc
+    return SUCCESS, "stored" if stored.version == 1 else f"stored as version {stored.version}"
+
+
+def handle_store(event: evt.Event, files: FileStore, index: Index) -> int | tuple[int, Any]:
+    """EVT_C_STORE handler bound with the file store and index."""
+    calling_ae = event.assoc.requestor.ae_title
+    try:
+        encoded = event.encoded_dataset(include_meta=True)
+    except Exception as exc:  # malformed file meta from the peer
+        log.warning("C-STORE from %s: file meta cannot be encoded (%s)", calling_ae, type(exc).__name__)
+        files.quarantine(None, f"file meta cannot be encoded: {type(exc).__name__}", {"calling_ae": calling_ae})
+        return CANNOT_UNDERSTAND
+    ts = str(event.context.transfer_syntax)
+    req = event.request
+    try:
+        status, what = store_encoded(
+            encoded,
+            ts,
+            str(event.context.abstract_syntax),
+            str(req.AffectedSOPInstanceUID or ""),
+            files,
+            index,
+            calling_ae,
+        )
+    except StoreRefused as refused:
+        path = files.quarantine(
+            encoded,
+            refused.reason,
+            {
+                "calling_ae": calling_ae,
+                "status": f"0x{refused.status:04X}",
+                "transfer_syntax": ts,
+                "sop_instance_uid": _safe_uid_for_log(str(req.AffectedSOPInstanceUID or "")),
+            },
+        )
+        log.warning(
+            "C-STORE from %s refused with 0x%04X: %s (quarantined as %s)",
+            calling_ae,
+            refused.status,
+            refused.reason,
+            path.name,
+        )
+        return refused.status
+    except Exception as exc:  # never let an exception escape into pynetdicom's reactor
+        log.exception("C-STORE from %s: unexpected failure (%s)", calling_ae, type(exc).__name__)
+        try:
+            files.quarantine(encoded, f"unexpected failure: {type(exc).__name__}", {"calling_ae": calling_ae})
+        except OSError:
+            log.error("quarantine failed too: the disk may be full")
+        return PROCESSING_FAILURE
+    log.debug("C-STORE from %s: %s (%s)", calling_ae, what, _safe_uid_for_log(str(req.AffectedSOPInstanceUID)))
+    return status

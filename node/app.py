@@ -1,0 +1,221 @@
+"""Wiring: the node's services (listen, work, dispatch) over one file store, index and queue.
+
+``Node`` owns the storage objects and starts the roles asked for, each in its own thread(s):
+
+- listen: the pynetdicom AE (C-ECHO, C-STORE, and the query/retrieve services when present) and the
+  series-completion watcher;
+- work: claims ``analyze-series`` jobs and runs the pipeline (the only role that touches the GPU);
+- dispatch: claims ``send`` jobs and delivers results to their destinations.
+
+Each loop survives any single failure: an exception becomes a job state and a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import Verification
+
+from handlers.echo import handle_echo
+from handlers.store import STORAGE_SOP_CLASSES, handle_store
+from node.config import Config
+from node.series import SeriesWatcher
+from storage.files import FileStore
+from storage.index import Index
+from storage.queue import ANALYZE_SERIES, SEND, GiveUp, Job, JobQueue, RetryLater
+from storage.recovery import RecoveryReport, recover
+
+log = logging.getLogger(__name__)
+
+JobHandler = Callable[[Job], None]
+
+ROLES = ("listen", "work", "dispatch")
+
+
+def _nodelay(event: evt.Event) -> None:
+    """Turn Nagle off on every association socket (a 40 ms stall per instance otherwise)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def _check_address(event: evt.Event, allowed: tuple[str, ...]) -> None:
+    """Reject an association whose peer address is not on the allow-list."""
+    address = event.assoc.requestor.address
+    if address not in allowed:
+        log.warning("association from %s refused: address not allowed", address)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, calling AE not recognized
+
+
+def _log_rejected(event: evt.Event) -> None:
+    log.warning(
+        "association from %s (calling AE %r, called AE %r) rejected",
+        event.assoc.requestor.address,
+        event.assoc.requestor.primitive.calling_ae_title if event.assoc.requestor.primitive else "?",
+        event.assoc.requestor.primitive.called_ae_title if event.assoc.requestor.primitive else "?",
+    )
+
+
+def ssl_context_from(config: Config) -> ssl.SSLContext | None:
+    """The server TLS context of the config, or None when TLS is off."""
+    tls = config.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file:
+        ctx.load_verify_locations(tls.ca_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    if not tls.ca_file:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Node:
+    """One harmonode: storage plus the roles started in this process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        data = config.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        self.files = FileStore(data, fsync=config.node.fsync)
+        self.index = Index(data / "index.sqlite")
+        q = config.queue
+        self.queue = JobQueue(data / "queue.sqlite", q.lease_seconds, q.max_attempts, q.backoff_base_s, q.backoff_max_s)
+        self.job_handlers: dict[str, JobHandler] = {}
+        self.server: Any = None
+        self.port: int | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.recovery: RecoveryReport | None = None
+
+    # -- listen -------------------------------------------------------------------------------------
+    def build_ae(self) -> AE:
+        """The application entity with every service the node offers as SCP."""
+        cfg = self.config.node
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_pdu_size = cfg.max_pdu_size
+        ae.maximum_associations = cfg.max_associations
+        ae.network_timeout = cfg.network_timeout_s
+        ae.acse_timeout = cfg.acse_timeout_s
+        ae.dimse_timeout = cfg.dimse_timeout_s
+        ae.require_called_aet = cfg.require_called_ae
+        ae.require_calling_aet = list(cfg.allowed_calling_aes)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for uid in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def event_handlers(self) -> list[tuple[Any, ...]]:
+        """Events bound to handlers with their collaborators."""
+        handlers: list[tuple[Any, ...]] = [
+            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self.files, self.index]),
+            (evt.EVT_REJECTED, _log_rejected),
+        ]
+        if self.config.node.allowed_addresses:
+            handlers.append((evt.EVT_REQUESTED, _check_address, [self.config.node.allowed_addresses]))
+        return handlers
+
+    def start_listening(self) -> int:
+        """Start the SCP in background threads; return the port it listens on."""
+        cfg = self.config.node
+        ae = self.build_ae()
+        self.server = ae.start_server(
+            (cfg.host, cfg.port),
+            block=False,
+            evt_handlers=self.event_handlers(),
+            ssl_context=ssl_context_from(self.config),
+        )
+        self.port = int(self.server.server_address[1])
+        log.info("listening as %s on %s:%d", cfg.ae_title, cfg.host, self.port)
+        watcher = SeriesWatcher(self.index, self.queue, self.config.pipeline)
+        self._spawn("series-watcher", lambda: watcher.run(self._stop))
+        return self.port
+
+    # -- work and dispatch --------------------------------------------------------------------------
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def run_jobs(self, kinds: tuple[str, ...], poll_seconds: float = 0.2) -> None:
+        """Claim and run jobs of ``kinds`` until stopped; every outcome becomes a job state."""
+        while not self._stop.is_set():
+            job = self.queue.claim(kinds)
+            if job is None:
+                self._stop.wait(poll_seconds)
+                continue
+            self.run_one(job)
+
+    def run_one(self, job: Job) -> None:
+        """Run one claimed job with its handler and record the outcome."""
+        handler = self.job_handlers.get(job.kind)
+        if handler is None:
+            self.queue.fail(job, f"no handler for job kind {job.kind!r} in this process")
+            return
+        try:
+            handler(job)
+        except GiveUp as exc:
+            log.error("job %d (%s) failed for good: %s", job.id, job.kind, exc)
+            self.queue.fail(job, str(exc), retry=False)
+        except RetryLater as exc:
+            state = self.queue.fail(job, str(exc))
+            log.warning("job %d (%s) will be retried (%s): %s", job.id, job.kind, state, exc)
+        except Exception as exc:
+            state = self.queue.fail(job, f"{type(exc).__name__}: {exc}")
+            log.exception("job %d (%s) failed (%s)", job.id, job.kind, state)
+        else:
+            self.queue.complete(job)
+
+    def start(self, roles: tuple[str, ...] = ROLES) -> None:
+        """Recover, then start the roles asked for."""
+        self.recovery = recover(self.files, self.index)
+        if "work" in roles or "dispatch" in roles:
+            from node.jobs import register_job_handlers
+
+            register_job_handlers(self, roles)
+        if "listen" in roles:
+            self.start_listening()
+        if "work" in roles:
+            for i in range(max(1, self.config.pipeline.workers)):
+                self._spawn(f"worker-{i}", lambda: self.run_jobs((ANALYZE_SERIES,)))
+        if "dispatch" in roles:
+            self._spawn("dispatcher", lambda: self.run_jobs((SEND,)))
+
+    def stop(self) -> None:
+        """Stop every role and close storage."""
+        self._stop.set()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        for t in self._threads:
+            t.join(timeout=10)
+        self.queue.close()
+        self.index.close()
+
+    def wait(self) -> None:
+        """Block until stopped (KeyboardInterrupt stops)."""
+        try:
+            while not self._stop.is_set():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            log.info("stopping")
+            self.stop()
+
+    @property
+    def data_dir(self) -> Path:
+        """Where this node keeps its files, index and queue."""
+        return self.config.data_path

@@ -1,0 +1,169 @@
+"""The ``harmonode`` command line (typer).
+
+Sub-commands register themselves here; each one loads the config once and passes it down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from node.config import ConfigError, load_config
+
+app = typer.Typer(
+    name="harmonode",
+    help="A DICOM node for imaging AI: durable ingest, harmonization per imaging condition, lesion "
+    "detection, results back into PACS.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (defaults are embedded; see deploy/node.example.toml)."),
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log lines to stderr: time, level, module, message (messages never carry patient identity)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print an error that says what to do next and return the Exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _config(path: Path | None):  # noqa: ANN202 - returns node.config.Config
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise fail(str(exc)) from exc
+
+
+def _run_roles(config_path: Path | None, roles: tuple[str, ...], verbose: bool) -> None:
+    from node.app import Node
+
+    setup_logging(verbose)
+    config = _config(config_path)
+    try:
+        node = Node(config)
+        node.start(roles)
+    except OSError as exc:
+        raise fail(
+            f"cannot start: {exc} (is the port {config.node.port} free, is {config.node.data_dir} writable?)"
+        ) from exc
+    node.wait()
+
+
+@app.command()
+def serve(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
+    """Run the whole node in one process: listen (SCPs), work (pipeline) and dispatch (delivery)."""
+    _run_roles(config, ("listen", "work", "dispatch"), verbose)
+
+
+@app.command()
+def listen(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
+    """Run only the listener: C-ECHO/C-STORE/query SCPs and series completion."""
+    _run_roles(config, ("listen",), verbose)
+
+
+@app.command()
+def work(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
+    """Run only a worker: claims series jobs and runs the pipeline (start several per GPU host)."""
+    _run_roles(config, ("work",), verbose)
+
+
+@app.command()
+def dispatch(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
+    """Run only the dispatcher: delivers results to destinations, with retries."""
+    _run_roles(config, ("dispatch",), verbose)
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts and monitoring.")] = False,
+) -> None:
+    """Show studies, series (state, instances, condition, rule, findings) and jobs."""
+    from node.status import collect_status, format_status
+
+    cfg = _config(config)
+    if not (cfg.data_path / "index.sqlite").exists():
+        raise fail(f"no node data in {cfg.data_path.resolve()}: start `harmonode serve` or pass --config")
+    report = collect_status(cfg)
+    typer.echo(json.dumps(report, indent=2, default=str) if as_json else format_status(report))
+
+
+@app.command()
+def resend(
+    config: ConfigOption = None,
+    destination: Annotated[str, typer.Option(help="Only jobs for this destination name.")] = "",
+) -> None:
+    """Put dead-lettered deliveries back in the queue (a running dispatcher picks them up)."""
+    from storage.queue import SEND, JobQueue
+
+    cfg = _config(config)
+    q = JobQueue(cfg.data_path / "queue.sqlite")
+    n = q.retry_dead(SEND, key_prefix=f"{destination}:" if destination else "")
+    typer.echo(f"{n} delivery job(s) back in the queue")
+
+
+@app.command()
+def demo(
+    studies: Annotated[int, typer.Option(help="Studies the synthetic scanner sends.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic scanner.")] = 7,
+    data_dir: Annotated[Path | None, typer.Option(help="Keep the node's data here (default: a temp dir).")] = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Start a node, a local PACS and a synthetic scanner; show what happened to each study."""
+    from node.demo import run_demo
+
+    setup_logging(verbose)
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
+    code = run_demo(studies=studies, seed=seed, data_dir=data_dir)
+    raise typer.Exit(code)
+
+
+def _register_optional_commands() -> None:
+    """Sub-command groups that live in their own modules (simulate, rules, train, evaluate, pull, ...)."""
+    import importlib
+
+    for module, attr in (
+        ("node.simulate_cli", "register"),
+        ("node.rules_cli", "register"),
+        ("node.models_cli", "register"),
+        ("node.qr_cli", "register"),
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue  # that part of the node is not installed in this build
+            raise
+        getattr(mod, attr)(app)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""The node's configuration: one TOML file, embedded defaults, ``HARMONODE_…`` environment overrides.
+
+Loaded once (``load_config``) and passed down explicitly as frozen dataclasses. An environment variable
+``HARMONODE_<SECTION>_<KEY>`` overrides ``[section] key`` (``HARMONODE_NODE_PORT=11113``); list values
+are comma-separated (``HARMONODE_NODE_ALLOWED_CALLING_AES=CT1,MR1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "HARMONODE_"
+
+
+class ConfigError(ValueError):
+    """The configuration file or an environment override is invalid."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Optional TLS on the listening port (DICOM over TLS, PS3.15 B.1)."""
+
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""  # when set, peers must present a certificate signed by this CA
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Identity and door of the node: AE title, address, where data lives, who may call."""
+
+    ae_title: str = "HARMONODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    data_dir: str = "var"
+    allowed_calling_aes: tuple[str, ...] = ()  # empty: any calling AE title
+    allowed_addresses: tuple[str, ...] = ()  # empty: any peer address
+    require_called_ae: bool = True
+    max_pdu_size: int = 0  # 0: no limit, the peer picks its own (faster; see PERFORMANCE-NOTES)
+    max_associations: int = 16
+    network_timeout_s: float = 60.0
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    fsync: bool = True  # never turn off in production: the success status promises durability
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Series completion and the per-series job."""
+
+    quiet_seconds: float = 10.0
+    poll_seconds: float = 0.5
+    workers: int = 1
+    write_seg: bool = False
+    write_harmonized_series: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The durable job queue: leases, retries, dead letters."""
+
+    lease_seconds: float = 300.0
+    max_attempts: int = 5
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer results are sent to (C-STORE SCU) or that may be named as a C-MOVE destination."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    send_results: bool = True
+
+    def __post_init__(self) -> None:
+        _check_ae_title(self.ae_title, f"destination {self.name!r} ae_title")
+        if not 0 < int(self.port) < 65536:
+            raise ConfigError(f"destination {self.name!r}: port {self.port} is not in 1..65535")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of one node."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    destinations: tuple[Destination, ...] = ()
+
+    @property
+    def data_path(self) -> Path:
+        """The data directory as a path (file store, index and queue live there)."""
+        return Path(self.node.data_dir)
+
+    def destination_by_ae(self, ae_title: str) -> Destination | None:
+        """Return the destination whose AE title is ``ae_title``, or None."""
+        for dest in self.destinations:
+            if dest.ae_title == ae_title.strip():
+                return dest
+        return None
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeConfig,
+    "pipeline": PipelineConfig,
+    "queue": QueueConfig,
+    "tls": TlsConfig,
+}
+
+
+def _check_ae_title(value: str, what: str) -> None:
+    if not value or len(value) > 16 or "\\" in value or not value.isprintable():
+        raise ConfigError(f"{what}: {value!r} is not a valid AE title (1-16 printable characters, no '\\')")
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert a TOML or environment value to the dataclass field's type."""
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ is int:
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+        if typ == tuple[str, ...]:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(typ, '__name__', typ)}") from exc
+    return value
+
+
+def _build_section(cls: type, values: Mapping[str, Any], section: str, env: Mapping[str, str]) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"[{section}]: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name in known:
+        env_name = f"{ENV_PREFIX}{section.upper()}_{name.upper()}"
+        if env_name in env:
+            kwargs[name] = _coerce(env[env_name], hints[name], env_name)
+        elif name in values:
+            kwargs[name] = _coerce(values[name], hints[name], f"[{section}] {name}")
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration from a TOML file (or embedded defaults) and apply environment overrides.
+
+    Parameters
+    ----------
+    path
+        TOML file; None uses the embedded defaults only.
+    env
+        Environment to read ``HARMONODE_…`` overrides from; defaults to ``os.environ``.
+
+    Returns
+    -------
+    Config
+        The frozen configuration.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or malformed, a key is unknown, or a value has the wrong type.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (see deploy/node.example.toml for one)")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    unknown = set(raw) - set(_SECTIONS) - {"destinations"}
+    if unknown:
+        raise ConfigError(f"unknown section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)} and destinations")
+    sections = {name: _build_section(cls, raw.get(name, {}), name, env) for name, cls in _SECTIONS.items()}
+    _check_ae_title(sections["node"].ae_title, "[node] ae_title")
+    for ae in sections["node"].allowed_calling_aes:
+        _check_ae_title(ae, "[node] allowed_calling_aes")
+    dests = []
+    for i, d in enumerate(raw.get("destinations", [])):
+        try:
+            dests.append(
+                Destination(
+                    name=str(d.get("name", f"destination{i}")),
+                    ae_title=str(d["ae_title"]),
+                    host=str(d.get("host", "127.0.0.1")),
+                    port=int(d["port"]),
+                    send_results=bool(d.get("send_results", True)),
+                )
+            )
+        except KeyError as exc:
+            raise ConfigError(f"[[destinations]] #{i + 1}: missing key {exc.args[0]!r}") from exc
+    return Config(destinations=tuple(dests), **sections)
+
+
+def with_overrides(config: Config, **sections: Mapping[str, Any]) -> Config:
+    """Return a copy of ``config`` with some section fields replaced (tests and the demo use it).
+
+    Example: ``with_overrides(cfg, node={"port": 0}, pipeline={"quiet_seconds": 1})``.
+    """
+    changes: dict[str, Any] = {}
+    for name, values in sections.items():
+        if name == "destinations":
+            changes[name] = tuple(values)  # type: ignore[arg-type]
+        else:
+            changes[name] = dataclasses.replace(getattr(config, name), **values)
+    return dataclasses.replace(config, **changes)

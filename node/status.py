@@ -1,0 +1,64 @@
+"""``harmonode status``: studies, series and jobs, as JSON for scripts or as a table for people."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from node.config import Config
+from storage.files import FileStore
+from storage.index import Index
+from storage.queue import JobQueue
+
+
+def collect_status(config: Config) -> dict[str, Any]:
+    """Read the index and queue of the node configured by ``config`` (read-only)."""
+    data = config.data_path
+    index = Index(data / "index.sqlite")
+    queue = JobQueue(data / "queue.sqlite")
+    try:
+        report: dict[str, Any] = {
+            "node": {
+                "ae_title": config.node.ae_title,
+                "host": config.node.host,
+                "port": config.node.port,
+                "data_dir": str(data.resolve()),
+            },
+            "counts": index.counts(),
+            **index.status(),
+            "jobs": queue.jobs(),
+            "quarantined": len(FileStore(data, fsync=False).quarantined()),
+            "generated_at": time.time(),
+        }
+    finally:
+        index.close()
+        queue.close()
+    return report
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """A human-readable summary of ``collect_status``'s report."""
+    lines = [
+        f"node {report['node']['ae_title']} at {report['node']['host']}:{report['node']['port']}"
+        f"  data {report['node']['data_dir']}",
+        "  ".join(f"{k}: {v}" for k, v in report["counts"].items()) + f"  quarantined: {report['quarantined']}",
+        "",
+    ]
+    for study in report["studies"]:
+        lines.append(f"study {study['study_instance_uid']}  {study['study_date']}  {study['modalities']}")
+        for s in study["series"]:
+            findings = s["findings"] if isinstance(s["findings"], list) else []
+            lines.append(
+                f"  series {s['series_instance_uid']}  {s['modality']:<3} {s['origin']:<8} {s['state']:<10}"
+                f" {s['instance_count']:>4} inst  key={s['condition_key'] or '-'}  rule={s['rule'] or '-'}"
+                f"  findings={len(findings)}" + (f"  error={s['error']}" if s["error"] else "")
+            )
+    jobs = report["jobs"]
+    if jobs:
+        lines += ["", "jobs:"]
+        for j in jobs[:50]:
+            lines.append(
+                f"  #{j['id']:<5} {j['kind']:<15} {j['state']:<8} attempts={j['attempts']}/{j['max_attempts']}"
+                f"  {j['key']}" + (f"  last_error={j['last_error']}" if j["last_error"] else "")
+            )
+    return "\n".join(lines)

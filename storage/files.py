@@ -1,0 +1,255 @@
+"""The durable file store: every received instance as a DICOM Part 10 file, written atomically.
+
+Layout under ``data_dir``::
+
+    objects/<study uid>/<series uid>/<sop instance uid>.dcm        first version
+    objects/<study uid>/<series uid>/<sop instance uid>.v2.dcm     a different object under the same UID
+    tmp/                                                            partial writes (removed at startup)
+    quarantine/<utc time>-<random>.dcm + .json                      refused input and the reason
+
+A write goes to ``tmp/``, is fsynced, renamed into place and the directory is fsynced: after ``write``
+returns, the file survives a crash or power loss, and a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_LOOSE_UID_RE = re.compile(r"^[0-9.]{1,64}$")
+
+
+class InvalidUID(ValueError):
+    """A UID is not ``0-9`` and ``.`` or is longer than 64 characters, so it cannot become a path."""
+
+
+def check_uid(uid: object, what: str = "UID") -> str:
+    """Return ``uid`` stripped if it is a DICOM UID safe to use in a path, else raise ``InvalidUID``.
+
+    Only digits and dots, at most 64 characters, no empty component (PS3.5 9.1). Leading zeros in a
+    component are tolerated (real scanners emit them) but ``.``/``..`` and anything else are not.
+    """
+    if not isinstance(uid, str):
+        raise InvalidUID(f"{what} is missing")
+    value = uid.strip().rstrip("\x00").strip()
+    if not value:
+        raise InvalidUID(f"{what} is empty")
+    if not _LOOSE_UID_RE.match(value) or value.startswith(".") or value.endswith(".") or ".." in value:
+        raise InvalidUID(f"{what} is not a valid UID (digits and dots, at most 64 characters)")
+    return value
+
+
+def is_strict_uid(uid: str) -> bool:
+    """True when ``uid`` also follows the no-leading-zero rule of PS3.5 9.1."""
+    return bool(_UID_RE.match(uid)) and len(uid) <= 64
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Where one stored instance lives and what its bytes are."""
+
+    path: Path
+    relpath: str
+    size: int
+    sha256: str
+    version: int
+    duplicate: bool  # True: identical bytes were already stored, nothing was written
+
+
+def sha256_of(chunks: Iterable[bytes]) -> str:
+    """Return the hex sha256 of a sequence of byte chunks."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """Return the hex sha256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FileStore:
+    """Atomic, fsynced, versioned storage of DICOM Part 10 files under one root directory."""
+
+    def __init__(self, root: str | Path, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.quarantine_dir = self.root / "quarantine"
+        for d in (self.objects, self.tmp, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- writing ------------------------------------------------------------------------------------
+    def _fsync_dir(self, path: Path) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_tmp(self, data: bytes | Iterable[bytes]) -> tuple[Path, int, str]:
+        tmp = self.tmp / f"{secrets.token_hex(8)}.part"
+        h = hashlib.sha256()
+        size = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            for chunk in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+                view = memoryview(chunk)
+                h.update(view)
+                size += len(view)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            if self.fsync:
+                os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp, size, h.hexdigest()
+
+    def instance_dir(self, study_uid: str, series_uid: str) -> Path:
+        """Directory of one series (UIDs validated before they become path parts)."""
+        return self.objects / check_uid(study_uid, "StudyInstanceUID") / check_uid(series_uid, "SeriesInstanceUID")
+
+    def write_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | Iterable[bytes]
+    ) -> StoredFile:
+        """Store the Part 10 bytes of one instance durably and return where they are.
+
+        Identical bytes under an existing SOP Instance UID are a no-op (``duplicate=True``); different
+        bytes become a new version file beside the old one, which is never overwritten.
+
+        Raises
+        ------
+        InvalidUID
+            One of the UIDs cannot be used as a path component.
+        OSError
+            The disk refused the write (full, read-only, ...); nothing is left half-written.
+        """
+        sop = check_uid(sop_uid, "SOPInstanceUID")
+        directory = self.instance_dir(study_uid, series_uid)
+        tmp, size, digest = self._write_tmp(data)
+        try:
+            new_dir = not directory.exists()
+            if new_dir:
+                directory.mkdir(parents=True, exist_ok=True)
+            version = 1
+            while True:
+                name = f"{sop}.dcm" if version == 1 else f"{sop}.v{version}.dcm"
+                target = directory / name
+                if not target.exists():
+                    break
+                if target.stat().st_size == size and file_sha256(target) == digest:
+                    tmp.unlink(missing_ok=True)
+                    return StoredFile(target, self.relpath(target), size, digest, version, True)
+                version += 1
+            # link() refuses to replace an existing file, so two racing writers cannot overwrite
+            # each other's version: the loser retries with the next version number.
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return self.write_instance(study_uid, series_uid, sop_uid, tmp.read_bytes())
+            tmp.unlink()
+            self._fsync_dir(directory)
+            if new_dir:
+                self._fsync_dir(directory.parent)
+                self._fsync_dir(directory.parent.parent)
+            return StoredFile(target, self.relpath(target), size, digest, version, False)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_file(self, relpath: str, data: bytes) -> Path:
+        """Atomically write (or replace) a non-instance file under the root, e.g. an exported result."""
+        target = self.root / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp, _, _ = self._write_tmp(data)
+        os.replace(tmp, target)
+        self._fsync_dir(target.parent)
+        return target
+
+    def quarantine(self, data: bytes | None, reason: str, context: dict[str, object] | None = None) -> Path:
+        """Keep a copy of refused input with the reason beside it; return the copy's path.
+
+        The reason file holds no patient identity: only the reason and the technical context given.
+        """
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        stem = f"{stamp}-{secrets.token_hex(4)}"
+        path = self.quarantine_dir / f"{stem}.dcm"
+        if data is not None:
+            tmp, _, _ = self._write_tmp(data)
+            os.replace(tmp, path)
+        meta = {"reason": reason, "received_at": stamp, **(context or {})}
+        tmp, _, _ = self._write_tmp(json.dumps(meta, indent=2, default=str).encode())
+        os.replace(tmp, self.quarantine_dir / f"{stem}.json")
+        self._fsync_dir(self.quarantine_dir)
+        return path
+
+    # -- reading and recovery -----------------------------------------------------------------------
+    def relpath(self, path: Path) -> str:
+        """Path relative to the store root, as kept in the index."""
+        return path.relative_to(self.root).as_posix()
+
+    def abspath(self, relpath: str) -> Path:
+        """Absolute path of a stored file from its index entry."""
+        return self.root / relpath
+
+    def clean_tmp(self) -> int:
+        """Remove leftover partial writes (from a crash); return how many were removed."""
+        n = 0
+        for p in self.tmp.iterdir():
+            p.unlink(missing_ok=True)
+            n += 1
+        if n:
+            log.warning("removed %d partial file(s) left by an interrupted write", n)
+        return n
+
+    def iter_instance_files(self) -> Iterator[Path]:
+        """Every stored instance file, in no particular order."""
+        for study in os.scandir(self.objects):
+            if not study.is_dir():
+                continue
+            for series in os.scandir(study.path):
+                if not series.is_dir():
+                    continue
+                for entry in os.scandir(series.path):
+                    if entry.name.endswith(".dcm"):
+                        yield Path(entry.path)
+
+    def quarantined(self) -> list[dict[str, object]]:
+        """Reasons of every quarantined item, oldest first."""
+        out = []
+        for p in sorted(self.quarantine_dir.glob("*.json")):
+            try:
+                item = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            item["file"] = p.with_suffix(".dcm").name
+            out.append(item)
+        return out
+
+
+def version_of(path: Path) -> int:
+    """Version number encoded in a stored file name (``X.dcm`` → 1, ``X.v3.dcm`` → 3)."""
+    m = re.search(r"\.v(\d+)\.dcm$", path.name)
+    return int(m.group(1)) if m else 1

@@ -1,0 +1,216 @@
+"""The durable job queue: a SQLite table, claimed with a lease, retried with backoff, dead-lettered.
+
+States: ``ready`` → ``running`` (claimed, lease until ``lease_until``) → ``done`` | back to ``ready`` with
+``next_attempt_at`` in the future (a failure, exponential backoff) | ``dead`` after ``max_attempts``.
+A worker that dies leaves its job ``running`` with an expired lease; ``claim`` takes such a job again.
+Every job must therefore be safe to run twice.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+READY = "ready"
+RUNNING = "running"
+DONE = "done"
+DEAD = "dead"
+
+
+class RetryLater(Exception):
+    """A job could not run now for a reason that may pass (a peer is down); retry with backoff."""
+
+
+class GiveUp(Exception):
+    """A job can never succeed (bad input); dead-letter it at once."""
+
+
+# Job kinds used by the node.
+ANALYZE_SERIES = "analyze-series"
+SEND = "send"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed job."""
+
+    id: int
+    kind: str
+    key: str
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+
+
+class JobQueue:
+    """A durable queue of jobs in its own SQLite file (WAL, synchronous=FULL: a job is never lost)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        lease_seconds: float = 300.0,
+        max_attempts: int = 5,
+        backoff_base_s: float = 2.0,
+        backoff_max_s: float = 300.0,
+    ) -> None:
+        self.path = str(path)
+        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        self.db = sqlite_utils.Database(conn)
+        self.lock = threading.RLock()
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.worker_id = f"{socket.gethostname()}:{id(self):x}"
+        self.db["jobs"].create(
+            {
+                "id": int,
+                "kind": str,
+                "key": str,  # what the job is about (series UID, "series UID → destination", ...)
+                "payload": str,
+                "state": str,
+                "attempts": int,
+                "max_attempts": int,
+                "next_attempt_at": float,
+                "lease_until": float,
+                "worker": str,
+                "last_error": str,
+                "created_at": float,
+                "updated_at": float,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        self.db["jobs"].create_index(["state", "kind", "next_attempt_at"], if_not_exists=True)
+        self.db["jobs"].create_index(["kind", "key"], if_not_exists=True)
+
+    def enqueue(
+        self,
+        kind: str,
+        key: str,
+        payload: dict[str, Any] | None = None,
+        max_attempts: int | None = None,
+        dedupe: bool = True,
+    ) -> int:
+        """Add a job; with ``dedupe`` an unfinished job of the same kind and key is reused (its id returned).
+
+        A job of the same kind and key that is running gets a fresh ``ready`` twin, so work that arrived
+        while it ran (a late instance) is not lost.
+        """
+        now = time.time()
+        body = json.dumps(payload or {}, sort_keys=True)
+        with self.lock:
+            conn = self.db.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if dedupe:
+                    row = conn.execute(
+                        "SELECT id FROM jobs WHERE kind=? AND key=? AND state=? LIMIT 1", (kind, key, READY)
+                    ).fetchone()
+                    if row:
+                        conn.execute("UPDATE jobs SET payload=?, updated_at=? WHERE id=?", (body, now, row[0]))
+                        conn.execute("COMMIT")
+                        return int(row[0])
+                cur = conn.execute(
+                    "INSERT INTO jobs (kind, key, payload, state, attempts, max_attempts, next_attempt_at,"
+                    " lease_until, worker, last_error, created_at, updated_at)"
+                    " VALUES (?,?,?,?,0,?,?,0,'','',?,?)",
+                    (kind, key, body, READY, max_attempts or self.max_attempts, now, now, now),
+                )
+                conn.execute("COMMIT")
+                return int(cur.lastrowid or 0)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def claim(self, kinds: tuple[str, ...] | list[str], now: float | None = None) -> Job | None:
+        """Atomically claim the oldest due job of one of ``kinds`` (or one whose lease expired)."""
+        now = time.time() if now is None else now
+        marks = ",".join("?" for _ in kinds)
+        with self.lock:
+            row = self.db.conn.execute(
+                f"UPDATE jobs SET state=?, attempts=attempts+1, lease_until=?, worker=?, updated_at=?"
+                f" WHERE id = (SELECT id FROM jobs WHERE kind IN ({marks}) AND"
+                f"  ((state=? AND next_attempt_at<=?) OR (state=? AND lease_until<?))"
+                f"  ORDER BY next_attempt_at, id LIMIT 1)"
+                f" RETURNING id, kind, key, payload, attempts, max_attempts",
+                (RUNNING, now + self.lease_seconds, self.worker_id, now, *kinds, READY, now, RUNNING, now),
+            ).fetchone()
+        if row is None:
+            return None
+        return Job(row[0], row[1], row[2], json.loads(row[3] or "{}"), row[4], row[5])
+
+    def complete(self, job: Job) -> None:
+        """Mark a claimed job done."""
+        with self.lock:
+            self.db.conn.execute(
+                "UPDATE jobs SET state=?, last_error='', updated_at=? WHERE id=?", (DONE, time.time(), job.id)
+            )
+
+    def fail(self, job: Job, error: str, retry: bool = True) -> str:
+        """Record a failure: back to ``ready`` after a backoff, or ``dead`` when attempts are spent.
+
+        Returns the new state.
+        """
+        now = time.time()
+        dead = not retry or job.attempts >= job.max_attempts
+        delay = min(self.backoff_max_s, self.backoff_base_s * (2 ** max(0, job.attempts - 1)))
+        state = DEAD if dead else READY
+        with self.lock:
+            self.db.conn.execute(
+                "UPDATE jobs SET state=?, last_error=?, next_attempt_at=?, lease_until=0, updated_at=? WHERE id=?",
+                (state, error[:2000], now + (0 if dead else delay), now, job.id),
+            )
+        return state
+
+    def retry_dead(self, kind: str | None = None, key_prefix: str = "") -> int:
+        """Put dead jobs back to ``ready`` with fresh attempts (``harmonode resend``); return how many."""
+        sql = "UPDATE jobs SET state=?, attempts=0, next_attempt_at=?, updated_at=? WHERE state=?"
+        params: list[Any] = [READY, time.time(), time.time(), DEAD]
+        if kind:
+            sql += " AND kind=?"
+            params.append(kind)
+        if key_prefix:
+            sql += " AND key LIKE ?"
+            params.append(key_prefix + "%")
+        with self.lock:
+            return self.db.conn.execute(sql, params).rowcount
+
+    def jobs(self, states: tuple[str, ...] | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Jobs, newest first, optionally only in some states."""
+        sql = "SELECT id, kind, key, state, attempts, max_attempts, next_attempt_at, last_error,"
+        sql += " created_at, updated_at FROM jobs"
+        params: list[Any] = []
+        if states:
+            sql += f" WHERE state IN ({','.join('?' for _ in states)})"
+            params.extend(states)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        with self.lock:
+            return list(self.db.query(sql, params))
+
+    def pending_count(self, kinds: tuple[str, ...] | None = None) -> int:
+        """Jobs not yet done or dead."""
+        sql = "SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)"
+        params: list[Any] = [READY, RUNNING]
+        if kinds:
+            sql += f" AND kind IN ({','.join('?' for _ in kinds)})"
+            params.extend(kinds)
+        with self.lock:
+            return int(self.db.conn.execute(sql, params).fetchone()[0])
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self.lock:
+            self.db.conn.close()
