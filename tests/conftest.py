@@ -11,10 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from peers import free_port  # noqa: E402
-
 from node.app import Node  # noqa: E402
 from node.config import Config, load_config, with_overrides  # noqa: E402
+from peers import free_port  # noqa: E402
 
 
 def make_config(data_dir: Path, **sections) -> Config:  # noqa: ANN003

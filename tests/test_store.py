@@ -6,12 +6,13 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from peers import run_tool
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
+
+from peers import run_tool
 
 
 def dataset_bytes(path: Path) -> bytes:
