@@ -1,0 +1,101 @@
+"""A Grayscale Softcopy Presentation State over the original slices with the findings as annotations.
+
+Viewers that support GSPS show a circle and a label over each finding on the real images, without
+changing them. The state references only the slices through a finding (one graphic annotation each).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+
+from handlers.results import NOT_FOR_DIAGNOSIS, ResultContext
+from models.findings import Finding
+
+log = logging.getLogger(__name__)
+
+LAYER = "FINDINGS"
+
+
+def _inside(x: float, y: float, ds: Dataset) -> tuple[float, float]:
+    """Clip a PIXEL point into the image (an anchor outside the image is invalid)."""
+    return float(np.clip(x, 1.0, float(ds.Columns) - 1.0)), float(np.clip(y, 1.0, float(ds.Rows) - 1.0))
+
+
+def build_gsps(ctx: ResultContext, findings: list[Finding]) -> Dataset:
+    """The presentation state of one series' findings.
+
+    Parameters
+    ----------
+    ctx
+        Sorted sources, geometry, algorithm.
+    findings
+        At least one finding.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The GSPS instance.
+
+    Raises
+    ------
+    ValueError
+        No finding given.
+    """
+    if not findings:
+        raise ValueError("a presentation state needs at least one finding")
+    layer = hd.pr.GraphicLayer(layer_name=LAYER, order=1, description="harmonode findings, " + NOT_FOR_DIAGNOSIS)
+    by_slice: dict[int, list[tuple[int, Finding]]] = {}
+    for number, finding in enumerate(findings, start=1):
+        by_slice.setdefault(ctx.slice_of(finding), []).append((number, finding))
+    annotations = []
+    for k in sorted(by_slice):
+        ds = ctx.sources[k]
+        graphics, texts = [], []
+        for number, finding in by_slice[k]:
+            col, row = ctx.pixel_of(finding)
+            cx, cy = _inside(col + 0.5, row + 0.5, ds)  # PIXEL units: (0, 0) is the top left pixel's corner
+            radius = ctx.radius_px(finding)
+            tracking_uid = finding.tracking_uid or ctx.uid("finding", number)
+            tracking_id = (finding.tracking_id or f"{finding.kind} {number}")[:64]
+            graphics.append(
+                hd.pr.GraphicObject(
+                    graphic_type=hd.pr.GraphicTypeValues.CIRCLE,
+                    graphic_data=np.array([[cx, cy], [cx + radius, cy]]),
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                    tracking_id=tracking_id,
+                    tracking_uid=tracking_uid,
+                )
+            )
+            texts.append(
+                hd.pr.TextObject(
+                    text_value=f"{finding.kind} {number} p={finding.probability:.2f} ({NOT_FOR_DIAGNOSIS})"[:64],
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                    anchor_point=_inside(cx, cy - radius - 2.0, ds),
+                    tracking_id=tracking_id,
+                    tracking_uid=tracking_uid,
+                )
+            )
+        annotations.append(
+            hd.pr.GraphicAnnotation(
+                referenced_images=[ds], graphic_layer=layer, graphic_objects=graphics, text_objects=texts
+            )
+        )
+    referenced = [ctx.sources[k] for k in sorted(by_slice)]
+    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=referenced,
+        sop_instance_uid=ctx.uid("gsps"),
+        instance_number=1,
+        device_serial_number=ctx.algorithm.version[:64],
+        content_label="HARMONODE",
+        content_description=f"{ctx.algorithm.name} {ctx.algorithm.version}, {ctx.algorithm.rule_text}"[:64],
+        graphic_annotations=annotations,
+        graphic_layers=[layer],
+        content_qualification=hd.ContentQualificationValues.RESEARCH,
+        **ctx.common("gsps"),  # type: ignore[arg-type]
+    )
+    log.debug("GSPS over %d slice(s) built", len(referenced))
+    return gsps

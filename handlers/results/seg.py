@@ -1,0 +1,92 @@
+"""An optional DICOM SEG of the lesions: one segment per finding, a sphere of the finding's diameter."""
+
+from __future__ import annotations
+
+import logging
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from handlers.results import ResultContext
+from handlers.results.sr import FINDING_TYPES
+from models.findings import Finding
+
+log = logging.getLogger(__name__)
+
+
+def sphere_mask(ctx: ResultContext, finding: Finding) -> np.ndarray:
+    """Boolean mask (slices, rows, columns) of the voxels within the finding's sphere."""
+    geometry = ctx.volume
+    shape = (len(ctx.sources), int(ctx.sources[0].Rows), int(ctx.sources[0].Columns))
+    kk, jj, ii = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    center = np.asarray(geometry.patient_to_index(finding.center_mm), float)
+    dz, dy, dx = geometry.spacing
+    dist2 = ((kk - center[0]) * dz) ** 2 + ((jj - center[1]) * dy) ** 2 + ((ii - center[2]) * dx) ** 2
+    mask = dist2 <= (finding.diameter_mm / 2.0) ** 2
+    if not mask.any():  # smaller than a voxel: keep the centre voxel so the segment is not empty
+        k, j, i = (int(np.clip(round(c), 0, n - 1)) for c, n in zip(center, shape, strict=True))
+        mask[k, j, i] = True
+    return mask
+
+
+def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
+    """The segmentation of one series' findings.
+
+    Parameters
+    ----------
+    ctx
+        Sorted sources, geometry, algorithm.
+    findings
+        At least one finding.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The SEG instance (binary, empty frames omitted).
+
+    Raises
+    ------
+    ValueError
+        No finding given.
+    """
+    if not findings:
+        raise ValueError("a segmentation needs at least one finding")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=ctx.algorithm.name[:64],
+        family=codes.DCM.ArtificialIntelligence,
+        version=ctx.algorithm.version[:64],
+        parameters={k: v for k, v in (p.split("=", 1) for p in ctx.algorithm.parameter_strings())},
+    )
+    labels = np.zeros((len(ctx.sources), int(ctx.sources[0].Rows), int(ctx.sources[0].Columns)), np.uint8)
+    descriptions = []
+    for number, finding in enumerate(findings, start=1):
+        labels[sphere_mask(ctx, finding) & (labels == 0)] = number
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=f"{finding.kind} {number}"[:64],
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=FINDING_TYPES[finding.kind],
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=finding.tracking_uid or ctx.uid("finding", number),
+                tracking_id=(finding.tracking_id or f"{finding.kind} {number}")[:64],
+            )
+        )
+    seg = hd.seg.Segmentation(
+        source_images=ctx.sources,
+        pixel_array=labels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        sop_instance_uid=ctx.uid("seg"),
+        instance_number=1,
+        device_serial_number=ctx.algorithm.version[:64],
+        content_label="LESIONS",
+        content_description=f"{ctx.algorithm.name} {ctx.algorithm.version}, {ctx.algorithm.rule_text}"[:64],
+        content_qualification=hd.ContentQualificationValues.RESEARCH,
+        **ctx.common("seg"),  # type: ignore[arg-type]
+    )
+    log.debug("SEG with %d segment(s) built", len(descriptions))
+    return seg

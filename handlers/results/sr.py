@@ -1,0 +1,172 @@
+"""The findings report: a Comprehensive 3D SR following TID 1500 (Measurement Report).
+
+One measurement group (TID 1501) per finding: finding type (aneurysm, nodule), the diameter in mm
+inferred from an ELLIPSOID (the lesion as a sphere of its diameter) and the model's probability inferred
+from the lesion centre as a 3D POINT, both SCOORD3D in the series' frame of reference; a tracking
+identifier and UID; the algorithm identification with the conversion rule as parameters. A series with no
+finding gets one group (TID 1501) saying "all algorithms succeeded without findings"; a series that could
+not be analysed gets one saying "no algorithms succeeded" with the reason as a comment.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from handlers.results import NOT_FOR_DIAGNOSIS, ResultContext
+from models.findings import Finding
+
+log = logging.getLogger(__name__)
+
+FINDING_TYPES: dict[str, Code] = {
+    "aneurysm": codes.SCT.Aneurysm,
+    "nodule": codes.SCT.Nodule,
+}
+PROCEDURES: dict[str, Code] = {
+    "CT": codes.LN.CTUnspecifiedBodyRegion,
+    "MR": Code("25056-3", "LN", "MR unspecified body region"),
+}
+
+
+def _algorithm_id(ctx: ResultContext) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=ctx.algorithm.name[:64],
+        version=ctx.algorithm.version[:64],
+        parameters=ctx.algorithm.parameter_strings(),
+    )
+
+
+def _comment(text: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+def _frame_of_reference(ctx: ResultContext) -> str:
+    uid = ctx.geometry.frame_of_reference_uid if ctx.geometry is not None else ""
+    return uid or str(ctx.sources[0].FrameOfReferenceUID)
+
+
+def finding_group(ctx: ResultContext, finding: Finding, number: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The measurement group (TID 1501) of one finding.
+
+    The diameter is inferred from the lesion's ELLIPSOID (a sphere: the end points of its three axes);
+    the probability from the lesion's centre POINT, where the detector's patch was centred.
+    """
+    center = np.asarray(finding.center_mm, dtype=float)
+    axes = np.eye(3) * (finding.diameter_mm / 2.0)
+    ellipsoid = np.stack(
+        [center - axes[0], center + axes[0], center - axes[1], center + axes[1], center - axes[2], center + axes[2]]
+    )
+    frame_uid = _frame_of_reference(ctx)
+    tracking = hd.sr.TrackingIdentifier(
+        uid=finding.tracking_uid or ctx.uid("finding", number),
+        identifier=(finding.tracking_id or f"{finding.kind} {number}")[:64],
+    )
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.SCT.Diameter,
+            value=round(float(finding.diameter_mm), 3),
+            unit=codes.UCUM.Millimeter,
+            referenced_coordinates=[
+                hd.sr.CoordinatesForMeasurement3D(
+                    graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSOID,
+                    graphic_data=ellipsoid,
+                    frame_of_reference_uid=frame_uid,
+                )
+            ],
+        ),
+        hd.sr.Measurement(
+            name=codes.DCM.Probability,
+            value=round(float(finding.probability), 4),
+            unit=codes.UCUM.NoUnits,
+            referenced_coordinates=[
+                hd.sr.CoordinatesForMeasurement3D(
+                    graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                    graphic_data=center.reshape(1, 3),
+                    frame_of_reference_uid=frame_uid,
+                )
+            ],
+        ),
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=FINDING_TYPES[finding.kind],
+        finding_category=codes.SCT.MorphologicallyAbnormalStructure,
+        algorithm_id=_algorithm_id(ctx),
+        measurements=measurements,
+    )
+
+
+def summary_group(ctx: ResultContext, analysed: bool, reason: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of a series without findings: no finding, or not analysed and why."""
+    outcome = (
+        codes.DCM.AllAlgorithmsSucceededWithoutFindings if analysed else codes.DCM.NoAlgorithmsSucceededWithoutFindings
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=ctx.uid("summary"), identifier="series summary"),
+        algorithm_id=_algorithm_id(ctx),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.DCM.CADProcessingAndFindingsSummary, outcome)],
+    )
+    text = reason or ("no finding" if analysed else "the series could not be analysed")
+    group[0].ContentSequence.append(_comment(text))
+    return group
+
+
+def build_sr(ctx: ResultContext, findings: list[Finding], analysed: bool, reason: str = "") -> Dataset:
+    """The Comprehensive 3D SR of one series.
+
+    Parameters
+    ----------
+    ctx
+        Sources, geometry, algorithm and UID seed of the series.
+    findings
+        The findings (empty: the report says there is none, or why there could be none).
+    analysed
+        False when the series could not be analysed.
+    reason
+        Why it was not analysed, or a note on the analysis (a stand-in detector says so here).
+
+    Returns
+    -------
+    pydicom.Dataset
+        The SR instance.
+    """
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=ctx.uid("device"),
+            name=ctx.algorithm.name[:64],
+            manufacturer_name="harmonode",
+            model_name=f"{ctx.algorithm.name} {ctx.algorithm.version}"[:64],
+        ),
+    )
+    groups: list = [finding_group(ctx, f, n) for n, f in enumerate(findings, start=1)]
+    if not groups:
+        groups = [summary_group(ctx, analysed, reason)]
+    elif reason:
+        groups[0][0].ContentSequence.append(_comment(reason))
+    modality = str(ctx.sources[0].get("Modality", "CT"))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=PROCEDURES.get(modality, PROCEDURES["CT"]),
+        imaging_measurements=groups,
+    )
+    common = ctx.common("sr")
+    common["series_description"] = f"{common['series_description']} {ctx.algorithm.rule_text}"[:64]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=ctx.sources,
+        content=report[0],
+        sop_instance_uid=ctx.uid("sr"),
+        instance_number=1,
+        is_complete=True,
+        content_qualification=hd.ContentQualificationValues.RESEARCH,
+        **common,
+    )
+    log.debug("SR with %d group(s) built (%s)", len(groups), NOT_FOR_DIAGNOSIS)
+    return sr
