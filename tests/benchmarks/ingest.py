@@ -1,0 +1,178 @@
+"""Ingest benchmark: 500 synthetic 512×512 CT slices sent by DCMTK storescu to three receivers.
+
+(a) ``harmonode serve`` with durability on (fsync file + directory, index commit before the status),
+(b) Orthanc with its defaults (fsyncs every instance: the durable peer),
+(c) DCMTK ``storescp -pdu 131072 +B`` (bit-preserving, no fsync: a non-durable upper bound).
+Prints inst/s and MB/s of each, the ratios a/b and a/c, and harmonode's peak RSS while receiving 2,000
+slices. Run: ``./dev bench`` or ``.venv/bin/python tests/benchmarks/ingest.py [--slices 500] [--runs 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from peers import free_port, peer_env, running_orthanc, system_tool, wait_until  # noqa: E402
+
+
+def write_slices(out: Path, n: int, seed: int = 0) -> list[Path]:
+    """n CT slices 512×512 int16 of one series (noise over a disc, realistic size: ~0.5 MB each)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:512, :512]
+    body = ((yy - 256) ** 2 + (xx - 256) ** 2) < 220**2
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    paths = []
+    for i in range(n):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientName, ds.PatientID, ds.StudyDate, ds.Modality = "BENCH^INGEST", "BENCH1", "20261122", "CT"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [-128.0, -128.0, float(i) * 0.5]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.SliceThickness = 0.5
+        ds.Rows = ds.Columns = 512
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        px = np.where(body, 1064, 24) + rng.normal(0, 20, (512, 512))
+        ds.PixelData = px.astype(np.int16).tobytes()
+        p = out / f"{i:05d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def send(paths: list[Path], port: int, aet: str) -> float:
+    """Seconds storescu takes to send every file on one association."""
+    t = time.perf_counter()
+    subprocess.run(
+        [system_tool("storescu"), "-aec", aet, "127.0.0.1", str(port), "--scan-directories", str(paths[0].parent)],
+        check=True,
+        capture_output=True,
+        env=peer_env(),
+    )
+    return time.perf_counter() - t
+
+
+def echo_up(port: int, aet: str) -> bool:
+    r = subprocess.run(
+        [system_tool("echoscu"), "-aec", aet, "127.0.0.1", str(port)], capture_output=True, env=peer_env()
+    )
+    return r.returncode == 0
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def harmonode_run(paths: list[Path], work: Path) -> tuple[float, float]:
+    port = free_port()
+    data = work / f"hn-{time.monotonic_ns()}"
+    cfg = work / "bench.toml"
+    cfg.write_text(f'[node]\nport = {port}\ndata_dir = "{data}"\n[pipeline]\nquiet_seconds = 3600\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        wait_until(lambda: echo_up(port, "HARMONODE"), timeout=60, what="harmonode")
+        seconds = send(paths, port, "HARMONODE")
+        return seconds, peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def orthanc_run(paths: list[Path], work: Path) -> float:
+    with running_orthanc(work / f"orthanc-{time.monotonic_ns()}") as pacs:
+        return send(paths, pacs.dicom_port, pacs.aet)
+
+
+def storescp_run(paths: list[Path], work: Path) -> float:
+    port = free_port()
+    out = work / f"storescp-{time.monotonic_ns()}"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [system_tool("storescp"), "-pdu", "131072", "+B", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=peer_env(),
+    )
+    try:
+        wait_until(lambda: echo_up(port, "ANY-SCP"), timeout=30, what="storescp")
+        return send(paths, port, "ANY-SCP")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=500)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rss-slices", type=int, default=2000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="hn-bench-") as tmp:
+        work = Path(tmp)
+        src = work / "series"
+        src.mkdir()
+        paths = write_slices(src, args.slices)
+        mb = sum(p.stat().st_size for p in paths) / 1e6
+        times: dict[str, list[float]] = {"harmonode": [], "orthanc": [], "storescp": []}
+        for _ in range(args.runs):
+            times["harmonode"].append(harmonode_run(paths, work)[0])
+            times["orthanc"].append(orthanc_run(paths, work))
+            times["storescp"].append(storescp_run(paths, work))
+        big = work / "rss"
+        big.mkdir()
+        rss_paths = write_slices(big, args.rss_slices, seed=1)
+        _, rss = harmonode_run(rss_paths, work)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "slices": args.slices,
+        "megabytes": round(mb, 1),
+        **{f"{k}_inst_per_s": round(args.slices / v, 1) for k, v in med.items()},
+        **{f"{k}_mb_per_s": round(mb / v, 1) for k, v in med.items()},
+        "ratio_harmonode_over_orthanc": round(med["orthanc"] / med["harmonode"], 2),
+        "ratio_harmonode_over_storescp": round(med["storescp"] / med["harmonode"], 2),
+        f"harmonode_peak_rss_mb_{args.rss_slices}_slices": round(rss, 1),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.slices} slices, {mb:.0f} MB, median of {args.runs} runs, DCMTK storescu, one association")
+    for k in ("harmonode", "orthanc", "storescp"):
+        print(f"  {k:<10} {result[f'{k}_inst_per_s']:>7} inst/s {result[f'{k}_mb_per_s']:>7} MB/s")
+    print(f"  a/b harmonode/Orthanc (both durable): {result['ratio_harmonode_over_orthanc']}")
+    print(f"  a/c harmonode/storescp (non-durable bound): {result['ratio_harmonode_over_storescp']}")
+    print(f"  harmonode peak RSS while receiving {args.rss_slices} slices: {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
