@@ -1,0 +1,499 @@
+"""Synthetic anatomy in millimetres: a head (skull, brain, CSF, arterial tree, aneurysms) and a chest
+(body wall, ribs, spine, lungs, airways, vessels, nodules), rendered onto the voxel centres of a scanner grid.
+
+Shapes are analytic (ellipsoids, capsules) and anti-aliased over one voxel, so sampling them at a given pixel
+spacing behaves like averaging a fine physical grid over the voxel. Values are *material indices* painted
+with per-material values (HU for CT at the condition's kVp, or TOF-MRA signal) chosen by ``simulate.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Materials. Each has a CT value (HU at 120 kVp, before vendor calibration) and a TOF-MRA signal (0..1).
+MATERIALS: dict[str, tuple[float, float]] = {
+    "air": (-1000.0, 0.0),
+    "fat": (-90.0, 0.55),
+    "soft": (45.0, 0.28),
+    "muscle": (50.0, 0.22),
+    "brain_wm": (30.0, 0.24),
+    "brain_gm": (40.0, 0.30),
+    "csf": (6.0, 0.08),
+    "bone_cortical": (1350.0, 0.04),
+    "bone_diploe": (600.0, 0.35),
+    "bone_cancellous": (260.0, 0.30),
+    "artery": (380.0, 1.0),
+    "aneurysm": (360.0, 0.85),
+    "lung": (-860.0, 0.02),
+    "airway": (-1000.0, 0.0),
+    "blood": (42.0, 0.3),
+    "nodule_solid": (35.0, 0.3),
+    "nodule_ggo": (-600.0, 0.1),
+}
+MATERIAL_NAMES = tuple(MATERIALS)
+MATERIAL_INDEX = {name: i for i, name in enumerate(MATERIAL_NAMES)}
+# Iodinated blood is bright; its HU depends on kVp more than bone does (handled in simulate.py).
+CONTRAST_MATERIALS = ("artery", "aneurysm")
+BONE_MATERIALS = ("bone_cortical", "bone_diploe", "bone_cancellous")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Axial voxel centres in patient LPS mm: ``x`` (columns), ``y`` (rows), ``z`` (slices, increasing)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+    spacing: tuple[float, float, float]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.z), len(self.y), len(self.x))
+
+    @classmethod
+    def centred(cls, centre: tuple[float, float, float], shape: tuple[int, int, int], spacing: tuple[float, ...]):  # noqa: ANN206
+        """A grid of ``shape`` (z, y, x) and ``spacing`` (dz, dy, dx) centred on ``centre`` (x, y, z)."""
+        nz, ny, nx = shape
+        dz, dy, dx = spacing
+        axes = [
+            (np.arange(n, dtype=np.float64) - (n - 1) / 2) * d + c
+            for n, d, c in zip((nx, ny, nz), (dx, dy, dz), centre, strict=False)
+        ]
+        return cls(*(a.astype(np.float32) for a in axes), spacing=(float(dz), float(dy), float(dx)))
+
+
+@dataclass
+class Anatomy:
+    """Rendered anatomy: one value image painted material by material (later paints win), an optional
+    dominant-material label map, and the truth (lesions, landmarks)."""
+
+    grid: Grid
+    values: dict[str, float]
+    image: np.ndarray = field(init=False)
+    labels: np.ndarray | None = None
+    lesions: list[dict] = field(default_factory=list)
+    landmarks: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.image = np.full(self.grid.shape, np.float32(self.values["air"]), np.float32)
+
+    def paint(self, material: str, occ: np.ndarray, where: tuple[slice, slice, slice] | None = None) -> None:
+        """Cover what is there with ``material`` by fraction ``occ``."""
+        where = where or (slice(None),) * 3
+        view = self.image[where]
+        view += occ * (np.float32(self.values[material]) - view)
+        if self.labels is not None:
+            lab = self.labels[where]
+            lab[occ >= 0.5] = MATERIAL_INDEX[material]
+
+
+def _aa(dist_inside: np.ndarray, width: float) -> np.ndarray:
+    """Anti-aliased occupancy from a signed distance (positive inside), ramp over one voxel."""
+    return np.clip(0.5 + dist_inside / np.float32(width), 0.0, 1.0)
+
+
+def ellipsoid(grid: Grid, centre, semi, width: float) -> np.ndarray:  # noqa: ANN001
+    """Occupancy of an axis-aligned ellipsoid (approximate signed distance via the scaled radius)."""
+    cx, cy, cz = (np.float32(c) for c in centre)
+    a, b, c = (np.float32(s) for s in semi)
+    level = ((grid.z - cz) / c)[:, None, None] ** 2 + ((grid.y - cy) / b)[None, :, None] ** 2
+    level = level + ((grid.x - cx) / a)[None, None, :] ** 2
+    r_eff = np.float32(min(a, b, c))
+    return _aa((1.0 - np.sqrt(level)) * r_eff, width)
+
+
+def _bbox(grid: Grid, lo, hi) -> tuple[slice, slice, slice] | None:  # noqa: ANN001
+    idx = []
+    for axis, a, b in ((grid.z, lo[2], hi[2]), (grid.y, lo[1], hi[1]), (grid.x, lo[0], hi[0])):
+        i0, i1 = np.searchsorted(axis, a), np.searchsorted(axis, b, side="right")
+        if i1 <= i0:
+            return None
+        idx.append(slice(int(i0), int(i1)))
+    return tuple(idx)  # type: ignore[return-value]
+
+
+def paint_capsule(anat: Anatomy, material: str, p0, p1, r0: float, r1: float, width: float) -> None:  # noqa: ANN001
+    """Paint a tapered capsule (vessel or airway piece) from ``p0`` to ``p1`` with radii ``r0``, ``r1``."""
+    p0, p1 = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
+    pad = max(r0, r1) + width
+    box = _bbox(anat.grid, np.minimum(p0, p1) - pad, np.maximum(p0, p1) + pad)
+    if box is None:
+        return
+    g = anat.grid
+    z, y, x = g.z[box[0]][:, None, None], g.y[box[1]][None, :, None], g.x[box[2]][None, None, :]
+    d = p1 - p0
+    dd = float(d @ d) or 1e-6
+    t = np.clip(((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / dd, 0.0, 1.0)
+    dist = np.sqrt((x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2)
+    anat.paint(material, _aa(r0 + t * (r1 - r0) - dist, width), box)
+
+
+def paint_sphere(anat: Anatomy, material: str, centre, radius: float, width: float) -> None:  # noqa: ANN001
+    """Paint a ball."""
+    paint_capsule(anat, material, centre, centre, radius, radius, width)
+
+
+def paint_polyline(anat: Anatomy, material: str, points, radii, width: float, piece_mm: float = 6.0) -> None:  # noqa: ANN001
+    """Paint a vessel along a polyline, split into short capsules so each bounding box stays small."""
+    pts, rad = np.asarray(points, np.float32), np.asarray(radii, np.float32)
+    for a, b, ra, rb in zip(pts[:-1], pts[1:], rad[:-1], rad[1:], strict=False):
+        n = max(1, int(np.ceil(np.linalg.norm(b - a) / piece_mm)))
+        for s in range(n):
+            t0, t1 = s / n, (s + 1) / n
+            paint_capsule(
+                anat, material, a + t0 * (b - a), a + t1 * (b - a), ra + t0 * (rb - ra), ra + t1 * (rb - ra), width
+            )
+
+
+def _new(grid: Grid, values: dict[str, float], labels: bool) -> Anatomy:
+    return Anatomy(grid=grid, values=values, labels=np.zeros(grid.shape, np.uint8) if labels else None)
+
+
+def _mark(anat: Anatomy, name: str, xyz) -> None:  # noqa: ANN001
+    anat.landmarks.append({"name": name, "center_mm": [round(float(v), 3) for v in xyz]})
+
+
+# --- head -----------------------------------------------------------------------------------------------------
+
+
+# Arterial tree around the circle of Willis at the origin (x left, y posterior, z superior), mm, radius mm.
+# Each entry: name -> (points, radius at start, radius at end). "{s}" is +1 (left) or -1 (right).
+def _arteries(rng: np.random.Generator, scale: float) -> dict[str, tuple[np.ndarray, float, float]]:
+    def j(pts: list[tuple[float, float, float]], amount: float = 1.5) -> np.ndarray:
+        p = np.asarray(pts, np.float64) * scale
+        p[1:-1] += rng.normal(0.0, amount, size=p[1:-1].shape)
+        return p
+
+    rs = rng.uniform(0.85, 1.15)  # vessel radius scale for this subject
+    tree: dict[str, tuple[np.ndarray, float, float]] = {}
+    for side, s in (("left", 1.0), ("right", -1.0)):
+        ica_term = (s * 13, -2, 0)
+        tree[f"ica_{side}"] = (
+            j([(s * 20, 8, -80), (s * 22, 4, -48), (s * 24, -6, -32), (s * 17, -14, -20), (s * 15, -13, -8), ica_term]),
+            2.3 * rs,
+            1.9 * rs,
+        )
+        tree[f"ophthalmic_{side}"] = (j([(s * 15, -13, -9), (s * 19, -28, -7), (s * 24, -45, -6)]), 0.7 * rs, 0.5 * rs)
+        tree[f"m1_{side}"] = (j([ica_term, (s * 25, -1, 1), (s * 38, 1, 3)]), 1.6 * rs, 1.4 * rs)
+        tree[f"m2_sup_{side}"] = (j([(s * 38, 1, 3), (s * 48, -8, 18), (s * 55, -2, 40)]), 1.1 * rs, 0.8 * rs)
+        tree[f"m2_inf_{side}"] = (j([(s * 38, 1, 3), (s * 50, 12, 2), (s * 56, 28, -4)]), 1.1 * rs, 0.8 * rs)
+        tree[f"a1_{side}"] = (j([ica_term, (s * 7, -10, 2), (s * 2, -14, 3)]), 1.2 * rs, 1.0 * rs)
+        tree[f"a2_{side}"] = (
+            j([(s * 2, -14, 3), (s * 3, -24, 20), (s * 3, -16, 42), (s * 3, 15, 55)]),
+            1.0 * rs,
+            0.8 * rs,
+        )
+        tree[f"pcomm_{side}"] = (j([(s * 14, -4, -2), (s * 11, 5, -2), (s * 8, 11, -1)]), 0.6 * rs, 0.6 * rs)
+        tree[f"p1_{side}"] = (j([(0, 12, -3), (s * 8, 11, -1)]), 1.1 * rs, 1.1 * rs)
+        tree[f"p2_{side}"] = (
+            j([(s * 8, 11, -1), (s * 22, 26, 2), (s * 28, 48, 10), (s * 24, 70, 18)]),
+            1.1 * rs,
+            0.8 * rs,
+        )
+        tree[f"sca_{side}"] = (j([(0, 13, -7), (s * 12, 18, -9), (s * 20, 28, -10)]), 0.6 * rs, 0.5 * rs)
+        tree[f"vertebral_{side}"] = (
+            j([(s * 14, 32, -80), (s * 10, 30, -60), (s * 3, 24, -42), (0, 22, -38)]),
+            1.6 * rs,
+            1.5 * rs,
+        )
+        tree[f"pica_{side}"] = (j([(s * 8, 29, -55), (s * 16, 38, -58), (s * 20, 50, -56)]), 0.6 * rs, 0.5 * rs)
+    tree["basilar"] = (j([(0, 22, -38), (0, 18, -20), (0, 12, -3)], 1.0), 1.7 * rs, 1.6 * rs)
+    tree["acomm"] = (np.asarray([(2.0, -14, 3), (-2.0, -14, 3)]) * scale, 0.7 * rs, 0.7 * rs)
+    return tree
+
+
+# Aneurysm sites: (name, artery, index of the point on the artery, kind of place)
+ANEURYSM_SITES = (
+    ("acomm", "acomm", 0, "bifurcation"),
+    ("mca_bifurcation_left", "m1_left", -1, "bifurcation"),
+    ("mca_bifurcation_right", "m1_right", -1, "bifurcation"),
+    ("ica_terminus_left", "ica_left", -1, "bifurcation"),
+    ("ica_terminus_right", "ica_right", -1, "bifurcation"),
+    ("basilar_tip", "basilar", -1, "bifurcation"),
+    ("pcomm_origin_left", "pcomm_left", 0, "bifurcation"),
+    ("pcomm_origin_right", "pcomm_right", 0, "bifurcation"),
+    ("ica_ophthalmic_left", "ica_left", 4, "sidewall-near-bone"),
+    ("ica_ophthalmic_right", "ica_right", 4, "sidewall-near-bone"),
+    ("ica_cavernous_left", "ica_left", 3, "sidewall-near-bone"),
+    ("ica_cavernous_right", "ica_right", 3, "sidewall-near-bone"),
+    ("pericallosal_left", "a2_left", 2, "sidewall"),
+)
+
+
+def head(
+    grid: Grid,
+    rng: np.random.Generator,
+    values: dict[str, float],
+    labels: bool = False,
+    n_aneurysms: int | None = None,
+    aneurysm_diameters: list[float] | None = None,
+) -> Anatomy:
+    """Render a head with its arterial tree, aneurysms and landmarks onto ``grid``.
+
+    Parameters
+    ----------
+    grid
+        Voxel centres; the circle of Willis sits at the patient origin.
+    rng
+        The subject's random generator (sizes, positions, radii vary with it).
+    values
+        Value per material name (HU or MR signal) for this scanner condition.
+    labels
+        Also keep a dominant-material label map (tests).
+    n_aneurysms
+        How many aneurysms (default: 1 to 3 drawn from ``rng``); ignored when diameters are given.
+    aneurysm_diameters
+        Fixed aneurysm diameters in mm.
+
+    Returns
+    -------
+    Anatomy
+        The value image, labels, lesions (``kind="aneurysm"``) and landmarks.
+    """
+    width = float(max(grid.spacing[1], grid.spacing[2]))
+    anat = _new(grid, values, labels)
+    scale = float(rng.uniform(0.92, 1.08))
+    a, b, c = 72 * scale * rng.uniform(0.95, 1.05), 92 * scale * rng.uniform(0.95, 1.05), 88 * scale
+    hc = (0.0, 6.0 * scale, 22.0 * scale)
+    scalp, table, diploe = rng.uniform(4, 7), rng.uniform(1.5, 2.5), rng.uniform(2.5, 4.5)
+    skull = table * 2 + diploe
+    # neck and skull base below the brain
+    anat.paint("soft", ellipsoid(grid, (0, 15, -90), (55, 60, 70), width))
+    anat.paint("soft", ellipsoid(grid, hc, (a, b, c), width))
+    anat.paint("bone_cortical", ellipsoid(grid, hc, (a - scalp, b - scalp, c - scalp), width))
+    anat.paint("bone_diploe", ellipsoid(grid, hc, (a - scalp - table, b - scalp - table, c - scalp - table), width))
+    inner = (a - scalp - skull + table, b - scalp - skull + table, c - scalp - skull + table)
+    anat.paint("bone_cortical", ellipsoid(grid, hc, inner, width))
+    brain = tuple(s - table for s in inner)
+    anat.paint("csf", ellipsoid(grid, hc, brain, width))
+    anat.paint("brain_gm", ellipsoid(grid, hc, tuple(s - 2.0 for s in brain), width))
+    anat.paint("brain_wm", ellipsoid(grid, hc, tuple(s - 6.0 for s in brain), width))
+    # skull base: clivus and petrous ridges, the bone the ICAs run through (hard places for detection)
+    anat.paint("bone_cortical", ellipsoid(grid, (0, 22 * scale, -40 * scale), (9, 9, 22), width))
+    for s in (1.0, -1.0):
+        anat.paint("bone_cortical", ellipsoid(grid, (s * 28 * scale, 4 * scale, -32 * scale), (20, 9, 7), width))
+        anat.paint("bone_cancellous", ellipsoid(grid, (s * 16 * scale, -16 * scale, -22 * scale), (6, 8, 4), width))
+    # ventricles
+    vs = rng.uniform(0.8, 1.3)
+    for s in (1.0, -1.0):
+        anat.paint("csf", ellipsoid(grid, (s * 9 * scale, 2 * scale, 24 * scale), (5 * vs, 24 * vs, 7 * vs), width))
+    anat.paint("csf", ellipsoid(grid, (0, 6 * scale, 8 * scale), (1.8, 10, 7), width))
+    anat.paint("csf", ellipsoid(grid, (0, 34 * scale, -22 * scale), (5, 3, 4), width))  # fourth ventricle
+
+    tree = _arteries(rng, scale)
+    for pts, r0, r1 in tree.values():
+        paint_polyline(anat, "artery", pts, np.linspace(r0, r1, len(pts)), width)
+
+    # aneurysms
+    if aneurysm_diameters is None:
+        n = int(rng.integers(1, 4)) if n_aneurysms is None else n_aneurysms
+        diameters = [float(np.exp(rng.uniform(np.log(2.0), np.log(12.0)))) for _ in range(n)]
+    else:
+        diameters = [float(d) for d in aneurysm_diameters]
+    sites = rng.choice(len(ANEURYSM_SITES), size=min(len(diameters), len(ANEURYSM_SITES)), replace=False)
+    for d, si in zip(diameters, sites, strict=False):
+        site, artery, k, place = ANEURYSM_SITES[int(si)]
+        pts, r0, r1 = tree[artery]
+        base = pts[k]
+        tangent = pts[min(k + 1, len(pts) - 1)] - pts[max(k - 1, 0)]
+        tangent /= np.linalg.norm(tangent) + 1e-9
+        direction = rng.normal(size=3)
+        direction -= (direction @ tangent) * tangent  # out of the vessel wall
+        if place == "bifurcation":
+            direction = 0.4 * direction / np.linalg.norm(direction) + tangent
+        direction /= np.linalg.norm(direction)
+        r_vessel = float(r1 if k == -1 else r0)
+        centre = base + direction * (r_vessel + 0.35 * d)
+        paint_capsule(anat, "aneurysm", base + direction * r_vessel * 0.5, centre, min(r_vessel, d / 3), d / 2, width)
+        if d > 6 and rng.random() < 0.5:  # daughter bleb on large ones
+            paint_sphere(anat, "aneurysm", centre + direction * d * 0.45, d * 0.18, width)
+        anat.lesions.append(
+            {
+                "kind": "aneurysm",
+                "center_mm": [round(float(v), 3) for v in centre],
+                "diameter_mm": round(d, 3),
+                "site": site,
+                "place": place,
+            }
+        )
+
+    # landmarks
+    for side in ("left", "right"):
+        s = 1.0 if side == "left" else -1.0
+        _mark(anat, f"ica_terminus_{side}", tree[f"ica_{side}"][0][-1])
+        _mark(anat, f"ica_siphon_genu_{side}", tree[f"ica_{side}"][0][3])
+        _mark(anat, f"ica_petrous_{side}", tree[f"ica_{side}"][0][2])
+        _mark(anat, f"mca_bifurcation_{side}", tree[f"m1_{side}"][0][-1])
+        _mark(anat, f"ophthalmic_origin_{side}", tree[f"ophthalmic_{side}"][0][0])
+        _mark(anat, f"pcomm_origin_{side}", tree[f"pcomm_{side}"][0][0])
+        _mark(anat, f"pcomm_pca_junction_{side}", tree[f"p1_{side}"][0][-1])
+        _mark(anat, f"a1_a2_junction_{side}", tree[f"a2_{side}"][0][0])
+        _mark(anat, f"sca_origin_{side}", tree[f"sca_{side}"][0][1])
+        _mark(anat, f"pica_origin_{side}", tree[f"pica_{side}"][0][0])
+        _mark(anat, f"frontal_horn_{side}", (s * 9 * scale, 2 * scale - 24 * vs, 24 * scale))
+        _mark(anat, f"occipital_horn_{side}", (s * 9 * scale, 2 * scale + 24 * vs, 24 * scale))
+        _mark(anat, f"skull_lateral_{side}", (s * (a - scalp), hc[1], hc[2]))
+    _mark(anat, "basilar_tip", tree["basilar"][0][-1])
+    _mark(anat, "vertebrobasilar_junction", tree["basilar"][0][0])
+    _mark(anat, "acomm_centre", tree["acomm"][0].mean(axis=0))
+    _mark(anat, "third_ventricle", (0, 6 * scale, 8 * scale))
+    _mark(anat, "fourth_ventricle", (0, 34 * scale, -22 * scale))
+    _mark(anat, "clivus", (0, 22 * scale, -40 * scale))
+    _mark(anat, "vertex", (hc[0], hc[1], hc[2] + c - scalp))
+    _mark(anat, "frontal_pole", (hc[0], hc[1] - b + scalp, hc[2]))
+    _mark(anat, "occipital_pole", (hc[0], hc[1] + b - scalp, hc[2]))
+    log.debug("head: %d aneurysms, %d landmarks", len(anat.lesions), len(anat.landmarks))
+    return anat
+
+
+# --- chest ----------------------------------------------------------------------------------------------------
+
+
+def _branches(rng: np.random.Generator, start, direction, length: float, radius: float, depth: int, out: list) -> None:  # noqa: ANN001
+    """A random dichotomous tree (airways, pulmonary vessels): segments (p0, p1, r0, r1)."""
+    end = np.asarray(start) + direction * length
+    out.append((np.asarray(start), end, radius, radius * 0.85))
+    if depth == 0:
+        return
+    for sign in (1.0, -1.0):
+        perp = np.cross(direction, rng.normal(size=3))
+        perp /= np.linalg.norm(perp) + 1e-9
+        new = direction + sign * rng.uniform(0.4, 0.8) * perp
+        new /= np.linalg.norm(new)
+        _branches(rng, end, new, length * rng.uniform(0.7, 0.85), radius * 0.72, depth - 1, out)
+
+
+def chest(
+    grid: Grid,
+    rng: np.random.Generator,
+    values: dict[str, float],
+    labels: bool = False,
+    n_nodules: int | None = None,
+    nodule_diameters: list[float] | None = None,
+) -> Anatomy:
+    """Render a chest (carina at the patient origin) with nodules and landmarks onto ``grid``.
+
+    Parameters
+    ----------
+    grid
+        Voxel centres.
+    rng
+        The subject's random generator.
+    values
+        Value per material name (HU or MR signal) for this scanner condition.
+    labels
+        Also keep a dominant-material label map (tests).
+    n_nodules
+        How many nodules (default 1 to 4); ignored when diameters are given.
+    nodule_diameters
+        Fixed nodule diameters in mm.
+
+    Returns
+    -------
+    Anatomy
+        The value image, labels, lesions (``kind="nodule"``) and landmarks.
+    """
+    width = float(max(grid.spacing[1], grid.spacing[2]))
+    anat = _new(grid, values, labels)
+    s = float(rng.uniform(0.9, 1.1))
+    a, b, h = 160 * s * rng.uniform(0.95, 1.05), 110 * s * rng.uniform(0.95, 1.05), 400.0
+    anat.paint("fat", ellipsoid(grid, (0, 0, 0), (a, b, h), width))
+    fat = rng.uniform(8, 20)
+    anat.paint("muscle", ellipsoid(grid, (0, 0, 0), (a - fat, b - fat, h), width))
+    anat.paint("fat", ellipsoid(grid, (0, 0, 0), (a - fat - 12, b - fat - 12, h), width))
+    # ribs: an elliptical ring every ~25 mm, tilted down anteriorly
+    ring_out = ellipsoid(grid, (0, 0, 0), (a - fat - 14, b - fat - 14, h), width)
+    ring_in = ellipsoid(grid, (0, 0, 0), (a - fat - 22, b - fat - 22, h), width)
+    phase = ((grid.z[:, None, None] - 0.25 * grid.y[None, :, None]) % 25.0) / 25.0
+    rib = np.clip(1.0 - np.abs(phase - 0.5) / 0.16, 0, 1) * np.clip(ring_out - ring_in, 0, 1)
+    anat.paint("bone_cortical", np.clip(rib * 2 - 0.5, 0, 1))
+    lung_c, lung_s = [], (a * 0.36, b * 0.62, 120 * s)
+    for side, sx in (("left", 1.0), ("right", -1.0)):
+        c = (sx * a * 0.42, 5.0, -20.0 * s)
+        lung_c.append((side, sx, c))
+        anat.paint("lung", ellipsoid(grid, c, lung_s, width))
+    # mediastinum: heart, aorta, spine, sternum
+    anat.paint("blood", ellipsoid(grid, (a * 0.12, -b * 0.25, -75 * s), (55 * s, 45 * s, 50 * s), width))
+    paint_polyline(
+        anat, "blood", [(-15, -20, -70), (-10, -15, 25), (5, 10, 40), (18, 30, 20), (18, 35, -150)], [14] * 5, width
+    )
+    spine_y = b - fat - 45
+    anat.paint("bone_cortical", ellipsoid(grid, (0, spine_y, 0), (18, 16, h), width))
+    anat.paint("bone_cancellous", ellipsoid(grid, (0, spine_y, 0), (15, 13, h), width))
+    anat.paint("bone_cortical", ellipsoid(grid, (0, -b + fat + 16, -40), (12, 5, 90), width))
+    # airways: trachea, main bronchi, random lobar trees; vessels alongside
+    carina = np.array([0.0, 8.0, 0.0])
+    paint_polyline(anat, "soft", [(0, -5, 140), (0, 2, 70), carina], [10.5, 10.5, 10], width)
+    paint_polyline(anat, "airway", [(0, -5, 140), (0, 2, 70), carina], [8.5, 8.5, 8], width)
+    _mark(anat, "carina", carina)
+    _mark(anat, "trachea_inlet", (0, -5, 120))
+    airways: list = []
+    vessels: list = []
+    for side, sx, c in lung_c:
+        hilum = np.array([sx * 28 * s, 10.0, -12.0 * s])
+        paint_polyline(anat, "soft", [carina, hilum], [7.5, 6.5], width)
+        paint_polyline(anat, "airway", [carina, hilum], [6, 5], width)
+        _mark(anat, f"main_bronchus_{side}", hilum)
+        _mark(anat, f"lung_apex_{side}", (c[0], c[1], c[2] + lung_s[2] * 0.95))
+        _mark(anat, f"lung_base_{side}", (c[0], c[1], c[2] - lung_s[2] * 0.95))
+        _mark(anat, f"lung_lateral_{side}", (c[0] + sx * lung_s[0] * 0.95, c[1], c[2]))
+        for lobe, d in (
+            ("upper", (sx * 0.5, -0.2, 1.0)),
+            ("lower", (sx * 0.5, 0.3, -1.0)),
+            ("middle", (sx, -0.6, -0.2)),
+        ):
+            d = np.asarray(d) / np.linalg.norm(d)
+            _mark(anat, f"{lobe}_lobe_bronchus_{side}", hilum + d * 12)
+            _branches(rng, hilum, d, 30 * s, 4.0, 4, airways)
+            _branches(rng, hilum + np.array([0, -6.0, 0]), d, 32 * s, 4.5, 4, vessels)
+    for p0, p1, r0, r1 in airways:
+        paint_capsule(anat, "soft", p0, p1, r0 * 1.3, r1 * 1.3, width)
+        paint_capsule(anat, "airway", p0, p1, r0, r1, width)
+    for p0, p1, r0, r1 in vessels:
+        paint_capsule(anat, "blood", p0, p1, r0, r1, width)
+    for name, xyz in (
+        ("aortic_arch", (5, 10, 42)),
+        ("pulmonary_trunk", (5, -15, -15)),
+        ("heart_centre", (a * 0.12, -b * 0.25, -75 * s)),
+        ("sternal_notch", (0, -b + fat + 16, 50)),
+        ("xiphoid", (0, -b + fat + 16, -130)),
+        ("vertebral_body", (0, spine_y, 0)),
+        ("descending_aorta", (18, 35, -60)),
+    ):
+        _mark(anat, name, xyz)
+
+    # nodules: solid or part-solid, inside a lung (some juxtapleural)
+    if nodule_diameters is None:
+        n = int(rng.integers(1, 5)) if n_nodules is None else n_nodules
+        diameters = [float(np.exp(rng.uniform(np.log(4.0), np.log(25.0)))) for _ in range(n)]
+    else:
+        diameters = [float(x) for x in nodule_diameters]
+    for d in diameters:
+        side, sx, c = lung_c[int(rng.integers(0, 2))]
+        u = rng.normal(size=3)
+        u /= np.linalg.norm(u)
+        reach = rng.uniform(0.2, 0.85)
+        centre = np.asarray(c) + u * np.asarray(lung_s) * reach - u * d / 2 * reach
+        part_solid = rng.random() < 0.35
+        if part_solid:
+            paint_sphere(anat, "nodule_ggo", centre, d / 2, width)
+            paint_sphere(anat, "nodule_solid", centre + rng.normal(0, d * 0.05, 3), d * rng.uniform(0.15, 0.3), width)
+        else:
+            paint_sphere(anat, "nodule_solid", centre, d / 2, width)
+            for _ in range(3):  # lobulation
+                paint_sphere(anat, "nodule_solid", centre + rng.normal(0, d * 0.15, 3), d * 0.3, width)
+        anat.lesions.append(
+            {
+                "kind": "nodule",
+                "center_mm": [round(float(v), 3) for v in centre],
+                "diameter_mm": round(d, 3),
+                "type": "part-solid" if part_solid else "solid",
+                "lung": side,
+            }
+        )
+    return anat

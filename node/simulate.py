@@ -1,0 +1,803 @@
+"""The synthetic scanner: anatomy (node/phantom.py) seen through a named scanner condition, written as DICOM.
+
+A condition is a manufacturer, model, reconstruction kernel and dose (CT: kVp, mAs, CTDIvol) or field strength
+and sequence (TOF-MRA). Its effects, in order: kVp and vendor calibration bend the high range (contrast, bone);
+the kernel acts as an in-plane MTF (soft blurs, sharp boosts edges and rings at its cut-off); CT noise has a
+ramp-shaped (non-white) spectrum shaped by the same kernel and a std ∝ 1/sqrt(mAs); MRA gets an intensity
+scale, a smooth bias field and Rician noise. Everything is deterministic in the seed, down to the file bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tomllib
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import scipy.fft
+import scipy.ndimage
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
+
+from node import phantom
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["head-cta", "head-mra", "chest-ct"]
+KINDS: tuple[str, ...] = ("head-cta", "head-mra", "chest-ct")
+Size = Literal["test", "full"]
+HU_OFFSET = 1024  # stored = HU + 1024 (RescaleIntercept -1024)
+MAX_LESION_MM = {"aneurysm": 40.0, "nodule": 60.0}
+
+# (slices, matrix, in-plane spacing mm, slice spacing = thickness mm, grid centre (x, y, z) mm)
+GEOMETRY: dict[tuple[str, str], tuple[int, int, float, float, tuple[float, float, float]]] = {
+    ("head-cta", "full"): (300, 512, 0.5, 0.5, (0.0, 5.0, 0.0)),
+    ("head-cta", "test"): (64, 128, 1.75, 2.5, (0.0, 5.0, 10.0)),
+    ("head-mra", "full"): (200, 512, 0.5, 0.6, (0.0, 5.0, 5.0)),
+    ("head-mra", "test"): (48, 128, 1.75, 2.5, (0.0, 5.0, 5.0)),
+    ("chest-ct", "full"): (300, 512, 0.7, 1.0, (0.0, 0.0, -20.0)),
+    ("chest-ct", "test"): (64, 128, 2.8, 5.0, (0.0, 0.0, -20.0)),
+}
+
+
+class SimulationError(ValueError):
+    """A simulation request that cannot be honoured (unknown condition, impossible geometry or lesion)."""
+
+
+@dataclass(frozen=True)
+class ScannerCondition:
+    """One imaging condition: what the scanner is and how it reconstructs.
+
+    CT fields: ``kvp``, ``mas`` (Exposure, mAs), ``ctdi_vol`` (mGy), the kernel's MTF (``kernel_sigma_mm``
+    Gaussian blur, ``kernel_boost`` edge enhancement at the cut-off, ``kernel_cutoff`` in cycles/mm where the
+    response drops, giving ringing), and the vendor calibration above ``calib_knee`` HU (``calib_slope``,
+    ``calib_curve`` per 1000 HU). MR fields: ``field_strength`` (T), ``sequence``, ``mr_scale`` (stored value of
+    a signal of 1), ``vessel_gain`` (bends the bright range), ``bias_strength``, ``noise_fraction`` (Rician σ).
+    """
+
+    name: str
+    modality: Literal["CT", "MR"]
+    manufacturer: str
+    model: str
+    kernel: str = ""
+    kvp: float = 120.0
+    mas: float = 200.0
+    ctdi_vol: float = 0.0
+    exposure_time_ms: float = 1000.0
+    kernel_sigma_mm: float = 0.35
+    kernel_boost: float = 0.0
+    kernel_cutoff: float = 1.0
+    calib_knee: float = 120.0
+    calib_slope: float = 1.0
+    calib_curve: float = 0.0
+    noise_hu_at_100mas: float = 14.0
+    field_strength: float = 0.0
+    sequence: str = ""
+    repetition_time: float = 22.0
+    echo_time: float = 3.5
+    flip_angle: float = 18.0
+    mr_scale: float = 1000.0
+    vessel_gain: float = 1.0
+    bias_strength: float = 0.15
+    noise_fraction: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.modality not in ("CT", "MR"):
+            raise SimulationError(f"condition {self.name!r}: modality must be CT or MR, got {self.modality!r}")
+        if not self.manufacturer or not self.model:
+            raise SimulationError(f"condition {self.name!r}: manufacturer and model are required")
+        if self.modality == "CT":
+            if not (60 <= self.kvp <= 150) or self.mas <= 0 or self.kernel_cutoff <= 0 or self.kernel_sigma_mm < 0:
+                raise SimulationError(
+                    f"condition {self.name!r}: needs 60 ≤ kVp ≤ 150, mAs > 0, a positive kernel cut-off"
+                )
+        elif self.field_strength <= 0 or self.mr_scale <= 0 or self.noise_fraction < 0:
+            raise SimulationError(
+                f"condition {self.name!r}: needs field_strength > 0, mr_scale > 0, noise_fraction ≥ 0"
+            )
+
+    @property
+    def ctdi(self) -> float:
+        """CTDIvol (mGy): the one given, else estimated from mAs and kVp for a 16 cm head phantom."""
+        return self.ctdi_vol or round(0.2 * self.mas * (self.kvp / 120.0) ** 2.5, 2)
+
+    def noise_std(self) -> float:
+        """Pixel noise std (HU) of this dose and kernel: ∝ 1/sqrt(mAs), more at low kVp and sharp kernels."""
+        return (
+            self.noise_hu_at_100mas * np.sqrt(100.0 / self.mas) * (120.0 / self.kvp) ** 1.25 * _kernel_noise_gain(self)
+        )
+
+
+def _ct(
+    name: str, manufacturer: str, model: str, kernel: str, kvp: float, mas: float, ctdi: float, **kw: Any
+) -> ScannerCondition:
+    return ScannerCondition(name, "CT", manufacturer, model, kernel, kvp=kvp, mas=mas, ctdi_vol=ctdi, **kw)
+
+
+def _mr(name: str, manufacturer: str, model: str, tesla: float, sequence: str, **kw: Any) -> ScannerCondition:
+    return ScannerCondition(name, "MR", manufacturer, model, field_strength=tesla, sequence=sequence, **kw)
+
+
+CONDITIONS: dict[str, ScannerCondition] = {
+    c.name: c
+    for c in (
+        _ct("ge-revolution-standard", "GE MEDICAL SYSTEMS", "Revolution CT", "STANDARD", 120, 200, 38.0),
+        _ct(
+            "ge-optima-bone-lowdose",
+            "GE MEDICAL SYSTEMS",
+            "Optima CT660",
+            "BONE",
+            100,
+            90,
+            14.5,
+            kernel_sigma_mm=0.2,
+            kernel_boost=0.8,
+            kernel_cutoff=1.1,
+            calib_slope=1.08,
+            calib_curve=0.03,
+        ),
+        _ct(
+            "siemens-force-br40",
+            "SIEMENS",
+            "SOMATOM Force",
+            "Br40d",
+            100,
+            160,
+            24.0,
+            kernel_sigma_mm=0.4,
+            calib_slope=0.94,
+            calib_knee=150.0,
+            calib_curve=-0.02,
+        ),
+        _ct(
+            "siemens-definition-hr64",
+            "SIEMENS",
+            "SOMATOM Definition AS+",
+            "Hr64h",
+            120,
+            280,
+            52.0,
+            kernel_sigma_mm=0.15,
+            kernel_boost=1.4,
+            kernel_cutoff=1.2,
+            calib_slope=0.94,
+            calib_knee=150.0,
+        ),
+        _ct(
+            "canon-aquilion-fc43",
+            "CANON_MEC",
+            "Aquilion ONE",
+            "FC43",
+            120,
+            150,
+            30.0,
+            kernel_sigma_mm=0.45,
+            calib_slope=1.05,
+            calib_knee=90.0,
+            calib_curve=0.05,
+        ),
+        _ct(
+            "philips-ict-b-lowdose",
+            "Philips",
+            "iCT 256",
+            "B",
+            80,
+            120,
+            9.5,
+            kernel_sigma_mm=0.6,
+            kernel_cutoff=0.8,
+            calib_slope=0.9,
+            calib_knee=100.0,
+            calib_curve=-0.03,
+        ),
+        _ct(
+            "philips-ict-yc-sharp",
+            "Philips",
+            "iCT 256",
+            "YC",
+            120,
+            220,
+            41.0,
+            kernel_sigma_mm=0.2,
+            kernel_boost=1.0,
+            kernel_cutoff=1.0,
+            calib_slope=0.9,
+            calib_knee=100.0,
+        ),
+        _mr(
+            "siemens-skyra-3t-tof",
+            "SIEMENS",
+            "Skyra",
+            3.0,
+            "fl3d1r_t70",
+            mr_scale=900.0,
+            vessel_gain=1.25,
+            bias_strength=0.2,
+            noise_fraction=0.015,
+            repetition_time=21.0,
+            echo_time=3.4,
+            flip_angle=18.0,
+        ),
+        _mr(
+            "ge-signa-1.5t-tof",
+            "GE MEDICAL SYSTEMS",
+            "SIGNA Explorer",
+            1.5,
+            "3D TOF",
+            mr_scale=2200.0,
+            vessel_gain=0.8,
+            bias_strength=0.1,
+            noise_fraction=0.03,
+            repetition_time=29.0,
+            echo_time=6.9,
+            flip_angle=20.0,
+        ),
+        _mr(
+            "philips-ingenia-3t-tof",
+            "Philips Medical Systems",
+            "Ingenia",
+            3.0,
+            "T1FFE TOF",
+            mr_scale=450.0,
+            vessel_gain=1.1,
+            bias_strength=0.3,
+            noise_fraction=0.02,
+            repetition_time=23.0,
+            echo_time=3.5,
+            flip_angle=20.0,
+        ),
+    )
+}
+
+
+def load_conditions(path: str | Path) -> dict[str, ScannerCondition]:
+    """Read user-defined conditions from TOML: one ``[conditions.NAME]`` table per condition.
+
+    Parameters
+    ----------
+    path
+        TOML file; each table holds ``ScannerCondition`` fields (``modality``, ``manufacturer``, ``model`` …).
+
+    Returns
+    -------
+    dict[str, ScannerCondition]
+        Conditions by name.
+
+    Raises
+    ------
+    SimulationError
+        Unreadable file, unknown field or invalid value.
+    """
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SimulationError(f"cannot read conditions file {path}: {exc}") from exc
+    known = {f.name for f in dataclasses.fields(ScannerCondition)}
+    out: dict[str, ScannerCondition] = {}
+    for name, table in doc.get("conditions", {}).items():
+        unknown = set(table) - known
+        if unknown:
+            raise SimulationError(f"condition {name!r} in {path}: unknown field(s) {sorted(unknown)}")
+        try:
+            out[name] = ScannerCondition(**{**table, "name": name})
+        except TypeError as exc:
+            raise SimulationError(f"condition {name!r} in {path}: {exc}") from exc
+    if not out:
+        raise SimulationError(f"{path} defines no [conditions.NAME] table")
+    return out
+
+
+# --- the scanner model ------------------------------------------------------------------------------------------
+
+
+def mtf(condition: ScannerCondition, f: np.ndarray) -> np.ndarray:
+    """Kernel MTF at radial spatial frequency ``f`` (cycles/mm): Gaussian blur, edge boost, steep cut-off."""
+    fc = condition.kernel_cutoff
+    gauss = np.exp(-2.0 * (np.pi * condition.kernel_sigma_mm * f) ** 2)
+    boost = 1.0 + condition.kernel_boost * (f / fc) ** 2
+    window = 1.0 / (1.0 + np.exp((f - fc) / (0.03 * fc)))  # near-hard truncation: ringing next to edges
+    return (gauss * boost * window).astype(np.float32)
+
+
+def _kernel_noise_gain(condition: ScannerCondition) -> float:
+    """Noise of this kernel relative to STANDARD-like (σ 0.35 mm, cut-off 1): sqrt of ∫ f·MTF² over the plane."""
+    f = np.linspace(0.0, 2.0, 2001)
+    ref = ScannerCondition("ref", "CT", "ref", "ref")
+    return float(np.sqrt(np.trapezoid(f * f * mtf(condition, f) ** 2, f) / np.trapezoid(f * f * mtf(ref, f) ** 2, f)))
+
+
+def _freq(shape: tuple[int, int], spacing: tuple[float, float]) -> np.ndarray:
+    fy = np.fft.fftfreq(shape[0], spacing[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1], spacing[1])[None, :]
+    return np.sqrt(fy**2 + fx**2).astype(np.float32)
+
+
+def _noise_filter(f_full: np.ndarray, transfer: np.ndarray) -> np.ndarray:
+    """Amplitude filter ``transfer`` normalised so that unit white noise keeps unit variance after it."""
+    return (transfer / np.sqrt(np.mean(transfer**2))).astype(np.float32)
+
+
+def ct_values(condition: ScannerCondition) -> dict[str, float]:
+    """HU of each material at this condition's kVp: iodine and bone brighten at low kVp, soft tissue does not."""
+    iodine, bone = (120.0 / condition.kvp) ** 1.2, (120.0 / condition.kvp) ** 0.6
+    out = {}
+    for name, (hu, _) in phantom.MATERIALS.items():
+        if name in phantom.CONTRAST_MATERIALS:
+            hu = 40.0 + (hu - 40.0) * iodine
+        elif name in phantom.BONE_MATERIALS:
+            hu = 40.0 + (hu - 40.0) * bone
+        out[name] = hu
+    return out
+
+
+def calibrate(hu: np.ndarray, condition: ScannerCondition) -> np.ndarray:
+    """Vendor calibration: identity up to ``calib_knee``, then a smooth bend of the high range (in place)."""
+    if condition.calib_slope == 1.0 and condition.calib_curve == 0.0:
+        return hu
+    over = np.logaddexp(np.float32(0.0), (hu - np.float32(condition.calib_knee)) / np.float32(25.0)) * np.float32(25.0)
+    hu += over * np.float32(condition.calib_slope - 1.0) + np.float32(condition.calib_curve / 1000.0) * over**2
+    return hu
+
+
+def scan_ct(
+    hu: np.ndarray,
+    condition: ScannerCondition,
+    spacing: tuple[float, float, float],
+    rng: np.random.Generator,
+    thickness_mm: float | None = None,
+) -> np.ndarray:
+    """What a CT scanner with ``condition`` reconstructs from true HU ``hu`` (z, y, x), float32 HU.
+
+    Parameters
+    ----------
+    hu
+        Noise-free HU at this kVp (modified in place).
+    condition
+        A CT condition.
+    spacing
+        (slice, row, column) spacing in mm.
+    rng
+        Noise generator.
+    thickness_mm
+        Reconstructed slice thickness; a slice profile blurs z where it exceeds the slice spacing.
+
+    Returns
+    -------
+    np.ndarray
+        Reconstructed HU, float32.
+    """
+    calibrate(hu, condition)
+    if thickness_mm and thickness_mm > spacing[0] * 1.01:
+        sigma = np.sqrt(thickness_mm**2 - spacing[0] ** 2) / 2.355 / spacing[0]
+        hu = scipy.ndimage.gaussian_filter1d(hu, sigma, axis=0, mode="nearest")
+    f = _freq(hu.shape[1:], spacing[1:])
+    transfer = mtf(condition, f)
+    fy = np.fft.fftfreq(hu.shape[1], spacing[1])[:, None]
+    fxf = np.fft.fftfreq(hu.shape[2], spacing[2])[None, :]
+    ff = np.sqrt(fy**2 + fxf**2).astype(np.float32)
+    # CT noise power ∝ |f| · MTF² (filtered back-projection ramp times the kernel), normalised on the full plane
+    norm = np.sqrt(np.mean(ff * mtf(condition, ff) ** 2))
+    noise_filter = (np.sqrt(f) * transfer / norm).astype(np.float32)
+    spec = scipy.fft.rfft2(hu, axes=(1, 2), norm="ortho", workers=-1)
+    spec *= transfer
+    sigma = np.float32(condition.noise_std() / np.sqrt(2.0))
+    noise = rng.standard_normal(spec.shape, dtype=np.float32) + 1j * rng.standard_normal(spec.shape, dtype=np.float32)
+    noise *= noise_filter * sigma
+    spec += noise
+    del noise
+    return scipy.fft.irfft2(spec, s=hu.shape[1:], axes=(1, 2), norm="ortho", workers=-1).astype(np.float32, copy=False)
+
+
+def _bias_field(shape: tuple[int, int, int], strength: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth multiplicative coil-sensitivity field: exp of a random quadratic in normalised coordinates."""
+    z, y, x = (np.linspace(-1, 1, n, dtype=np.float32) for n in shape)
+    c = rng.normal(0, 1, 7).astype(np.float32)
+    log_b = c[0] * x[None, None, :] + c[1] * y[None, :, None] + c[2] * z[:, None, None] * 0.5
+    log_b = (
+        log_b
+        + c[3] * x[None, None, :] ** 2
+        + c[4] * y[None, :, None] ** 2
+        + c[5] * (x[None, None, :] * y[None, :, None])
+    )
+    return np.exp(np.float32(strength) * log_b).astype(np.float32)
+
+
+def scan_mr(
+    signal: np.ndarray, condition: ScannerCondition, spacing: tuple[float, float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """What a TOF-MRA scanner with ``condition`` reconstructs from relative signal ``signal`` (0..1), float32.
+
+    Bright range bent by ``vessel_gain``, k-space window, bias field, Rician noise, scaled by ``mr_scale``.
+    """
+    knee = np.float32(0.4)
+    over = np.maximum(signal - knee, 0)
+    signal = signal + over * np.float32(condition.vessel_gain - 1.0)
+    signal *= _bias_field(signal.shape, condition.bias_strength, rng)
+    f = _freq(signal.shape[1:], spacing[1:])
+    window = (1.0 / (1.0 + np.exp((f - 0.8 / (2 * spacing[1])) / (0.02 / spacing[1])))).astype(np.float32)
+    spec = scipy.fft.rfft2(signal, axes=(1, 2), norm="ortho", workers=-1) * window
+    real = scipy.fft.irfft2(spec, s=signal.shape[1:], axes=(1, 2), norm="ortho", workers=-1)
+    sigma = np.float32(condition.noise_fraction)
+    imag = rng.standard_normal(signal.shape, dtype=np.float32) * sigma
+    real += rng.standard_normal(signal.shape, dtype=np.float32) * sigma
+    return (np.sqrt(real * real + imag * imag) * np.float32(condition.mr_scale)).astype(np.float32)
+
+
+# --- studies ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimulatedStudy:
+    """One simulated series: its DICOM datasets (sorted by slice position), the truth, and optionally the arrays."""
+
+    datasets: list[Dataset]
+    truth: dict[str, Any]
+    values: np.ndarray | None = None
+    anatomy: phantom.Anatomy | None = None
+
+
+def _uid(*parts: object) -> str:
+    return generate_uid(entropy_srcs=[str(p) for p in parts])
+
+
+def _check_geometry(slices: int, matrix: int, spacing: float, thickness: float) -> None:
+    if not (np.isfinite(spacing) and spacing > 0) or not (np.isfinite(thickness) and thickness > 0):
+        raise SimulationError(f"pixel spacing and slice thickness must be positive, got {spacing} and {thickness} mm")
+    if not (1 <= slices <= 2000) or not (16 <= matrix <= 1024):
+        raise SimulationError(f"need 1–2000 slices and a 16–1024 matrix, got {slices} and {matrix}")
+
+
+def resolve_condition(name: str, kind: str, extra: dict[str, ScannerCondition] | None = None) -> ScannerCondition:
+    """The condition named ``name`` (user-defined ones win), checked against the study kind.
+
+    Raises
+    ------
+    SimulationError
+        Unknown kind or condition, or a CT condition for an MRA study (and the reverse).
+    """
+    if kind not in KINDS:
+        raise SimulationError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    pool = {**CONDITIONS, **(extra or {})}
+    if name not in pool:
+        raise SimulationError(f"unknown condition {name!r}; known: {', '.join(sorted(pool))} (see --list)")
+    cond = pool[name]
+    want = "MR" if kind == "head-mra" else "CT"
+    if cond.modality != want:
+        raise SimulationError(f"condition {name!r} is {cond.modality} but a {kind} study needs a {want} condition")
+    return cond
+
+
+def simulate_study(
+    kind: Kind,
+    condition: str | ScannerCondition,
+    seed: int,
+    size: Size = "test",
+    *,
+    lesion_diameters_mm: Sequence[float] | None = None,
+    n_lesions: int | None = None,
+    spacing_mm: float | None = None,
+    slice_thickness_mm: float | None = None,
+    slices: int | None = None,
+    matrix: int | None = None,
+    extra_conditions: dict[str, ScannerCondition] | None = None,
+    keep_arrays: bool = False,
+) -> SimulatedStudy:
+    """Simulate one study (a single series) of ``kind`` under ``condition`` for subject ``seed``.
+
+    Parameters
+    ----------
+    kind
+        ``head-cta``, ``head-mra`` or ``chest-ct``.
+    condition
+        A condition name (built-in or in ``extra_conditions``) or a ``ScannerCondition``.
+    seed
+        Subject and noise seed; the same seed gives the same anatomy under every condition, and the same bytes.
+    size
+        ``test`` (≤128×128×64) or ``full`` (512×512, 200–300 slices).
+    lesion_diameters_mm, n_lesions
+        Fixed lesion diameters, or how many lesions to draw (default: 1–3 aneurysms, 1–4 nodules).
+    spacing_mm, slice_thickness_mm, slices, matrix
+        Override the geometry of ``size``.
+    extra_conditions
+        User-defined conditions (``load_conditions``).
+    keep_arrays
+        Keep the reconstructed values and the anatomy (with labels) on the result, for tests.
+
+    Returns
+    -------
+    SimulatedStudy
+
+    Raises
+    ------
+    SimulationError
+        Unknown kind, size or condition; impossible geometry; a lesion that does not fit.
+    """
+    cond = (
+        condition if isinstance(condition, ScannerCondition) else resolve_condition(condition, kind, extra_conditions)
+    )
+    if isinstance(condition, ScannerCondition):
+        resolve_condition(cond.name, kind, {cond.name: cond})
+    if size not in ("test", "full"):
+        raise SimulationError(f"unknown size {size!r}; choose test or full")
+    n_z, n_xy, dxy, dz, centre = GEOMETRY[(kind, size)]
+    n_z, n_xy = slices or n_z, matrix or n_xy
+    dxy = dxy if spacing_mm is None else float(spacing_mm)
+    dz = dz if slice_thickness_mm is None else float(slice_thickness_mm)
+    _check_geometry(n_z, n_xy, dxy, dz)
+    lesion_kind = "nodule" if kind == "chest-ct" else "aneurysm"
+    for d in lesion_diameters_mm or ():
+        if not (0 < d <= MAX_LESION_MM[lesion_kind]):
+            body = "chest" if kind == "chest-ct" else "head"
+            raise SimulationError(
+                f"a {d} mm {lesion_kind} does not fit in the {body}: "
+                f"diameters must be in (0, {MAX_LESION_MM[lesion_kind]:g}] mm"
+            )
+    grid = phantom.Grid.centred(centre, (n_z, n_xy, n_xy), (dz, dxy, dxy))
+    anatomy_rng = np.random.default_rng([seed, KINDS.index(kind)])
+    noise_rng = np.random.default_rng([seed, KINDS.index(kind), zlib.crc32(cond.name.encode())])
+    values = ct_values(cond) if cond.modality == "CT" else {k: v[1] for k, v in phantom.MATERIALS.items()}
+    diameters = list(lesion_diameters_mm) if lesion_diameters_mm else None
+    if kind == "chest-ct":
+        anat = phantom.chest(grid, anatomy_rng, values, keep_arrays, n_nodules=n_lesions, nodule_diameters=diameters)
+    else:
+        anat = phantom.head(grid, anatomy_rng, values, keep_arrays, n_aneurysms=n_lesions, aneurysm_diameters=diameters)
+    truth_image = anat.image.copy() if keep_arrays else None
+    if cond.modality == "CT":
+        recon = scan_ct(anat.image, cond, grid.spacing, noise_rng)
+        stored = np.clip(np.rint(recon) + HU_OFFSET, 0, 32767).astype(np.int16)
+    else:
+        recon = scan_mr(anat.image, cond, grid.spacing, noise_rng)
+        stored = np.clip(np.rint(recon), 0, 32767).astype(np.int16)
+    anat.image = truth_image if keep_arrays else anat.image
+    datasets, uids = _datasets(kind, cond, seed, grid, stored)
+    truth = {
+        "kind": kind,
+        "condition": cond.name,
+        "condition_fields": dataclasses.asdict(cond),
+        "seed": seed,
+        **uids,
+        "geometry": {
+            "shape": list(grid.shape),
+            "spacing": list(grid.spacing),
+            "origin": [float(grid.x[0]), float(grid.y[0]), float(grid.z[0])],
+        },
+        "lesions": anat.lesions,
+        "landmarks": anat.landmarks,
+    }
+    log.info("simulated %s under %s: %d slices, %d lesions", kind, cond.name, n_z, len(anat.lesions))
+    return SimulatedStudy(datasets, truth, recon if keep_arrays else None, anat if keep_arrays else None)
+
+
+def _datasets(
+    kind: str, cond: ScannerCondition, seed: int, grid: phantom.Grid, stored: np.ndarray
+) -> tuple[list[Dataset], dict[str, str]]:
+    rng = np.random.default_rng([seed, 7])
+    study_uid = _uid("study", seed, kind)
+    series_uid = _uid("series", seed, kind, cond.name)
+    frame_uid = _uid("frame", seed, kind, cond.name)
+    day = date(2023, 1, 1) + timedelta(days=int(rng.integers(0, 700)))
+    when = f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}"
+    birth = date(int(rng.integers(1935, 2000)), int(rng.integers(1, 13)), int(rng.integers(1, 29)))
+    ct = cond.modality == "CT"
+    body = "CHEST" if kind == "chest-ct" else "HEAD"
+    common: dict[str, Any] = {
+        "SpecificCharacterSet": "ISO_IR 100",
+        "SOPClassUID": CTImageStorage if ct else MRImageStorage,
+        "InstanceCreationDate": day.strftime("%Y%m%d"),
+        "InstanceCreationTime": when,
+        "StudyDate": day.strftime("%Y%m%d"),
+        "SeriesDate": day.strftime("%Y%m%d"),
+        "AcquisitionDate": day.strftime("%Y%m%d"),
+        "ContentDate": day.strftime("%Y%m%d"),
+        "StudyTime": when,
+        "SeriesTime": when,
+        "AcquisitionTime": when,
+        "ContentTime": when,
+        "AccessionNumber": f"SIM{seed:08d}"[-16:],
+        "Modality": cond.modality,
+        "Manufacturer": cond.manufacturer,
+        "InstitutionName": "Harmonode Synthetic Hospital",
+        "ReferringPhysicianName": "",
+        "StationName": "SIMSCANNER",
+        "StudyDescription": {"head-cta": "CTA HEAD", "head-mra": "MRA HEAD TOF", "chest-ct": "CT CHEST"}[kind],
+        "SeriesDescription": f"{kind} {cond.kernel or cond.sequence}".strip(),
+        "ManufacturerModelName": cond.model,
+        "DeviceSerialNumber": f"{zlib.crc32(cond.model.encode()) % 100000:05d}",
+        "SoftwareVersions": "harmonode-sim 1",
+        "PatientName": f"SIM^{seed}",
+        "PatientID": f"SIM{seed:06d}",
+        "PatientBirthDate": birth.strftime("%Y%m%d"),
+        "PatientSex": "MF"[int(rng.integers(0, 2))],
+        "BodyPartExamined": body,
+        "StudyInstanceUID": study_uid,
+        "SeriesInstanceUID": series_uid,
+        "StudyID": f"{seed % 100000}",
+        "SeriesNumber": 2 if ct else 3,
+        "AcquisitionNumber": 1,
+        "PatientPosition": "HFS",
+        "FrameOfReferenceUID": frame_uid,
+        "PositionReferenceIndicator": "",
+        "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
+        "PixelSpacing": [round(grid.spacing[1], 6), round(grid.spacing[2], 6)],
+        "SliceThickness": round(grid.spacing[0], 6),
+        "SamplesPerPixel": 1,
+        "PhotometricInterpretation": "MONOCHROME2",
+        "Rows": grid.shape[1],
+        "Columns": grid.shape[2],
+        "BitsAllocated": 16,
+        "BitsStored": 16,
+        "HighBit": 15,
+        "PixelRepresentation": 1,
+    }
+    if ct:
+        common.update(
+            {
+                "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+                "RescaleIntercept": -HU_OFFSET,
+                "RescaleSlope": 1,
+                "RescaleType": "HU",
+                "KVP": cond.kvp,
+                "Exposure": int(round(cond.mas)),
+                "ExposureTime": int(round(cond.exposure_time_ms)),
+                "XRayTubeCurrent": int(round(cond.mas * 1000.0 / cond.exposure_time_ms)),
+                "CTDIvol": cond.ctdi,
+                "ConvolutionKernel": cond.kernel,
+                "DataCollectionDiameter": 500,
+                "ReconstructionDiameter": round(grid.spacing[2] * grid.shape[2], 3),
+                "GantryDetectorTilt": 0,
+                "RotationDirection": "CW",
+                "FilterType": "BODY" if body == "CHEST" else "HEAD",
+                "SpiralPitchFactor": 0.98,
+                "WindowCenter": 40 if body == "CHEST" else 200,
+                "WindowWidth": 400 if body == "CHEST" else 700,
+            }
+        )
+        if kind == "head-cta":
+            common.update({"ContrastBolusAgent": "Iohexol 350 mgI/ml", "ContrastBolusRoute": "IV"})
+    else:
+        common.update(
+            {
+                "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"],
+                "ScanningSequence": ["GR"],
+                "SequenceVariant": ["SP", "OSP"],
+                "ScanOptions": "",
+                "MRAcquisitionType": "3D",
+                "SequenceName": cond.sequence,
+                "AngioFlag": "Y",
+                "RepetitionTime": cond.repetition_time,
+                "EchoTime": cond.echo_time,
+                "EchoTrainLength": 1,
+                "FlipAngle": cond.flip_angle,
+                "MagneticFieldStrength": cond.field_strength,
+                "ImagingFrequency": round(42.577478 * cond.field_strength, 6),
+                "ImagedNucleus": "1H",
+                "NumberOfAverages": 1,
+                "SpacingBetweenSlices": round(grid.spacing[0], 6),
+                "WindowCenter": int(cond.mr_scale * 0.5),
+                "WindowWidth": int(cond.mr_scale),
+            }
+        )
+    datasets = []
+    for k in range(grid.shape[0]):
+        ds = Dataset()
+        for keyword, value in common.items():
+            setattr(ds, keyword, value)
+        ds.SOPInstanceUID = _uid("instance", seed, kind, cond.name, k)
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [round(float(grid.x[0]), 4), round(float(grid.y[0]), 4), round(float(grid.z[k]), 4)]
+        ds.SliceLocation = round(float(grid.z[k]), 4)
+        ds.PixelData = stored[k].astype("<i2").tobytes()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = "HARMONODE_SIM"
+        ds.file_meta = meta
+        datasets.append(ds)
+    return datasets, {
+        "study_instance_uid": study_uid,
+        "series_instance_uid": series_uid,
+        "frame_of_reference_uid": frame_uid,
+    }
+
+
+def write_study(study: SimulatedStudy, out_dir: str | Path) -> list[Path]:
+    """Write the study's DICOM files (``CT000001.dcm`` …) and its ``truth.json`` sidecar into ``out_dir``.
+
+    Parameters
+    ----------
+    study
+        From ``simulate_study``.
+    out_dir
+        Directory, created if missing.
+
+    Returns
+    -------
+    list[Path]
+        The DICOM files, then ``truth.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in study.datasets:
+        path = out / f"{ds.Modality}{int(ds.InstanceNumber):06d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    truth = out / "truth.json"
+    truth.write_text(json.dumps(study.truth, indent=1, sort_keys=True) + "\n")
+    paths.append(truth)
+    return paths
+
+
+def send_files(
+    paths: Iterable[str | Path], host: str, port: int, called_aet: str, calling_aet: str = "SIMSCANNER"
+) -> int:
+    """Push DICOM files over C-STORE as a scanner does: one association, only the SOP classes sent, Nagle off.
+
+    Parameters
+    ----------
+    paths
+        Files to send; non-DICOM files (``truth.json``) are skipped.
+    host, port, called_aet, calling_aet
+        The peer and our AE title.
+
+    Returns
+    -------
+    int
+        Instances the peer accepted (status 0x0000 or a warning).
+
+    Raises
+    ------
+    ConnectionError
+        The association was refused or aborted.
+    """
+    import socket
+
+    from pydicom import dcmread
+    from pynetdicom import AE, evt
+
+    files = [Path(p) for p in paths if Path(p).suffix.lower() == ".dcm"]
+    datasets = [dcmread(p) for p in files]
+    if not datasets:
+        return 0
+
+    def nodelay(event: evt.Event) -> None:
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    ae = AE(ae_title=calling_aet)
+    for sop_class, syntax in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, [syntax])
+    assoc = ae.associate(host, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+    if not assoc.is_established:
+        raise ConnectionError(f"association with {called_aet}@{host}:{port} was not established")
+    stored = 0
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            if status and int(getattr(status, "Status", 0xFFFF)) in (0x0000, 0xB000, 0xB007, 0xB006):
+                stored += 1
+            else:
+                log.warning("peer refused instance %d: status %s", ds.InstanceNumber, getattr(status, "Status", None))
+            if not assoc.is_established:
+                raise ConnectionError(f"association with {called_aet}@{host}:{port} aborted")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    log.info("sent %d/%d instances to %s@%s:%d", stored, len(datasets), called_aet, host, port)
+    return stored

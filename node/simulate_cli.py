@@ -1,0 +1,206 @@
+"""``harmonode simulate``: write synthetic studies (and optionally push them over C-STORE, or preview them)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from node import simulate
+from node.simulate import CONDITIONS, KINDS, ScannerCondition, SimulationError
+
+log = logging.getLogger(__name__)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _plan(
+    kind: str, names: list[str], studies: int, extra: dict[str, ScannerCondition]
+) -> list[tuple[int, ScannerCondition]]:
+    """Which condition each study gets; every name is checked before anything is written."""
+    want = "MR" if kind == "head-mra" else "CT"
+    if not names:
+        names = [n for n, c in {**CONDITIONS, **extra}.items() if c.modality == want]
+    conds = [simulate.resolve_condition(n, kind, extra) for n in names]
+    return [(i, conds[i % len(conds)]) for i in range(studies)]
+
+
+def _parse_peer(send: str) -> tuple[str, int]:
+    host, _, port = send.rpartition(":")
+    if not host or not port.isdigit() or not (0 < int(port) < 65536):
+        raise SimulationError(f"--send wants HOST:PORT, got {send!r}")
+    return host, int(port)
+
+
+def write_preview(study: simulate.SimulatedStudy, path: Path, n_slices: int = 3) -> Path:
+    """A PNG of a few axial slices (through the lesions when there are any), lesions circled in red.
+
+    Parameters
+    ----------
+    study
+        A study simulated with ``keep_arrays=True``.
+    path
+        PNG to write.
+    n_slices
+        Panels in the row.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = study.values
+    assert values is not None, "simulate with keep_arrays=True for a preview"
+    geo = study.truth["geometry"]
+    (dz, dy, dx), (z0, y0, x0) = geo["spacing"], geo["origin"][::-1]
+    lesions = study.truth["lesions"]
+    ks = [int(round((les["center_mm"][2] - z0) / dz)) for les in lesions][:n_slices]
+    ks += [int(values.shape[0] * f) for f in (0.35, 0.5, 0.65)][: max(0, n_slices - len(ks))]
+    ct = study.truth["condition_fields"]["modality"] == "CT"
+    lo, hi = (
+        (-200, 600)
+        if ct and study.truth["kind"] == "head-cta"
+        else (-1200, 400)
+        if ct
+        else (0, np.percentile(values, 99.8))
+    )
+    fig, axes = plt.subplots(1, len(ks), figsize=(4 * len(ks), 4.3), dpi=110)
+    for ax, k in zip(np.atleast_1d(axes), ks, strict=False):
+        k = min(max(k, 0), values.shape[0] - 1)
+        ax.imshow(
+            values[k],
+            cmap="gray",
+            vmin=lo,
+            vmax=hi,
+            extent=(x0, x0 + dx * values.shape[2], y0 + dy * values.shape[1], y0),
+        )
+        for les in lesions:
+            if abs(les["center_mm"][2] - (z0 + k * dz)) < les["diameter_mm"] / 2 + dz:
+                r = les["diameter_mm"] / 2 + 4
+                ax.add_patch(plt.Circle(les["center_mm"][:2], r, fill=False, color="red", lw=1.2))
+        ax.set_title(f"z = {z0 + k * dz:.1f} mm", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{study.truth['kind']} · {study.truth['condition']} · seed {study.truth['seed']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``simulate`` command to the harmonode CLI."""
+
+    @app.command("simulate")
+    def simulate_command(
+        out: Annotated[Path | None, typer.Option("--out", help="Directory for the studies (one folder each).")] = None,
+        studies: Annotated[int, typer.Option("--studies", min=1, help="How many studies.")] = 1,
+        kind: Annotated[str, typer.Option("--kind", help=f"One of {', '.join(KINDS)}.")] = "head-cta",
+        condition: Annotated[
+            list[str] | None, typer.Option("--condition", help="Condition name (repeatable; default: all, cycled).")
+        ] = None,
+        conditions_file: Annotated[
+            Path | None, typer.Option("--conditions-file", help="TOML with [conditions.NAME] tables.")
+        ] = None,
+        seed: Annotated[int, typer.Option("--seed", help="First subject seed; study i uses seed + i.")] = 0,
+        size: Annotated[str, typer.Option("--size", help="test (small) or full (512×512, 200–300 slices).")] = "full",
+        lesion_mm: Annotated[
+            list[float] | None, typer.Option("--lesion-mm", help="Fixed lesion diameter in mm (repeatable).")
+        ] = None,
+        spacing: Annotated[float | None, typer.Option("--spacing", help="In-plane pixel spacing, mm.")] = None,
+        thickness: Annotated[float | None, typer.Option("--slice-thickness", help="Slice thickness, mm.")] = None,
+        send: Annotated[str | None, typer.Option("--send", help="Push each study over C-STORE to HOST:PORT.")] = None,
+        aet: Annotated[str, typer.Option("--aet", help="Called AE title for --send.")] = "HARMONODE",
+        preview: Annotated[
+            bool, typer.Option("--preview", help="Also write preview PNGs with lesions circled.")
+        ] = False,
+        list_: Annotated[bool, typer.Option("--list", help="List the conditions and exit.")] = False,
+    ) -> None:
+        """Write synthetic CT/MRA studies with known lesions under named scanner conditions."""
+        from tqdm import tqdm
+
+        logging.basicConfig(level=logging.WARNING)
+        try:
+            extra = simulate.load_conditions(conditions_file) if conditions_file else {}
+            if list_:
+                for name, c in {**CONDITIONS, **extra}.items():
+                    detail = (
+                        f"{c.kernel} {c.kvp:g} kVp {c.mas:g} mAs"
+                        if c.modality == "CT"
+                        else f"{c.field_strength:g} T {c.sequence}"
+                    )
+                    typer.echo(f"{name:28s} {c.modality}  {c.manufacturer} {c.model}  {detail}")
+                return
+            if out is None:
+                raise SimulationError("--out DIR is required")
+            plan = _plan(kind, list(condition or []), studies, extra)
+            peer = _parse_peer(send) if send else None
+            # check geometry and lesions before writing anything: a one-slice dry run of the first study
+            simulate.simulate_study(
+                kind,
+                plan[0][1],
+                seed,
+                size,
+                lesion_diameters_mm=lesion_mm,
+                spacing_mm=spacing,  # type: ignore[arg-type]
+                slice_thickness_mm=thickness,
+                slices=1,
+                matrix=16,
+                extra_conditions=extra,
+            )
+        except SimulationError as exc:
+            raise _fail(str(exc)) from exc
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            written: list[Path] = []
+            for i, cond in tqdm(plan, desc="studies", unit="study", disable=len(plan) < 2):
+                study = simulate.simulate_study(
+                    kind,
+                    cond,
+                    seed + i,
+                    size,
+                    lesion_diameters_mm=lesion_mm,
+                    spacing_mm=spacing,  # type: ignore[arg-type]
+                    slice_thickness_mm=thickness,
+                    extra_conditions=extra,
+                    keep_arrays=preview,
+                )
+                folder = staging / f"{kind}-{seed + i:06d}-{cond.name}"
+                simulate.write_study(study, folder)
+                if preview:
+                    write_preview(study, folder / "preview.png")
+                written.append(folder)
+            out.mkdir(parents=True, exist_ok=True)
+            for folder in written:
+                target = out / folder.name
+                if target.exists():
+                    shutil.rmtree(target)
+                folder.rename(target)
+        except SimulationError as exc:
+            raise _fail(str(exc)) from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if peer:
+            total = 0
+            for folder in written:
+                try:
+                    total += simulate.send_files(sorted((out / folder.name).glob("*.dcm")), peer[0], peer[1], aet)
+                except ConnectionError as exc:
+                    raise typer.Exit(
+                        _fail(f"{exc} (is the node listening, is the AE title {aet!r} right?)").exit_code
+                    ) from exc
+            typer.echo(f"sent {total} instances to {aet}@{send}")
+        typer.echo(f"wrote {len(written)} studies to {out}")
