@@ -85,7 +85,7 @@ def render(gray: np.ndarray, circles: list[tuple[float, float, float]], lines: l
     image = image.convert("RGB")
     draw = ImageDraw.Draw(image)
     for col, row, radius in circles:
-        cx, cy, r = (col + 0.5) * scale, (row + 0.5) * scale, radius * scale
+        cx, cy, r = (col + 0.5) * scale, (row + 0.5) * scale, radius * scale * 1.5 + 4  # around, not on it
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=CIRCLE_RGB, width=max(2, scale // 2))
     font_size = max(12, image.height // 32)
     font = _font(font_size)
