@@ -210,7 +210,8 @@ def test_sr_content(with_findings: list[Dataset], ct_series: list[Dataset]) -> N
 @pytest.mark.parametrize("analysed", [True, False])
 def test_sr_without_findings(ct_series: list[Dataset], analysed: bool, tmp_path: Path) -> None:
     reason = "" if analysed else "mixed orientations: 2 distinct ImageOrientationPatient values"
-    results = build_results(ct_series, geometry_of(ct_series), [], ALGORITHM, analysed=analysed, reason=reason)
+    geometry = geometry_of(ct_series) if analysed else None  # a series refused before its volume was built
+    results = build_results(ct_series, geometry, [], ALGORITHM, analysed=analysed, reason=reason)
     assert [ds.Modality for ds in results] == (["SR", "OT"] if analysed else ["SR"])
     items = _content_items(results[0])
     summary = [

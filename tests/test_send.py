@@ -151,6 +151,8 @@ def test_pacs_down_then_up_every_result_arrives_once_across_a_restart(results: l
         assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in instances) == sorted(
             ds.SOPInstanceUID for ds in results
         )
+        changes = pacs.get("/changes?limit=1000")["Changes"]
+        assert sum(c["ChangeType"] == "NewInstance" for c in changes) == len(results)  # each stored once
         (study,) = pacs.get("/studies?expand")
         assert study["MainDicomTags"]["StudyInstanceUID"] == results[0].StudyInstanceUID
         assert len(study["Series"]) == 4  # SR, key images, GSPS, SEG
