@@ -97,14 +97,55 @@ def _aa(dist_inside: np.ndarray, width: float) -> np.ndarray:
     return np.clip(0.5 + dist_inside / np.float32(width), 0.0, 1.0)
 
 
-def ellipsoid(grid: Grid, centre, semi, width: float) -> np.ndarray:  # noqa: ANN001
-    """Occupancy of an axis-aligned ellipsoid (approximate signed distance via the scaled radius)."""
+def ellipsoid_depth(grid: Grid, centre, semi, box: tuple[slice, slice, slice] | None = None) -> np.ndarray:  # noqa: ANN001
+    """Signed depth (mm, positive inside) below the surface of an axis-aligned ellipsoid, to first order
+    ``(1 - ρ) / |∇ρ|``; a semi-axis of ``inf`` makes an elliptic cylinder along that axis."""
+    zs, ys, xs = box or (slice(None),) * 3
     cx, cy, cz = (np.float32(c) for c in centre)
     a, b, c = (np.float32(s) for s in semi)
-    level = ((grid.z - cz) / c)[:, None, None] ** 2 + ((grid.y - cy) / b)[None, :, None] ** 2
-    level = level + ((grid.x - cx) / a)[None, None, :] ** 2
-    r_eff = np.float32(min(a, b, c))
-    return _aa((1.0 - np.sqrt(level)) * r_eff, width)
+    u, v, w = (grid.x[xs] - cx) / a, (grid.y[ys] - cy) / b, (grid.z[zs] - cz) / c
+    rho2 = w[:, None, None] ** 2 + v[None, :, None] ** 2 + u[None, None, :] ** 2
+    g2 = (w / c)[:, None, None] ** 2 + (v / b)[None, :, None] ** 2 + (u / a)[None, None, :] ** 2
+    rho = np.sqrt(rho2)
+    return (1.0 - rho) * rho / np.sqrt(g2 + np.float32(1e-12))
+
+
+def _ellipsoid_box(grid: Grid, centre, semi, pad: float) -> tuple[slice, slice, slice] | None:  # noqa: ANN001
+    lo = [c - min(s, 1e4) - pad for c, s in zip(centre, semi, strict=True)]
+    hi = [c + min(s, 1e4) + pad for c, s in zip(centre, semi, strict=True)]
+    return _bbox(grid, lo, hi)
+
+
+def paint_ellipsoid(anat: Anatomy, material: str, centre, semi, width: float) -> None:  # noqa: ANN001
+    """Paint an ellipsoid, computing only inside its bounding box."""
+    box = _ellipsoid_box(anat.grid, centre, semi, width)
+    if box is not None:
+        anat.paint(material, _aa(ellipsoid_depth(anat.grid, centre, semi, box), width), box)
+
+
+def paint_layers(anat: Anatomy, centre, semi, layers: list[tuple[float, str]], width: float, slab: int = 16) -> None:  # noqa: ANN001
+    """Paint nested shells of one ellipsoid in a single pass: ``layers`` = [(depth mm, material), …] from the
+    surface (depth 0) inwards; each material fills from its depth to the next. Done slab by slab to stay in cache.
+    """
+    box = _ellipsoid_box(anat.grid, centre, semi, width)
+    if box is None:
+        return
+    values = [anat.values[m] for _, m in layers]
+    knots_x, knots_v = [layers[0][0] - width / 2], [values[0]]
+    for (depth, _), v_prev, v in zip(layers[1:], values[:-1], values[1:], strict=True):
+        knots_x += [depth - width / 2, depth + width / 2]
+        knots_v += [v_prev, v]
+    thresholds = np.asarray([d for d, _ in layers], np.float32)
+    codes = np.asarray([MATERIAL_INDEX[m] for _, m in layers], np.uint8)
+    for z0 in range(box[0].start, box[0].stop, slab):
+        sub = (slice(z0, min(z0 + slab, box[0].stop)), box[1], box[2])
+        d = ellipsoid_depth(anat.grid, centre, semi, sub)
+        layered = np.interp(d, knots_x, knots_v).astype(np.float32)
+        view = anat.image[sub]
+        view += _aa(d, width) * (layered - view)
+        if anat.labels is not None:
+            inside = d >= 0
+            anat.labels[sub][inside] = codes[np.clip(np.searchsorted(thresholds, d[inside]) - 1, 0, None)]
 
 
 def _bbox(grid: Grid, lo, hi) -> tuple[slice, slice, slice] | None:  # noqa: ANN001
@@ -263,27 +304,33 @@ def head(
     scalp, table, diploe = rng.uniform(4, 7), rng.uniform(1.5, 2.5), rng.uniform(2.5, 4.5)
     skull = table * 2 + diploe
     # neck and skull base below the brain
-    anat.paint("soft", ellipsoid(grid, (0, 15, -90), (55, 60, 70), width))
-    anat.paint("soft", ellipsoid(grid, hc, (a, b, c), width))
-    anat.paint("bone_cortical", ellipsoid(grid, hc, (a - scalp, b - scalp, c - scalp), width))
-    anat.paint("bone_diploe", ellipsoid(grid, hc, (a - scalp - table, b - scalp - table, c - scalp - table), width))
-    inner = (a - scalp - skull + table, b - scalp - skull + table, c - scalp - skull + table)
-    anat.paint("bone_cortical", ellipsoid(grid, hc, inner, width))
-    brain = tuple(s - table for s in inner)
-    anat.paint("csf", ellipsoid(grid, hc, brain, width))
-    anat.paint("brain_gm", ellipsoid(grid, hc, tuple(s - 2.0 for s in brain), width))
-    anat.paint("brain_wm", ellipsoid(grid, hc, tuple(s - 6.0 for s in brain), width))
+    paint_ellipsoid(anat, "soft", (0, 15, -90), (55, 60, 70), width)  # neck
+    paint_layers(
+        anat,
+        hc,
+        (a, b, c),
+        [
+            (0.0, "soft"),
+            (scalp, "bone_cortical"),
+            (scalp + table, "bone_diploe"),
+            (scalp + table + diploe, "bone_cortical"),
+            (scalp + skull, "csf"),
+            (scalp + skull + 1.5, "brain_gm"),
+            (scalp + skull + 5.0, "brain_wm"),
+        ],
+        width,
+    )
     # skull base: clivus and petrous ridges, the bone the ICAs run through (hard places for detection)
-    anat.paint("bone_cortical", ellipsoid(grid, (0, 22 * scale, -40 * scale), (9, 9, 22), width))
+    paint_ellipsoid(anat, "bone_cortical", (0, 22 * scale, -40 * scale), (9, 9, 22), width)
     for s in (1.0, -1.0):
-        anat.paint("bone_cortical", ellipsoid(grid, (s * 28 * scale, 4 * scale, -32 * scale), (20, 9, 7), width))
-        anat.paint("bone_cancellous", ellipsoid(grid, (s * 16 * scale, -16 * scale, -22 * scale), (6, 8, 4), width))
+        paint_ellipsoid(anat, "bone_cortical", (s * 28 * scale, 4 * scale, -32 * scale), (20, 9, 7), width)
+        paint_ellipsoid(anat, "bone_cancellous", (s * 16 * scale, -16 * scale, -22 * scale), (6, 8, 4), width)
     # ventricles
     vs = rng.uniform(0.8, 1.3)
     for s in (1.0, -1.0):
-        anat.paint("csf", ellipsoid(grid, (s * 9 * scale, 2 * scale, 24 * scale), (5 * vs, 24 * vs, 7 * vs), width))
-    anat.paint("csf", ellipsoid(grid, (0, 6 * scale, 8 * scale), (1.8, 10, 7), width))
-    anat.paint("csf", ellipsoid(grid, (0, 34 * scale, -22 * scale), (5, 3, 4), width))  # fourth ventricle
+        paint_ellipsoid(anat, "csf", (s * 9 * scale, 2 * scale, 24 * scale), (5 * vs, 24 * vs, 7 * vs), width)
+    paint_ellipsoid(anat, "csf", (0, 6 * scale, 8 * scale), (1.8, 10, 7), width)
+    paint_ellipsoid(anat, "csf", (0, 34 * scale, -22 * scale), (5, 3, 4), width)  # fourth ventricle
 
     tree = _arteries(rng, scale)
     for pts, r0, r1 in tree.values():
@@ -402,30 +449,37 @@ def chest(
     anat = _new(grid, values, labels)
     s = float(rng.uniform(0.9, 1.1))
     a, b, h = 160 * s * rng.uniform(0.95, 1.05), 110 * s * rng.uniform(0.95, 1.05), 400.0
-    anat.paint("fat", ellipsoid(grid, (0, 0, 0), (a, b, h), width))
     fat = rng.uniform(8, 20)
-    anat.paint("muscle", ellipsoid(grid, (0, 0, 0), (a - fat, b - fat, h), width))
-    anat.paint("fat", ellipsoid(grid, (0, 0, 0), (a - fat - 12, b - fat - 12, h), width))
-    # ribs: an elliptical ring every ~25 mm, tilted down anteriorly
-    ring_out = ellipsoid(grid, (0, 0, 0), (a - fat - 14, b - fat - 14, h), width)
-    ring_in = ellipsoid(grid, (0, 0, 0), (a - fat - 22, b - fat - 22, h), width)
-    phase = ((grid.z[:, None, None] - 0.25 * grid.y[None, :, None]) % 25.0) / 25.0
-    rib = np.clip(1.0 - np.abs(phase - 0.5) / 0.16, 0, 1) * np.clip(ring_out - ring_in, 0, 1)
-    anat.paint("bone_cortical", np.clip(rib * 2 - 0.5, 0, 1))
+    wall = [(0.0, "fat"), (fat, "muscle"), (fat + 12, "fat"), (fat + 22, "soft")]
+    # the trunk is an elliptic cylinder: paint one slice, copy it along z
+    one = (slice(0, 1), slice(None), slice(None))
+    depth = ellipsoid_depth(grid, (0, 0, 0), (a, b, np.inf), one)[0]
+    body = _new(Grid(grid.x, grid.y, grid.z[:1], grid.spacing), values, labels)
+    paint_layers(body, (0, 0, 0), (a, b, np.inf), wall, width)
+    anat.image[:] = body.image[0]
+    if anat.labels is not None and body.labels is not None:
+        anat.labels[:] = body.labels[0]
+    # ribs: an elliptical band every ~25 mm, tilted down anteriorly
+    ring = np.clip(_aa(depth - (fat + 13), width) - _aa(depth - (fat + 20), width), 0, 1)
+    rows = np.nonzero(ring.any(axis=1))[0]
+    phase = ((grid.z[:, None, None] - 0.25 * grid.y[None, :, None]) % np.float32(25.0)) / np.float32(25.0)
+    rib = np.clip(1.0 - np.abs(phase - 0.5) / np.float32(0.16), 0, 1)[:, rows.min() : rows.max() + 1]
+    box = (slice(None), slice(int(rows.min()), int(rows.max()) + 1), slice(None))
+    anat.paint("bone_cortical", np.clip(rib * ring[box[1]][None] * 2 - 0.5, 0, 1), box)
     lung_c, lung_s = [], (a * 0.36, b * 0.62, 120 * s)
     for side, sx in (("left", 1.0), ("right", -1.0)):
         c = (sx * a * 0.42, 5.0, -20.0 * s)
         lung_c.append((side, sx, c))
-        anat.paint("lung", ellipsoid(grid, c, lung_s, width))
+        paint_ellipsoid(anat, "lung", c, lung_s, width)
     # mediastinum: heart, aorta, spine, sternum
-    anat.paint("blood", ellipsoid(grid, (a * 0.12, -b * 0.25, -75 * s), (55 * s, 45 * s, 50 * s), width))
+    paint_ellipsoid(anat, "blood", (a * 0.12, -b * 0.25, -75 * s), (55 * s, 45 * s, 50 * s), width)
     paint_polyline(
         anat, "blood", [(-15, -20, -70), (-10, -15, 25), (5, 10, 40), (18, 30, 20), (18, 35, -150)], [14] * 5, width
     )
     spine_y = b - fat - 45
-    anat.paint("bone_cortical", ellipsoid(grid, (0, spine_y, 0), (18, 16, h), width))
-    anat.paint("bone_cancellous", ellipsoid(grid, (0, spine_y, 0), (15, 13, h), width))
-    anat.paint("bone_cortical", ellipsoid(grid, (0, -b + fat + 16, -40), (12, 5, 90), width))
+    paint_ellipsoid(anat, "bone_cortical", (0, spine_y, 0), (18, 16, h), width)
+    paint_ellipsoid(anat, "bone_cancellous", (0, spine_y, 0), (15, 13, h), width)
+    paint_ellipsoid(anat, "bone_cortical", (0, -b + fat + 16, -40), (12, 5, 90), width)
     # airways: trachea, main bronchi, random lobar trees; vessels alongside
     carina = np.array([0.0, 8.0, 0.0])
     paint_polyline(anat, "soft", [(0, -5, 140), (0, 2, 70), carina], [10.5, 10.5, 10], width)
