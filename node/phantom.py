@@ -462,10 +462,11 @@ def chest(
     # ribs: an elliptical band every ~25 mm, tilted down anteriorly
     ring = np.clip(_aa(depth - (fat + 13), width) - _aa(depth - (fat + 20), width), 0, 1)
     rows = np.nonzero(ring.any(axis=1))[0]
-    phase = ((grid.z[:, None, None] - 0.25 * grid.y[None, :, None]) % np.float32(25.0)) / np.float32(25.0)
-    rib = np.clip(1.0 - np.abs(phase - 0.5) / np.float32(0.16), 0, 1)[:, rows.min() : rows.max() + 1]
-    box = (slice(None), slice(int(rows.min()), int(rows.max()) + 1), slice(None))
-    anat.paint("bone_cortical", np.clip(rib * ring[box[1]][None] * 2 - 0.5, 0, 1), box)
+    if rows.size:
+        phase = ((grid.z[:, None, None] - 0.25 * grid.y[None, :, None]) % np.float32(25.0)) / np.float32(25.0)
+        rib = np.clip(1.0 - np.abs(phase - 0.5) / np.float32(0.16), 0, 1)[:, rows.min() : rows.max() + 1]
+        box = (slice(None), slice(int(rows.min()), int(rows.max()) + 1), slice(None))
+        anat.paint("bone_cortical", np.clip(rib * ring[box[1]][None] * 2 - 0.5, 0, 1), box)
     lung_c, lung_s = [], (a * 0.36, b * 0.62, 120 * s)
     for side, sx in (("left", 1.0), ("right", -1.0)):
         c = (sx * a * 0.42, 5.0, -20.0 * s)

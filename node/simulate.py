@@ -394,7 +394,7 @@ def scan_ct(
     spec = scipy.fft.rfft2(hu, axes=(1, 2), norm="ortho", workers=-1)
     spec *= transfer
     sigma = np.float32(condition.noise_std() / np.sqrt(2.0))
-    noise = rng.standard_normal(spec.shape, dtype=np.float32) + 1j * rng.standard_normal(spec.shape, dtype=np.float32)
+    noise = rng.standard_normal((*spec.shape, 2), dtype=np.float32).view(np.complex64)[..., 0]
     noise *= noise_filter * sigma
     spec += noise
     del noise
