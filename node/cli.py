@@ -111,14 +111,19 @@ def status(
 @app.command()
 def resend(
     config: ConfigOption = None,
-    destination: Annotated[str, typer.Option(help="Only jobs for this destination name.")] = "",
+    destination: Annotated[str, typer.Option(help="Only deliveries to this destination name.")] = "",
 ) -> None:
     """Put dead-lettered deliveries back in the queue (a running dispatcher picks them up)."""
-    from storage.queue import SEND, JobQueue
+    from handlers.send import retry_dead_deliveries
+    from storage.index import Index
+    from storage.queue import JobQueue
 
     cfg = _config(config)
-    q = JobQueue(cfg.data_path / "queue.sqlite")
-    n = q.retry_dead(SEND, key_prefix=f"{destination}:" if destination else "")
+    if not (cfg.data_path / "queue.sqlite").exists():
+        raise fail(f"no node data in {cfg.data_path.resolve()}: pass --config of the node")
+    index = Index(cfg.data_path / "index.sqlite")
+    queue = JobQueue(cfg.data_path / "queue.sqlite")
+    n = retry_dead_deliveries(queue, index, destination=destination)
     typer.echo(f"{n} delivery job(s) back in the queue")
 
 

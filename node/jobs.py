@@ -23,6 +23,9 @@ def analyze_series_job(node: Node, job: Job) -> None:
     if series is None:
         log.warning("job %d: series %s is not in the index; nothing to do", job.id, uid)
         return
+    if not _is_image_series(node, uid):
+        node.index.update_series(uid, state="skipped", error="not an image series: nothing to analyse")
+        return
     if series["state"] == SERIES_RECEIVING:
         log.info("job %d: series %s reopened by a late instance; it will complete again", job.id, uid)
         return
@@ -34,6 +37,15 @@ def analyze_series_job(node: Node, job: Job) -> None:
         raise
     if node.index.series(uid)["state"] == SERIES_PROCESSING:
         node.index.update_series(uid, state=SERIES_DONE)
+
+
+def _is_image_series(node: Node, series_uid: str) -> bool:
+    from node.volume import IMAGE_SOP_CLASSES
+
+    rows = node.index.query(
+        "SELECT DISTINCT sop_class_uid FROM instances WHERE series_instance_uid=?", (series_uid,)
+    )
+    return any(r["sop_class_uid"] in IMAGE_SOP_CLASSES for r in rows)
 
 
 def send_job(node: Node, job: Job) -> None:

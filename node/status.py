@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from handlers.send import delivery_status
 from node.config import Config
 from storage.files import FileStore
 from storage.index import Index
@@ -27,6 +28,7 @@ def collect_status(config: Config) -> dict[str, Any]:
             "counts": index.counts(),
             **index.status(),
             "jobs": queue.jobs(),
+            "deliveries": delivery_status(index),
             "quarantined": len(FileStore(data, fsync=False).quarantined()),
             "generated_at": time.time(),
         }
@@ -53,6 +55,11 @@ def format_status(report: dict[str, Any]) -> str:
                 f" {s['instance_count']:>4} inst  key={s['condition_key'] or '-'}  rule={s['rule'] or '-'}"
                 f"  findings={len(findings)}" + (f"  error={s['error']}" if s["error"] else "")
             )
+    for d in report.get("deliveries", []):
+        lines.append(
+            f"destination {d['destination']}: sent {d['sent']}, pending {d['pending']}, failed {d['failed']},"
+            f" dead {d['dead']}" + (f"  last error: {d['last_error']}" if d.get("last_error") else "")
+        )
     jobs = report["jobs"]
     if jobs:
         lines += ["", "jobs:"]

@@ -1,0 +1,259 @@
+"""``harmonode demo``: a node, a local PACS and a synthetic scanner, on embedded defaults.
+
+The scanner (``node.simulate``) pushes a few studies under different imaging conditions to the node over
+C-STORE; the node completes each series, harmonizes it, runs the detector and sends SR, key images and
+GSPS to the PACS. The demo prints, per study: condition, key, rule, findings against the ground truth,
+what arrived in the PACS, and the turnaround from the last slice to the results in the PACS.
+
+The PACS is Orthanc when it is installed (``./dev demo`` installs it), otherwise a minimal storage SCP
+run by the demo itself, so the demo also works where no system package can be installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+
+from node.config import Destination, load_config, with_overrides
+
+log = logging.getLogger(__name__)
+
+DEMO_PLAN = [  # (kind, condition): the detector's two tasks under several conditions
+    ("head-cta", "ge-revolution-standard"),
+    ("head-mra", "siemens-skyra-3t-tof"),
+    ("head-cta", "siemens-force-br40"),
+    ("chest-ct", "canon-aquilion-fc43"),
+    ("head-cta", "philips-ict-b-lowdose"),
+    ("head-mra", "ge-signa-1.5t-tof"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PacsArrival:
+    """What the PACS holds of one study: modality → (instances, time the last one arrived, if known)."""
+
+    by_modality: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+
+class BuiltinPacs:
+    """A minimal C-STORE SCP that remembers what arrived (used when Orthanc is not installed)."""
+
+    name = "built-in storage SCP"
+    aet = "DEMOPACS"
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.arrivals: dict[str, dict[str, list[float]]] = {}
+        self.lock = threading.Lock()
+        ae = AE(ae_title=self.aet)
+        ae.maximum_pdu_size = 0
+        from handlers.store import STORAGE_SOP_CLASSES
+
+        for uid in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event: evt.Event) -> int:
+        ds = event.dataset
+        with self.lock:
+            study = self.arrivals.setdefault(str(ds.StudyInstanceUID), {})
+            study.setdefault(str(ds.Modality), []).append(time.time())
+        return 0x0000
+
+    def study(self, study_uid: str) -> PacsArrival:
+        with self.lock:
+            got = self.arrivals.get(study_uid, {})
+            return PacsArrival({m: (len(t), max(t)) for m, t in got.items()})
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+class OrthancPacs:
+    """Orthanc on free loopback ports with a throw-away storage folder."""
+
+    name = "Orthanc"
+    aet = "ORTHANC"
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.port = _free_port()
+        self.http = _free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg = workdir / "orthanc.json"
+        cfg.write_text(json.dumps({
+            "Name": "harmonode-demo-pacs", "StorageDirectory": str(workdir / "db"),
+            "IndexDirectory": str(workdir / "db"), "DicomAet": self.aet, "DicomPort": self.port,
+            "HttpPort": self.http, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "Plugins": [],
+        }))
+        self.log = open(workdir / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([binary, str(cfg)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("Orthanc exited at start; see its log in the demo folder")
+            try:
+                self._get("/system")
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("Orthanc did not answer within 30 s")
+
+    def _get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=5) as r:  # noqa: S310
+            return json.loads(r.read())
+
+    def _post(self, path: str, body: Any) -> Any:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310
+            return json.loads(r.read())
+
+    def study(self, study_uid: str) -> PacsArrival:
+        out = PacsArrival()
+        ids = self._post("/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
+        for sid in ids:
+            for series in self._get(f"/studies/{sid}/series"):
+                mod = series["MainDicomTags"].get("Modality", "?")
+                prev = out.by_modality.get(mod, (0, 0.0))
+                out.by_modality[mod] = (prev[0] + len(series["Instances"]), 0.0)
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def start_pacs(workdir: Path) -> BuiltinPacs | OrthancPacs:
+    """Orthanc when installed, else the built-in storage SCP."""
+    binary = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+    if binary:
+        try:
+            return OrthancPacs(binary, workdir / "orthanc")
+        except (RuntimeError, OSError) as exc:
+            log.warning("Orthanc could not start (%s); using the built-in storage SCP", exc)
+    return BuiltinPacs()
+
+
+def _match(findings: list[dict[str, Any]], lesions: list[dict[str, Any]]) -> tuple[int, int]:
+    """(true positives, false positives): a finding within max(radius, 4 mm) of a true lesion centre."""
+    hit = set()
+    fp = 0
+    for f in findings:
+        c = np.asarray(f["center_mm"], float)
+        ok = False
+        for i, les in enumerate(lesions):
+            if np.linalg.norm(c - np.asarray(les["center_mm"], float)) <= max(les["diameter_mm"] / 2, 4.0):
+                hit.add(i)
+                ok = True
+        fp += 0 if ok else 1
+    return len(hit), fp
+
+
+def run_demo(studies: int = 3, seed: int = 7, data_dir: Path | None = None, timeout_s: float = 600) -> int:
+    """Run the demo; return a process exit code (0: every study made it to the PACS)."""
+    from node.app import Node
+    from node.simulate import send_files, simulate_study, write_study
+
+    work = Path(tempfile.mkdtemp(prefix="harmonode-demo-"))
+    data = Path(data_dir) if data_dir else work / "node"
+    pacs = start_pacs(work)
+    cfg = with_overrides(
+        load_config(None),
+        node={"port": _free_port(), "data_dir": str(data)},
+        pipeline={"quiet_seconds": 2.0, "poll_seconds": 0.2},
+        queue={"backoff_base_s": 0.5, "backoff_max_s": 5.0},
+        destinations=[Destination("pacs", pacs.aet, "127.0.0.1", pacs.port)],
+    )
+    node = Node(cfg)
+    node.start()
+    typer.echo(f"node {cfg.node.ae_title} on 127.0.0.1:{node.port}, data in {data}; PACS: {pacs.name} "
+               f"({pacs.aet} on 127.0.0.1:{pacs.port})")
+    sent: list[dict[str, Any]] = []
+    try:
+        for i in range(studies):
+            kind, condition = DEMO_PLAN[i % len(DEMO_PLAN)]
+            study = simulate_study(kind, condition, seed=seed + i, size="test")
+            paths = write_study(study, work / f"study{i}")
+            truth = study.truth
+            n = send_files([p for p in paths if p.suffix == ".dcm"], "127.0.0.1", node.port, cfg.node.ae_title)
+            sent.append({"kind": kind, "condition": condition, "truth": truth, "n": n, "sent_at": time.time()})
+            typer.echo(f"scanner: sent study {i + 1}/{studies} ({kind}, {condition}, {n} slices)")
+        deadline = time.time() + timeout_s
+        typer.echo("waiting for series completion, analysis and delivery ...")
+        while time.time() < deadline:
+            arrivals = [pacs.study(s["truth"]["study_instance_uid"]) for s in sent]
+            for s, a in zip(sent, arrivals, strict=True):
+                if "SR" in a.by_modality and "sr_seen_at" not in s:
+                    s["sr_seen_at"] = time.time()
+            if all("sr_seen_at" in s for s in sent) and node.queue.pending_count() == 0:
+                break
+            time.sleep(0.25)
+        code = _print_table(node, pacs, sent)
+    finally:
+        node.stop()
+        pacs.stop()
+    if not data_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return code
+
+
+def _print_table(node: Any, pacs: Any, sent: list[dict[str, Any]]) -> int:
+    from storage.index import Index
+
+    index = Index(node.config.data_path / "index.sqlite")
+    code = 0
+    typer.echo("")
+    header = f"{'#':<2} {'kind':<9} {'condition':<24} {'rule':<26} {'findings':<9} {'truth':<6} {'TP/FP':<6} " \
+             f"{'in PACS':<22} {'turnaround':>10}"
+    typer.echo(header)
+    typer.echo("-" * len(header))
+    for i, s in enumerate(sent):
+        t = s["truth"]
+        row = index.series(t["series_instance_uid"]) or {}
+        findings = json.loads(row.get("findings") or "[]")
+        tp, fp = _match(findings, t.get("lesions", []))
+        arrival = pacs.study(t["study_instance_uid"])
+        in_pacs = " ".join(f"{m}:{n}" for m, (n, _) in sorted(arrival.by_modality.items()) if m not in ("CT", "MR"))
+        turnaround = s["sr_seen_at"] - s["sent_at"] if "sr_seen_at" in s else None
+        if turnaround is None:
+            code = 1
+        rule = f"{row.get('rule_id') or '-'} ({row.get('rule_match') or '-'})"
+        typer.echo(
+            f"{i + 1:<2} {s['kind']:<9} {s['condition']:<24} {rule[:26]:<26} {len(findings):<9} "
+            f"{len(t.get('lesions', [])):<6} {tp}/{fp:<4} {in_pacs or 'nothing yet':<22} "
+            f"{f'{turnaround:.1f} s' if turnaround is not None else '-':>10}"
+        )
+        if row.get("error"):
+            typer.echo(f"   {row['error']}")
+        if row.get("condition_key"):
+            typer.echo(f"   condition key: {row['condition_key']}")
+    index.close()
+    typer.echo("")
+    typer.echo("turnaround: last slice sent → SR stored in the PACS (includes the 2 s quiet period)")
+    return code
