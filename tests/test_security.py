@@ -6,10 +6,10 @@ import ssl
 import subprocess
 
 import pytest
-from conftest import make_config
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from conftest import make_config
 from node.app import Node
 
 
