@@ -1,0 +1,399 @@
+"""Conversion rules stored versioned in the node's index, looked up by condition key, exported and imported.
+
+Table ``rules`` (in the given ``sqlite_utils.Database``, normally the node's ``index.sqlite``): one row per
+``(id, version)``. ``id`` names a rule for one condition key and method and stays the same when it is fitted
+again; each fit adds a version. At most one rule per condition key is active.
+
+Lookup (what the pipeline calls, and what the SR reports as ``match``): the active rule for the exact key,
+then with the dose bucket dropped (``drop-dose``, CT only), then with dose and model dropped (``drop-model``),
+then the manufacturer alone (``manufacturer``), else ``identity`` (no rule). Among several rules that match at
+one level, the most specific key wins, then the latest fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlite_utils
+
+from rules.apply import IntensityMap, RuleParameterError, make_map
+from rules.keys import ANY, FALLBACKS, ConditionKey, KeyParseError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "harmonode-rules"
+FORMAT_VERSION = 1
+TABLE = "rules"
+
+
+class RuleError(ValueError):
+    """A rule that cannot be stored (bad key, method or parameters)."""
+
+
+class RuleFileError(ValueError):
+    """A rule file that cannot be imported (unreadable, wrong format or version, a bad rule); nothing imported."""
+
+
+class UnknownRule(LookupError):
+    """No rule with that id (and version)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One version of a conversion rule for one imaging condition."""
+
+    id: str
+    version: int
+    key: ConditionKey
+    method: str
+    parameters: Mapping[str, Any]
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    fitted_at: float = 0.0
+    active: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, ConditionKey):
+            raise RuleError(f"rule key must be a ConditionKey, got {self.key!r}")
+        try:
+            make_map(self.method, self.parameters)
+        except RuleParameterError as exc:
+            raise RuleError(str(exc)) from exc
+        if int(self.version) < 1:
+            raise RuleError(f"rule version must be ≥ 1, got {self.version}")
+
+    @property
+    def mapping(self) -> IntensityMap:
+        """The intensity map this rule applies."""
+        return make_map(self.method, self.parameters)
+
+    @property
+    def label(self) -> str:
+        """``id@vN``, how results name the rule."""
+        return f"{self.id}@v{self.version}"
+
+    def as_dict(self, with_histograms: bool = True) -> dict[str, Any]:
+        """Plain JSON-able dict (the export form)."""
+        provenance = dict(self.provenance)
+        if not with_histograms:
+            provenance.pop("histograms", None)
+        return {
+            "id": self.id,
+            "version": int(self.version),
+            "key": str(self.key),
+            "method": self.method,
+            "parameters": dict(self.parameters),
+            "provenance": provenance,
+            "fitted_at": float(self.fitted_at),
+            "active": bool(self.active),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Rule:
+        """Inverse of :meth:`as_dict`.
+
+        Raises
+        ------
+        RuleError
+            Missing fields, a key that does not parse, bad parameters.
+        """
+        try:
+            return cls(
+                id=str(data["id"]),
+                version=int(data["version"]),
+                key=ConditionKey.parse(str(data["key"])),
+                method=str(data["method"]),
+                parameters=dict(data["parameters"]),
+                provenance=dict(data.get("provenance") or {}),
+                fitted_at=float(data.get("fitted_at") or 0.0),
+                active=bool(data.get("active", False)),
+            )
+        except KeyParseError as exc:
+            raise RuleError(str(exc)) from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, RuleError):
+                raise
+            raise RuleError(f"rule {dict(data).get('id', '?')!r} is incomplete or malformed: {exc!r}") from exc
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """The result of a lookup: the rule (None for identity), how it matched, and the key it matched on."""
+
+    rule: Rule | None
+    match: str
+    key_used: str
+
+
+def _serves(rule_key: ConditionKey, wanted: ConditionKey) -> bool:
+    """A rule serves a lookup level when it equals the wanted key on every part the level keeps."""
+    if rule_key.modality != wanted.modality:
+        return False
+    return all(w == ANY or r == w for r, w in zip(rule_key.parts().values(), wanted.parts().values(), strict=True))
+
+
+def rule_id_for(key: ConditionKey, method: str) -> str:
+    """The stable id of the rule for a condition key and method."""
+    return "r" + hashlib.sha1(f"{key}#{method}".encode()).hexdigest()[:10]
+
+
+def _row_to_rule(row: Mapping[str, Any]) -> Rule:
+    return Rule(
+        id=row["id"],
+        version=int(row["version"]),
+        key=ConditionKey.parse(row["key"]),
+        method=row["method"],
+        parameters=json.loads(row["parameters"] or "{}"),
+        provenance=json.loads(row["provenance"] or "{}"),
+        fitted_at=float(row["fitted_at"] or 0.0),
+        active=bool(row["active"]),
+    )
+
+
+class RuleRegistry:
+    """Versioned rules in a SQLite database (tables created on first use).
+
+    Parameters
+    ----------
+    db
+        The node's index database (``storage.index.Index.db``) or any ``sqlite_utils.Database``.
+    """
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+        if TABLE not in db.table_names():
+            db[TABLE].create(
+                {
+                    "id": str,
+                    "version": int,
+                    "key": str,
+                    "method": str,
+                    "parameters": str,
+                    "provenance": str,
+                    "fitted_at": float,
+                    "active": int,
+                },
+                pk=("id", "version"),
+                if_not_exists=True,
+            )
+            db[TABLE].create_index(["key", "active"], if_not_exists=True)
+
+    # -- reading --------------------------------------------------------------------------------------
+    def _rows(self, where: str = "", params: Iterable[Any] = ()) -> list[Rule]:
+        sql = f"SELECT * FROM {TABLE}" + (f" WHERE {where}" if where else "") + " ORDER BY key, id, version"
+        out = []
+        for row in self.db.query(sql, list(params)):
+            try:
+                out.append(_row_to_rule(row))
+            except (RuleError, KeyParseError, ValueError) as exc:  # a damaged row must not stop lookups
+                log.warning("rule %s@v%s skipped: %s", row.get("id"), row.get("version"), exc)
+        return out
+
+    def all(self) -> list[Rule]:
+        """Every version of every rule."""
+        return self._rows()
+
+    def active(self) -> list[Rule]:
+        """The active rules."""
+        return self._rows("active = 1")
+
+    def get(self, ref: str) -> Rule:
+        """A rule by ``id`` (its latest version) or ``id@vN``.
+
+        Raises
+        ------
+        UnknownRule
+            No such rule.
+        """
+        rule_id, _, version = ref.partition("@v")
+        if version:
+            try:
+                rules = self._rows("id = ? AND version = ?", (rule_id, int(version)))
+            except ValueError:
+                rules = []
+        else:
+            rules = self._rows("id = ?", (rule_id,))
+        if not rules:
+            raise UnknownRule(f"no rule {ref!r} (see `harmonode rules list`)")
+        return max(rules, key=lambda r: r.version)
+
+    def lookup(self, key: ConditionKey) -> RuleMatch:
+        """The active rule for a condition: exact key, then the fallbacks, then identity.
+
+        Parameters
+        ----------
+        key
+            The series' condition key.
+
+        Returns
+        -------
+        RuleMatch
+            ``match`` is ``exact``, ``drop-dose``, ``drop-model``, ``manufacturer`` or ``identity``.
+        """
+        candidates = [r for r in self._rows("active = 1 AND key LIKE ?", (key.modality + "|%",))]
+        for match, drop in FALLBACKS:
+            if match == "drop-dose" and "dose" not in key.layout:
+                continue
+            wanted = key.generalize(drop)
+            hits = [r for r in candidates if _serves(r.key, wanted)]
+            if hits:
+                best = max(hits, key=lambda r: (r.key.specificity(), r.fitted_at, r.version))
+                return RuleMatch(best, match, str(wanted))
+        return RuleMatch(None, "identity", str(key))
+
+    # -- writing --------------------------------------------------------------------------------------
+    def add(
+        self,
+        key: ConditionKey,
+        method: str,
+        parameters: Mapping[str, Any],
+        provenance: Mapping[str, Any] | None = None,
+        activate: bool = False,
+        fitted_at: float | None = None,
+    ) -> Rule:
+        """Store a new version of the rule for ``key`` and ``method``.
+
+        Raises
+        ------
+        RuleError
+            Bad method or parameters (nothing stored).
+        """
+        rule_id = rule_id_for(key, method)
+        with _transaction(self.db.conn):
+            row = next(self.db.query(f"SELECT MAX(version) v FROM {TABLE} WHERE id = ?", [rule_id]))
+            rule = Rule(
+                id=rule_id,
+                version=int(row["v"] or 0) + 1,
+                key=key,
+                method=method,
+                parameters=dict(parameters),
+                provenance=dict(provenance or {}),
+                fitted_at=time.time() if fitted_at is None else fitted_at,
+                active=False,
+            )
+            self._insert(rule)
+            if activate:
+                self._activate(rule)
+        log.info("rule %s stored for %s (%s)%s", rule.label, key, method, ", active" if activate else "")
+        return self.get(rule.label)
+
+    def _insert(self, rule: Rule) -> None:
+        data = rule.as_dict()
+        data["parameters"] = json.dumps(data["parameters"], sort_keys=True)
+        data["provenance"] = json.dumps(data["provenance"], sort_keys=True)
+        data["active"] = int(rule.active)
+        cols = ", ".join(data)
+        marks = ", ".join("?" for _ in data)
+        self.db.conn.execute(f"INSERT INTO {TABLE} ({cols}) VALUES ({marks})", list(data.values()))
+
+    def _activate(self, rule: Rule) -> None:
+        self.db.execute(f"UPDATE {TABLE} SET active = 0 WHERE key = ?", [str(rule.key)])
+        self.db.execute(f"UPDATE {TABLE} SET active = 1 WHERE id = ? AND version = ?", [rule.id, rule.version])
+
+    def activate(self, ref: str) -> Rule:
+        """Make a rule (``id`` = latest version, or ``id@vN``) the active one for its key.
+
+        Raises
+        ------
+        UnknownRule
+            No such rule (nothing changed).
+        """
+        rule = self.get(ref)
+        with _transaction(self.db.conn):
+            self._activate(rule)
+        log.info("rule %s active for %s", rule.label, rule.key)
+        return self.get(rule.label)
+
+    # -- exchange -------------------------------------------------------------------------------------
+    def export(self, only_active: bool = False) -> dict[str, Any]:
+        """The rules as a JSON-able document (format ``harmonode-rules``, ``format_version`` 1)."""
+        rules = self.active() if only_active else self.all()
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "exported_at": time.time(),
+            "rules": [r.as_dict() for r in rules],
+        }
+
+    def import_document(self, document: Any, activate: bool | None = None) -> list[Rule]:
+        """Import rules from an exported document: all or nothing.
+
+        A rule already present with the same id, version and parameters is skipped; one with the same id and
+        version but different content is stored as a new version.
+
+        Parameters
+        ----------
+        document
+            The parsed JSON document.
+        activate
+            Force every imported rule active (True) or inactive (False); None keeps each rule's flag.
+
+        Returns
+        -------
+        list[Rule]
+            The rules stored.
+
+        Raises
+        ------
+        RuleFileError
+            Wrong format or version, or any rule invalid (the registry is unchanged).
+        """
+        if not isinstance(document, Mapping) or document.get("format") != FORMAT:
+            raise RuleFileError(f'not a harmonode rule file (expected "format": "{FORMAT}")')
+        version = document.get("format_version")
+        if version != FORMAT_VERSION:
+            raise RuleFileError(
+                f"rule file format_version {version!r} is not supported (this node reads {FORMAT_VERSION})"
+            )
+        items = document.get("rules")
+        if not isinstance(items, list):
+            raise RuleFileError('rule file has no "rules" list')
+        parsed = []
+        for i, item in enumerate(items):
+            try:
+                parsed.append(Rule.from_dict(item if isinstance(item, Mapping) else {}))
+            except RuleError as exc:
+                raise RuleFileError(f"rule #{i + 1} in the file: {exc}") from exc
+        stored: list[Rule] = []
+        with _transaction(self.db.conn):  # one transaction: all or nothing
+            for rule in parsed:
+                existing = self._rows("id = ? AND version = ?", (rule.id, rule.version))
+                if (
+                    existing
+                    and dict(existing[0].parameters) == dict(rule.parameters)
+                    and existing[0].method == rule.method
+                ):
+                    continue
+                if existing:
+                    row = next(self.db.query(f"SELECT MAX(version) v FROM {TABLE} WHERE id = ?", [rule.id]))
+                    rule = Rule(**{**rule.__dict__, "version": int(row["v"]) + 1})
+                want_active = rule.active if activate is None else activate
+                rule = Rule(**{**rule.__dict__, "active": False})
+                self._insert(rule)
+                if want_active:
+                    self._activate(rule)
+                stored.append(rule)
+        log.info("imported %d rule(s) of %d in the file", len(stored), len(parsed))
+        return [self.get(r.label) for r in stored]
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error); joins a transaction already open."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
