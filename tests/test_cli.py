@@ -1,0 +1,68 @@
+"""The command line: help, clear errors, status --json for scripts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from peers import wait_until
+
+ROOT = Path(__file__).parent.parent
+
+
+def harmonode(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=120
+    )
+
+
+def test_help_lists_the_commands():
+    out = harmonode("--help").stdout
+    for cmd in ("serve", "listen", "work", "dispatch", "status", "resend", "demo", "simulate"):
+        assert cmd in out
+
+
+def test_bad_config_is_a_clear_cli_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node]\nport = 'x'\n")
+    r = harmonode("serve", "--config", str(bad))
+    assert r.returncode == 2 and "error:" in r.stderr and "port" in r.stderr
+
+
+def test_status_without_data_says_what_to_do(tmp_path):
+    cfg = tmp_path / "n.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "nothing"}"\n')
+    r = harmonode("status", "--config", str(cfg))
+    assert r.returncode == 2 and "harmonode serve" in r.stderr
+
+
+def test_status_json_shape(node, tmp_path):
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="HARMONODE")
+    assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    wait_until(lambda: node.queue.pending_count() == 0 and node.queue.jobs(), timeout=30, what="the series job")
+    cfg = tmp_path / "n.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{node.config.data_path}"\n')
+    r = harmonode("status", "--json", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    series = next(s for s in report["studies"][0]["series"] if s["origin"] == "received")
+    assert series["instance_count"] == 1
+    for key in ("state", "instance_count", "condition_key", "rule", "findings"):
+        assert key in series
+    job = report["jobs"][0]
+    for key in ("kind", "state", "attempts", "last_error"):
+        assert key in job
+    assert report["counts"]["instances"] >= 1  # the received slice, plus any result objects
+    assert str(ds.PatientName) not in r.stderr
