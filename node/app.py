@@ -24,6 +24,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 
 from handlers.echo import handle_echo
+from handlers.query import handle_find
+from handlers.retrieve import QR_SOP_CLASSES, handle_get, handle_move
 from handlers.store import STORAGE_SOP_CLASSES, handle_store
 from handlers.transport import tune_socket
 from node.config import Config
@@ -103,7 +105,9 @@ class Node:
         ae.require_called_aet = cfg.require_called_ae
         ae.require_calling_aet = list(cfg.allowed_calling_aes)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        for uid in STORAGE_SOP_CLASSES:
+        for uid in STORAGE_SOP_CLASSES:  # SCP role too: C-GET sends them back over the caller's association
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        for uid in QR_SOP_CLASSES:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         return ae
 
@@ -113,6 +117,9 @@ class Node:
             (evt.EVT_CONN_OPEN, tune_socket),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.files, self.index]),
+            (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title]),
+            (evt.EVT_C_MOVE, handle_move, [self.config, self.index, self.files]),
+            (evt.EVT_C_GET, handle_get, [self.index, self.files]),
             (evt.EVT_REJECTED, _log_rejected),
         ]
         if self.config.node.allowed_addresses:

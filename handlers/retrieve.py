@@ -1,0 +1,229 @@
+"""C-MOVE and C-GET SCP: send stored instances, as stored, to a known destination or back to the caller.
+
+The instances to send are matched with the C-FIND matcher (``handlers.query.where_clause``) at the IMAGE
+level, so a retrieve identifier may carry a single UID or a list of UIDs at its level. Each instance goes
+as a C-STORE sub-operation of the encoded dataset exactly as it is in the file store (no decode, no
+re-encode): the handler yields a ``StoredInstance`` marker and the association's ``send_c_store`` is
+wrapped to send the file's bytes after its file meta. When the peer accepted no presentation context with
+the stored transfer syntax, the file is decoded once and pynetdicom converts it (uncompressed syntaxes).
+
+A C-MOVE destination must be a configured destination (``[[destinations]]``) known by its AE title; any
+other is refused with 0xA801. A cancel request stops the sub-operations at the next instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import _config, build_context, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from handlers.query import PATIENT_ROOT, STUDY_ROOT, UNIQUE_KEYS, BadIdentifier, query_level, where_clause
+from handlers.transport import tune_socket
+from node.config import Config
+from storage.files import FileStore
+from storage.index import Index
+
+log = logging.getLogger(__name__)
+
+PENDING = 0xFF00
+CANCEL = 0xFE00
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+MOVE_DESTINATION_UNKNOWN = 0xA801
+UNABLE_TO_PROCESS = 0xC000
+MAX_CONTEXTS = 128  # presentation contexts in one association (PS3.8 9.3.2.2: odd IDs 1..255)
+
+RETRIEVE_ROOTS = {
+    str(PatientRootQueryRetrieveInformationModelMove): PATIENT_ROOT,
+    str(StudyRootQueryRetrieveInformationModelMove): STUDY_ROOT,
+    str(PatientRootQueryRetrieveInformationModelGet): PATIENT_ROOT,
+    str(StudyRootQueryRetrieveInformationModelGet): STUDY_ROOT,
+}
+
+# The query/retrieve SOP classes the node offers as SCP (C-FIND, C-MOVE, C-GET; both information models).
+QR_SOP_CLASSES: tuple[str, ...] = (
+    str(PatientRootQueryRetrieveInformationModelFind),
+    str(StudyRootQueryRetrieveInformationModelFind),
+    *RETRIEVE_ROOTS,
+)
+
+
+class StoredInstance(Dataset):
+    """A sub-operation's instance, named by its stored file; sent as the file's bytes, never re-encoded."""
+
+    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> None:
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid
+        object.__setattr__(self, "stored_path", path)
+
+
+def retrieve_instances(index: Index, identifier: Dataset, root: str) -> list[dict[str, Any]]:
+    """The stored instances a retrieve identifier names (newest version of each), in series order.
+
+    Raises
+    ------
+    BadIdentifier
+        The level is invalid for the model or the level's unique key is missing.
+    """
+    level = query_level(identifier, root)
+    key = UNIQUE_KEYS[level]
+    if not str(identifier.get(key, "") or "").strip():
+        raise BadIdentifier(f"a {level} level retrieve needs {key}")
+    where, params = where_clause(identifier, "IMAGE")
+    sql = (
+        "SELECT i.path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid FROM instances i"
+        " JOIN studies st ON st.study_instance_uid = i.study_instance_uid"
+        " JOIN series se ON se.series_instance_uid = i.series_instance_uid"
+        " LEFT JOIN patients p ON p.patient_id = st.patient_id"
+        f"{where} ORDER BY i.series_instance_uid, i.instance_number, i.sop_instance_uid"
+    )
+    return index.query(sql, tuple(params))
+
+
+def _send_stored(original: Callable[..., Dataset]) -> Callable[..., Dataset]:
+    """Wrap an association's ``send_c_store`` so a ``StoredInstance`` goes as its file's encoded bytes."""
+
+    def send_c_store(self: Any, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+        if not isinstance(dataset, StoredInstance):
+            return original(dataset, *args, **kwargs)
+        path = dataset.stored_path
+        # Chunked sending is how pynetdicom sends a file's encoded dataset as is (an exact context needed).
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            return original(path, *args, **kwargs)
+        except ValueError:  # no accepted context with the stored transfer syntax: let pynetdicom convert
+            log.debug("no exact presentation context for %s: sending converted", dataset.SOPInstanceUID)
+            return original(dcmread(path), *args, **kwargs)
+
+    return send_c_store
+
+
+def prepare_store_association(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler for associations that carry sub-operations: Nagle off, raw sending."""
+    tune_socket(event)
+    assoc = event.assoc
+    assoc.send_c_store = types.MethodType(_send_stored(assoc.send_c_store), assoc)
+
+
+def _store_contexts(rows: list[dict[str, Any]]) -> list[PresentationContext]:
+    """One context per (SOP class, transfer syntax) of the instances to send, at most 128."""
+    pairs = sorted({(r["sop_class_uid"], r["transfer_syntax_uid"] or "1.2.840.10008.1.2.1") for r in rows})
+    if len(pairs) > MAX_CONTEXTS:
+        log.warning("%d SOP class/transfer syntax pairs to send: only %d proposed", len(pairs), MAX_CONTEXTS)
+    return [build_context(sop, [ts]) for sop, ts in pairs[:MAX_CONTEXTS]]
+
+
+def _sub_operations(
+    event: evt.Event, rows: list[dict[str, Any]], files: FileStore
+) -> Iterator[tuple[int, Dataset | None]]:
+    for n, row in enumerate(rows):
+        if event.is_cancelled:
+            log.info("retrieve cancelled by %s after %d of %d", event.assoc.requestor.ae_title, n, len(rows))
+            yield CANCEL, None
+            return
+        yield PENDING, StoredInstance(files.abspath(row["path"]), row["sop_class_uid"], row["sop_instance_uid"])
+
+
+def _failure(status: int) -> Iterator[Any]:
+    """Yields that make pynetdicom answer ``status`` (after one announced sub-operation)."""
+    yield 1
+    failed = Dataset()
+    failed.FailedSOPInstanceUIDList = ""
+    yield status, failed
+
+
+def handle_move(event: evt.Event, config: Config, index: Index, files: FileStore) -> Iterator[Any]:
+    """EVT_C_MOVE handler: the destination, the number of sub-operations, then one yield per instance.
+
+    Parameters
+    ----------
+    event
+        The C-MOVE event.
+    config
+        The node's config (its destinations are the known move destinations).
+    index, files
+        The node's index and file store.
+
+    Yields
+    ------
+    Any
+        ``(host, port, kwargs)`` of the destination (``(None, None)`` when unknown: 0xA801), the number
+        of sub-operations, then ``(status, dataset)`` pairs as pynetdicom expects.
+    """
+    move_ae = event.move_destination
+    move_ae = (move_ae.decode("ascii", "replace") if isinstance(move_ae, bytes) else str(move_ae)).strip()
+    dest = config.destination_by_ae(move_ae)
+    caller = event.assoc.requestor.ae_title
+    if dest is None:
+        log.warning("C-MOVE from %s refused: move destination %r is not configured", caller, move_ae)
+        yield None, None
+        return
+    root = RETRIEVE_ROOTS.get(str(event.request.AffectedSOPClassUID), STUDY_ROOT)
+    try:
+        rows = retrieve_instances(index, event.identifier, root)
+    except BadIdentifier as exc:
+        log.warning("C-MOVE from %s refused: %s", caller, exc)
+        yield dest.host, dest.port
+        yield from _failure(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
+        return
+    except Exception as exc:
+        log.error("C-MOVE from %s failed: %s", caller, type(exc).__name__)
+        yield dest.host, dest.port
+        yield from _failure(UNABLE_TO_PROCESS)
+        return
+    log.info("C-MOVE from %s: %d instance(s) to %s", caller, len(rows), dest.name)
+    kwargs = {"contexts": _store_contexts(rows), "evt_handlers": [(evt.EVT_CONN_OPEN, prepare_store_association)]}
+    yield dest.host, dest.port, kwargs
+    yield len(rows)
+    yield from _sub_operations(event, rows, files)
+
+
+def handle_get(event: evt.Event, index: Index, files: FileStore) -> Iterator[Any]:
+    """EVT_C_GET handler: the number of sub-operations, then one yield per instance (sent to the caller).
+
+    Parameters
+    ----------
+    event
+        The C-GET event.
+    index, files
+        The node's index and file store.
+
+    Yields
+    ------
+    Any
+        The number of sub-operations, then ``(status, dataset)`` pairs as pynetdicom expects.
+    """
+    caller = event.assoc.requestor.ae_title
+    root = RETRIEVE_ROOTS.get(str(event.request.AffectedSOPClassUID), STUDY_ROOT)
+    try:
+        rows = retrieve_instances(index, event.identifier, root)
+    except BadIdentifier as exc:
+        log.warning("C-GET from %s refused: %s", caller, exc)
+        yield from _failure(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
+        return
+    except Exception as exc:
+        log.error("C-GET from %s failed: %s", caller, type(exc).__name__)
+        yield from _failure(UNABLE_TO_PROCESS)
+        return
+    assoc = event.assoc
+    if not getattr(assoc, "_harmonode_raw_send", False):  # once per association (several C-GETs)
+        assoc.send_c_store = types.MethodType(_send_stored(assoc.send_c_store), assoc)
+        assoc._harmonode_raw_send = True
+    log.info("C-GET from %s: %d instance(s)", caller, len(rows))
+    yield len(rows)
+    yield from _sub_operations(event, rows, files)
