@@ -7,7 +7,9 @@ again; each fit adds a version. At most one rule per condition key is active.
 Lookup (what the pipeline calls, and what the SR reports as ``match``): the active rule for the exact key,
 then with the dose bucket dropped (``drop-dose``, CT only), then with dose and model dropped (``drop-model``),
 then the manufacturer alone (``manufacturer``), else ``identity`` (no rule). Among several rules that match at
-one level, the most specific key wins, then the latest fit.
+one level (they agree on every part the level keeps), a rule written for that level (``*`` in the dropped
+parts, e.g. a manufacturer-wide rule from a central site) wins over one fitted for another model, then the
+latest fit.
 """
 
 from __future__ import annotations
@@ -244,7 +246,7 @@ class RuleRegistry:
             wanted = key.generalize(drop)
             hits = [r for r in candidates if _serves(r.key, wanted)]
             if hits:
-                best = max(hits, key=lambda r: (r.key.specificity(), r.fitted_at, r.version))
+                best = max(hits, key=lambda r: (-r.key.specificity(), r.fitted_at, r.version))
                 return RuleMatch(best, match, str(wanted))
         return RuleMatch(None, "identity", str(key))
 
