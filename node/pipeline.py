@@ -140,8 +140,8 @@ def node_detector(node: Node) -> Any:
         from models.detector import Detector
 
         node._detector = Detector.load(device=node.config.pipeline.device)  # type: ignore[attr-defined]
-    except FileNotFoundError as exc:
-        log.error("detector weights not found (%s): series will get a 'not analysed' SR", exc)
+    except (FileNotFoundError, ImportError) as exc:
+        log.error("no detector installed (%s): series will get a 'not analysed' SR", exc)
         node._detector_missing = True  # type: ignore[attr-defined]
         return None
     return node._detector  # type: ignore[attr-defined]
