@@ -21,6 +21,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import _config, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
@@ -65,11 +66,12 @@ QR_SOP_CLASSES: tuple[str, ...] = (
 class StoredInstance(Dataset):
     """A sub-operation's instance, named by its stored file; sent as the file's bytes, never re-encoded."""
 
-    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> None:
+    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
         super().__init__()
         self.SOPClassUID = sop_class_uid
         self.SOPInstanceUID = sop_instance_uid
         object.__setattr__(self, "stored_path", path)
+        object.__setattr__(self, "stored_syntax", transfer_syntax_uid)
 
 
 def retrieve_instances(index: Index, identifier: Dataset, root: str) -> list[dict[str, Any]]:
@@ -102,13 +104,16 @@ def _send_stored(original: Callable[..., Dataset]) -> Callable[..., Dataset]:
         if not isinstance(dataset, StoredInstance):
             return original(dataset, *args, **kwargs)
         path = dataset.stored_path
-        # Chunked sending is how pynetdicom sends a file's encoded dataset as is (an exact context needed).
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        try:
-            return original(path, *args, **kwargs)
-        except ValueError:  # no accepted context with the stored transfer syntax: let pynetdicom convert
+        exact = any(
+            cx.as_scu and cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == dataset.stored_syntax
+            for cx in self.accepted_contexts
+        )
+        if not exact:  # the peer accepted another transfer syntax: decode once and let pynetdicom convert
             log.debug("no exact presentation context for %s: sending converted", dataset.SOPInstanceUID)
             return original(dcmread(path), *args, **kwargs)
+        # Chunked sending is how pynetdicom sends a file's encoded dataset as is (the exact context exists).
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        return original(path, *args, **kwargs)
 
     return send_c_store
 
@@ -122,7 +127,7 @@ def prepare_store_association(event: evt.Event) -> None:
 
 def _store_contexts(rows: list[dict[str, Any]]) -> list[PresentationContext]:
     """One context per (SOP class, transfer syntax) of the instances to send, at most 128."""
-    pairs = sorted({(r["sop_class_uid"], r["transfer_syntax_uid"] or "1.2.840.10008.1.2.1") for r in rows})
+    pairs = sorted({(r["sop_class_uid"], r["transfer_syntax_uid"] or ExplicitVRLittleEndian) for r in rows})
     if len(pairs) > MAX_CONTEXTS:
         log.warning("%d SOP class/transfer syntax pairs to send: only %d proposed", len(pairs), MAX_CONTEXTS)
     return [build_context(sop, [ts]) for sop, ts in pairs[:MAX_CONTEXTS]]
@@ -136,7 +141,9 @@ def _sub_operations(
             log.info("retrieve cancelled by %s after %d of %d", event.assoc.requestor.ae_title, n, len(rows))
             yield CANCEL, None
             return
-        yield PENDING, StoredInstance(files.abspath(row["path"]), row["sop_class_uid"], row["sop_instance_uid"])
+        path = files.abspath(row["path"])
+        syntax = row["transfer_syntax_uid"] or ExplicitVRLittleEndian
+        yield PENDING, StoredInstance(path, row["sop_class_uid"], row["sop_instance_uid"], syntax)
 
 
 def _failure(status: int) -> Iterator[Any]:

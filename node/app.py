@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 
@@ -105,8 +106,11 @@ class Node:
         ae.require_called_aet = cfg.require_called_ae
         ae.require_calling_aet = list(cfg.allowed_calling_aes)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        for uid in STORAGE_SOP_CLASSES:  # SCP role too: C-GET sends them back over the caller's association
-            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        # Explicit VR first: a peer proposing several syntaxes in one context sends (C-STORE) or gets (C-GET)
+        # the common stored form as is. SCP role too: C-GET sends them back over the caller's association.
+        syntaxes = [ExplicitVRLittleEndian, *(ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian)]
+        for uid in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
         for uid in QR_SOP_CLASSES:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         return ae
