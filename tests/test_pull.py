@@ -1,0 +1,102 @@
+"""Pulling a study from a real Orthanc into the node (C-FIND + C-MOVE), then reprocessing it."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import generate_uid
+from test_query import SeriesSpec, synthetic_instance
+from test_retrieve import dataset_bytes
+from typer.testing import CliRunner
+
+from conftest import make_config
+from node.app import Node
+from node.cli import app
+from node.config import Destination
+from node.qr_cli import find_studies, pull_studies, pull_study, reprocess_study
+from peers import free_port, running_orthanc, wait_until
+from storage.queue import ANALYZE_SERIES
+
+
+def post_instance(url: str, data: bytes) -> dict:
+    """Upload one DICOM file to Orthanc (REST ``POST /instances`` with the raw file bytes)."""
+    req = urllib.request.Request(url + "/instances", data=data, method="POST")
+    req.add_header("Content-Type", "application/dicom")
+    with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - loopback only
+        return json.loads(r.read())
+
+
+def encoded(ds) -> bytes:  # noqa: ANN001
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.peers
+def test_pull_study_from_orthanc_then_reprocess(tmp_path: Path) -> None:
+    node_port = free_port()
+    modalities = {"harmonode": ["HARMONODE", "127.0.0.1", node_port]}
+    with running_orthanc(tmp_path / "orthanc", modalities=modalities) as orthanc:
+        pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
+        config = make_config(tmp_path / "node", node={"port": node_port}, destinations=[pacs])
+        study_uid = generate_uid()
+        specs = [
+            SeriesSpec("PULL1", "PULL^ONE", study_uid, "20240510", "090000", "A9", generate_uid(), "CT", 3),
+            SeriesSpec("PULL2", "PULL^TWO", generate_uid(), "20230101", "090000", "A8", generate_uid(), "CT", 1),
+        ]
+        sources = {}
+        for spec in specs:
+            for i in range(spec.count):
+                ds = synthetic_instance(spec, i + 1)
+                sources[str(ds.SOPInstanceUID)] = raw = encoded(ds)
+                post_instance(orthanc.url, raw)
+        node = Node(config)
+        node.start(("listen",))
+        try:
+            assert find_studies(config, pacs, date_range="20240101-20241231") == [study_uid]
+            assert pull_study(config, pacs, study_uid) == 3
+            rows = node.index.query("SELECT sop_instance_uid, path FROM instances")
+            assert len(rows) == 3
+            for row in rows:  # Orthanc stores and sends the bytes as uploaded; the node keeps them as received
+                source = tmp_path / "source.dcm"
+                source.write_bytes(sources[row["sop_instance_uid"]])
+                assert dataset_bytes(node.files.abspath(row["path"])) == dataset_bytes(source)
+            series_uid = specs[0].series_uid
+            # processing: the quiet period ends and the series becomes an analyze-series job
+            wait_until(lambda: node.index.series(series_uid)["state"] != "receiving", timeout=20, what="completion")
+            assert [j["key"] for j in node.queue.jobs() if j["kind"] == ANALYZE_SERIES] == [series_uid]
+            node.queue.complete(node.queue.claim((ANALYZE_SERIES,)))  # as a worker would
+            node.index.update_series(series_uid, state="done")
+            assert reprocess_study(node.index, node.queue, study_uid) == [series_uid]
+            assert node.index.series(series_uid)["state"] == "complete"
+            ready = [j for j in node.queue.jobs(("ready",)) if j["kind"] == ANALYZE_SERIES]
+            assert [j["key"] for j in ready] == [series_uid]
+            assert pull_studies(config, pacs, patient_id="PULL2") == {specs[1].study_uid: 1}
+        finally:
+            node.stop()
+
+
+def test_cli_pull_and_reprocess_errors(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "var"}"\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = ' + str(free_port()) + "\n"
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["pull", "--config", str(cfg)])
+    assert result.exit_code == 2 and "say what to pull" in result.output
+    result = runner.invoke(app, ["pull", "--date-range", "2024", "--config", str(cfg)])
+    assert result.exit_code == 2 and "YYYYMMDD" in result.output
+    result = runner.invoke(app, ["pull", "--study", "1.2.3", "--from", "nope", "--config", str(cfg)])
+    assert result.exit_code == 2 and "no destination named" in result.output
+    result = runner.invoke(app, ["pull", "--study", "1.2.3", "--config", str(cfg)])  # nobody listens there
+    assert result.exit_code == 2 and "refused" in result.output
+    result = runner.invoke(app, ["reprocess", "1.2.3", "--config", str(cfg)])
+    assert result.exit_code == 1 and "not stored" in result.output
+    result = runner.invoke(app, ["reprocess", "../etc", "--config", str(cfg)])
+    assert result.exit_code == 2
