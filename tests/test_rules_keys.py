@@ -99,7 +99,9 @@ def test_unknown_modality() -> None:
     assert ConditionKey.from_tags({}, "PT").modality == "pt"
 
 
-@pytest.mark.parametrize("text", ["", "CT|ge", "CT|ge|a|b|c|d|e", "MR|ge|a|b|c|d", "CT|GE|a|b|c|d", "ct|a b|c|d|e|f", 3])
+@pytest.mark.parametrize(
+    "text", ["", "CT|ge", "CT|ge|a|b|c|d|e", "MR|ge|a|b|c|d", "CT|GE|a|b|c|d", "ct|a b|c|d|e|f", 3]
+)
 def test_parse_rejects(text: object) -> None:
     with pytest.raises(KeyParseError):
         ConditionKey.parse(text)  # type: ignore[arg-type]
