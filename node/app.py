@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification
 
 from handlers.echo import handle_echo
@@ -80,6 +80,9 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Objects the node sends (delivery, C-MOVE/C-GET) go out as their stored bytes: pynetdicom does that
+        # for a file path only in chunked mode. The switch is process-wide, so it is set here, once.
+        _config.STORE_SEND_CHUNKED_DATASET = True
         data = config.data_path
         data.mkdir(parents=True, exist_ok=True)
         self.files = FileStore(data, fsync=config.node.fsync)

@@ -174,7 +174,22 @@ def stage_results(node: Node, run: SeriesRun) -> None:
         values=run.volume.values if run.volume is not None else None,
         write_seg=node.config.pipeline.write_seg and bool(run.findings),
     )
+    if node.config.pipeline.write_harmonized_series and run.volume is not None:
+        from rules.apply import derived_series
+
+        label = f"{run.rule_id} ({run.rule_match}) for {run.condition_key}"
+        derived = derived_series(run.volume.datasets, run.rule, label, series_uid=_derived_uid(run))
+        for ds in derived:
+            ds.SeriesNumber = 9900  # beside the result series 9901-9904
+        objects = [*objects, *derived]
     run.results = store_results(node.files, node.index, objects)
+
+
+def _derived_uid(run: SeriesRun) -> str:
+    """Series UID of the harmonized copy, stable across re-runs of the same series and rule."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[run.series_uid, run.rule_id, "harmonized"])
 
 
 def stage_deliver(node: Node, run: SeriesRun) -> None:

@@ -54,3 +54,17 @@ def _mutate(slices, fn):
 def test_refusals_say_why(ct_slices, mutation, reason):
     with pytest.raises(VolumeRefused, match=reason):
         build_volume(_mutate(ct_slices, mutation))
+
+
+@pytest.mark.peers
+def test_harmonized_derived_series_passes_dciodvfy(ct_slices, tmp_path):
+    from peers import dciodvfy_errors
+    from rules.apply import derived_series
+
+    derived = derived_series(ct_slices[:2], None, "identity (identity) for CT|test")
+    for i, ds in enumerate(derived):
+        assert ds.SeriesInstanceUID != ct_slices[0].SeriesInstanceUID
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == ct_slices[i].SOPInstanceUID
+        path = tmp_path / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
