@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import socket
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -107,8 +109,13 @@ def series_from_dir(directory: Path, show_progress: bool = True) -> list[SeriesI
     return list(series.values())
 
 
-def series_from_store(index: Any, data_dir: Path, show_progress: bool = True) -> list[SeriesImages]:  # noqa: ANN401
-    """Per-series histograms of the received CT/MR series in the node's store."""
+def series_from_store(
+    index: Any,  # noqa: ANN401 - storage.index.Index
+    data_dir: Path,
+    show_progress: bool = True,
+    study_uids: list[str] | None = None,
+) -> list[SeriesImages]:
+    """Per-series histograms of the received CT/MR series in the node's store (only ``study_uids`` if given)."""
     from pydicom import dcmread
     from tqdm import tqdm
 
@@ -117,10 +124,17 @@ def series_from_store(index: Any, data_dir: Path, show_progress: bool = True) ->
     from storage.files import FileStore
 
     files = FileStore(data_dir, fsync=False)
-    rows = index.query(
+    sql = (
         "SELECT series_instance_uid, modality, condition_tags FROM series"
         " WHERE (origin IS NULL OR origin = 'received') AND modality IN ('CT', 'MR')"
     )
+    params: tuple[str, ...] = ()
+    if study_uids is not None:
+        if not study_uids:
+            return []
+        sql += f" AND study_instance_uid IN ({', '.join('?' * len(study_uids))})"
+        params = tuple(study_uids)
+    rows = index.query(sql, params)
     out = []
     for row in tqdm(rows, desc="series", unit="series", disable=not show_progress, leave=False):
         modality = row["modality"] or ""
@@ -134,6 +148,84 @@ def series_from_store(index: Any, data_dir: Path, show_progress: bool = True) ->
         if item.histograms:
             out.append(item)
     return out
+
+
+# -- pulling from a PACS ------------------------------------------------------------------------------------
+PACS_QUERY_KEYS = {"StudyDate": "date_range", "PatientID": "patient_id", "StudyInstanceUID": "study_uid"}
+
+
+def parse_pacs_query(text: str) -> dict[str, str]:
+    """``find_studies`` arguments from ``KEY=VALUE`` terms separated by spaces, commas or ``&``.
+
+    Keys are the DICOM keywords ``StudyDate`` (``YYYYMMDD``, ``YYYYMMDD-YYYYMMDD``, either end open),
+    ``PatientID`` and ``StudyInstanceUID``; each at most once.
+
+    Raises
+    ------
+    ValueError
+        Empty query, a term without ``=``, an unknown or repeated key, an empty value.
+    """
+    terms = [t for t in re.split(r"[\s,&]+", text.strip()) if t]
+    if not terms:
+        raise ValueError(f"empty PACS query; use e.g. StudyDate=20260101-20261231 ({', '.join(PACS_QUERY_KEYS)})")
+    out: dict[str, str] = {}
+    for term in terms:
+        key, sep, value = term.partition("=")
+        if not sep or not value:
+            raise ValueError(f"query term {term!r} is not KEY=VALUE")
+        if key not in PACS_QUERY_KEYS:
+            raise ValueError(f"query key {key!r} is not one of {', '.join(PACS_QUERY_KEYS)}")
+        if PACS_QUERY_KEYS[key] in out:
+            raise ValueError(f"query key {key} given twice")
+        out[PACS_QUERY_KEYS[key]] = value
+    return out
+
+
+def _node_listening(cfg: Any) -> bool:  # noqa: ANN401 - node.config.Config
+    """True when something accepts connections on the node's own port (a running ``harmonode serve``)."""
+    host = cfg.node.host if cfg.node.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    try:
+        with socket.create_connection((host, cfg.node.port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def pull_for_fit(cfg: Any, source_name: str, query: str) -> tuple[str, list[str], int]:  # noqa: ANN401
+    """Find the studies matching ``query`` on a configured PACS and C-MOVE them into the node's store.
+
+    The PACS moves the studies to the node's own AE title: when the node is not running, a listener is
+    started in this process for the pull (the series it receives are analysed once the node runs).
+
+    Returns
+    -------
+    tuple[str, list[str], int]
+        The source's name, the study UIDs pulled, the number of instances moved.
+
+    Raises
+    ------
+    ValueError, node.config.ConfigError, node.qr_cli.PullError
+        Bad query, unknown source, refused query or move.
+    """
+    from node.app import Node
+    from node.qr_cli import find_studies, pull_study, source_by_name
+
+    terms = parse_pacs_query(query)
+    source = source_by_name(cfg, source_name)
+    study_uids = find_studies(cfg, source, **terms)
+    if not study_uids:
+        return source.name, [], 0
+    node = None
+    if not _node_listening(cfg):
+        node = Node(cfg)
+        node.start(("listen",))
+    try:
+        moved = sum(pull_study(cfg, source, uid) for uid in study_uids)
+    finally:
+        if node is not None:
+            node.stop()
+    log.info("pulled %d stud(ies), %d instance(s) from %s for fitting", len(study_uids), moved, source.name)
+    return source.name, study_uids, moved
 
 
 def _split(series: list[SeriesImages], holdout: float) -> tuple[dict[str, list], dict[str, list]]:
@@ -186,6 +278,18 @@ def register(app: typer.Typer) -> None:
         activate: Annotated[bool, typer.Option("--activate", help="Make the fitted rules the active ones.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print the per-condition summary as JSON.")] = False,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Fit and report; store nothing.")] = False,
+        from_pacs: Annotated[
+            str | None,
+            typer.Option(
+                "--from-pacs",
+                metavar="QUERY",
+                help="Pull the studies matching QUERY from a PACS first and fit on them, e.g. "
+                "'StudyDate=20260101-20261231' or 'PatientID=P1' (keys: StudyDate, PatientID, StudyInstanceUID).",
+            ),
+        ] = None,
+        source_name: Annotated[
+            str, typer.Option("--from", metavar="NAME", help="Configured destination to pull from (default: first).")
+        ] = "",
     ) -> None:
         """Fit one rule per imaging condition against the reference condition and store them (versioned)."""
         from rules.fit import FitError, FitOptions, fit_groups, fit_piecewise, fit_seed, transform_histogram
@@ -202,11 +306,31 @@ def register(app: typer.Typer) -> None:
             raise _fail(str(exc)) from exc
         if not 0.0 <= holdout < 1.0:
             raise _fail("--holdout must be in [0, 1)")
+        if from_dir is not None and from_pacs is not None:
+            raise _fail("give --from-dir or --from-pacs, not both")
+        if source_name and from_pacs is None:
+            raise _fail("--from names the PACS for --from-pacs")
         index, cfg = _index(config)
+        source = "store"
         if from_dir is not None:
             if not from_dir.is_dir():
                 raise _fail(f"{from_dir} is not a directory")
             series = series_from_dir(from_dir, show)
+            source = f"dir:{from_dir.name}"
+        elif from_pacs is not None:
+            from node.config import ConfigError
+            from node.qr_cli import PullError
+
+            try:
+                pacs, study_uids, moved = pull_for_fit(cfg, source_name, from_pacs)
+            except (ValueError, ConfigError, PullError) as exc:
+                raise _fail(str(exc)) from exc
+            if not study_uids:
+                raise _fail(f"no study on {pacs} matches {from_pacs!r}")
+            if not as_json:
+                typer.echo(f"pulled {len(study_uids)} stud(ies), {moved} instance(s) from {pacs}")
+            series = series_from_store(index, cfg.data_path, show, study_uids=study_uids)
+            source = f"pacs:{pacs}:{from_pacs}"
         else:
             series = series_from_store(index, cfg.data_path, show)
         if not series:
@@ -273,7 +397,6 @@ def register(app: typer.Typer) -> None:
 
         if not dry_run:
             registry = RuleRegistry(index.db)
-            source = f"dir:{from_dir.name}" if from_dir is not None else "store"
             rows_by_key = {row["key"]: row for row in summary}
             with index.lock:
                 for _, result in results:
