@@ -1,0 +1,129 @@
+"""Candidate points for the lesion classifier: many, cheap, and bounded in number.
+
+Head (CTA/MRA): scale-normalised Laplacian-of-Gaussian blobs that sit on the bright vessel tree (threshold on the
+normalised volume); aneurysms are bright blobs hanging off it. Chest CT: the same multi-scale LoG blob detector,
+kept inside the lungs (low-attenuation regions not connected to the air around the patient, holes filled and
+the mask grown so juxtapleural nodules stay in). Work happens on a strided copy near a working spacing, so a
+512×512×300 series costs about what a 256×256×150 one does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.ndimage as ndi
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CandidateSettings:
+    """How candidates are found for one body part (scales in mm, thresholds in normalised units)."""
+
+    sigmas_mm: tuple[float, ...]
+    work_spacing_mm: float
+    max_candidates: int
+    min_value: float  # the candidate voxel must be at least this bright (normalised units)
+    min_separation_mm: float
+    clip_above: float  # flatten everything brighter (bone) so it does not outshine the lesions
+
+
+SETTINGS = {
+    "head": CandidateSettings((0.8, 1.4, 2.2, 3.2), 0.9, 250, 0.3, 2.5, 2.0),
+    "chest": CandidateSettings((1.5, 2.8, 4.5, 7.0), 1.8, 200, -1.75, 4.0, 0.5),
+}
+
+
+BONE = 2.2  # normalised CT (≈ 880 HU): brighter than any iodinated artery, even at 80 kVp
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Candidate points: voxel indices (k, j, i) in the input volume, LoG score, blob diameter estimate (mm)."""
+
+    centres: np.ndarray  # (N, 3) float
+    scores: np.ndarray  # (N,)
+    diameters_mm: np.ndarray  # (N,)
+
+    def __len__(self) -> int:
+        return int(self.centres.shape[0])
+
+
+def _strides(spacing: Sequence[float], target: float) -> tuple[int, int, int]:
+    return tuple(max(1, int(np.floor(target / s + 1e-6))) for s in spacing)  # type: ignore[return-value]
+
+
+def lung_mask(volume: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Lungs of a normalised chest CT: air-like voxels not connected to the outside, holes filled, grown 5 mm."""
+    air = volume < -1.0  # HU < -400
+    labels, n = ndi.label(air)
+    if n == 0:
+        return np.zeros_like(air)
+    border = np.unique(
+        np.concatenate(
+            [labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]
+        )
+    )
+    keep = np.ones(n + 1, dtype=bool)
+    keep[border] = False
+    keep[0] = False
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep &= sizes > max(50, 0.001 * air.size)
+    lungs = keep[labels]
+    lungs = ndi.binary_fill_holes(lungs)
+    grow = tuple(max(1, int(round(5.0 / s))) for s in spacing)
+    struct = np.ones(tuple(2 * g + 1 for g in grow), dtype=bool)
+    return ndi.binary_dilation(lungs, structure=struct)
+
+
+def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str) -> Candidates:
+    """Blob-like candidate points of a normalised volume (``models.patches.normalise``).
+
+    Parameters
+    ----------
+    volume
+        Normalised volume (slices, rows, columns).
+    spacing
+        (dz, dy, dx) in mm.
+    body
+        ``head`` (vessel blobs, CTA or MRA) or ``chest`` (blobs in the lungs).
+
+    Returns
+    -------
+    Candidates
+        At most ``SETTINGS[body].max_candidates`` points, strongest first.
+    """
+    cfg = SETTINGS[body]
+    st = _strides(spacing, cfg.work_spacing_mm)
+    work = np.ascontiguousarray(volume[:: st[0], :: st[1], :: st[2]], dtype=np.float32)
+    wsp = np.asarray(spacing, float) * np.asarray(st)
+    bone = work > BONE
+    np.minimum(work, np.float32(cfg.clip_above), out=work)
+    best = np.full(work.shape, -np.inf, dtype=np.float32)
+    best_sigma = np.zeros(work.shape, dtype=np.float32)
+    for sigma in cfg.sigmas_mm:
+        resp = ndi.gaussian_laplace(work, sigma=tuple(sigma / wsp), mode="nearest")
+        resp *= np.float32(-(sigma**2))  # scale-normalised, bright blobs positive
+        better = resp > best
+        best[better] = resp[better]
+        best_sigma[better] = sigma
+    if body == "chest":
+        mask = lung_mask(work, wsp)
+    else:
+        mask = ndi.maximum_filter(work, size=3) > cfg.min_value  # on or next to the vessel tree
+    if bone.any():  # CT: nothing within 3 mm of bone (skull base, ribs, spine)
+        grow = tuple(max(1, int(round(3.0 / s))) for s in wsp)
+        mask &= ~ndi.binary_dilation(bone, structure=np.ones(tuple(2 * g + 1 for g in grow), dtype=bool))
+    footprint = tuple(max(3, 2 * int(round(cfg.min_separation_mm / 2 / s)) + 1) for s in wsp)
+    peaks = (best == ndi.maximum_filter(best, size=footprint)) & mask & (best > 0) & (work > cfg.min_value)
+    idx = np.argwhere(peaks)
+    scores = best[peaks]
+    order = np.argsort(-scores, kind="stable")[: cfg.max_candidates]
+    idx, scores = idx[order], scores[order]
+    sigmas = best_sigma[tuple(idx.T)] if len(idx) else np.zeros(0, np.float32)
+    centres = idx.astype(np.float64) * np.asarray(st, float)
+    log.debug("%s candidates: %d peaks kept of %d", body, len(idx), int(peaks.sum()))
+    return Candidates(centres, scores.astype(np.float32), (2.0 * np.sqrt(3.0) * sigmas).astype(np.float32))

@@ -1,0 +1,237 @@
+"""The lesion detector the pipeline calls: candidates → 2.5D patches → mini-VGG → threshold → 3D NMS → findings.
+
+``Detector.load`` reads the shipped weights next to their model card and refuses them unless the file's sha256
+matches the card. ``detect`` never raises on bad input: a series it cannot analyse comes back as
+``Detection(analysed=False, reason=…)`` for the SR to say why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.candidates import Candidates, find_candidates
+from models.findings import Finding, VolumeGeometry
+from models.nets import MiniVGG, NetConfig
+from models.patches import PATCH_MM, extract_patches, normalise
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_NAME = "lesion.pt"
+CARD_NAME = "lesion.json"
+TASKS = {("head", "CT"): "aneurysm", ("head", "MR"): "aneurysm", ("chest", "CT"): "nodule"}
+MAX_SPACING_MM = {"head": 3.0, "chest": 6.0}
+MAX_ANISOTROPY = 4.0  # largest / smallest voxel side
+
+
+class WeightsRefused(RuntimeError):
+    """Weights whose checksum does not match their model card (or no card at all)."""
+
+
+@dataclass
+class Detection:
+    """What the detector says about one series."""
+
+    findings: list[Finding]
+    analysed: bool
+    reason: str = ""
+    task: str = ""
+    n_candidates: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; otherwise the named device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def nms_3d(points_mm: np.ndarray, scores: np.ndarray, radii_mm: np.ndarray) -> np.ndarray:
+    """Greedy 3D non-maximum suppression: indices kept, best first (a point suppresses others within its radius)."""
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    alive = np.ones(len(scores), dtype=bool)
+    for idx in order:
+        if not alive[idx]:
+            continue
+        keep.append(int(idx))
+        d = np.linalg.norm(points_mm - points_mm[idx], axis=1)
+        alive &= d > radii_mm[idx]
+    return np.asarray(keep, dtype=np.intp)
+
+
+class Detector:
+    """A loaded lesion classifier with its card; one per worker process."""
+
+    def __init__(self, model: MiniVGG, card: dict[str, Any], device: torch.device, threshold: float | None = None):
+        self.model = model.to(device).eval()
+        self.card = card
+        self.device = device
+        self.version = str(card.get("version", "0"))
+        self.threshold = float(card.get("threshold", 0.5) if threshold is None else threshold)
+        self.patch_mm: dict[str, float] = dict(card.get("patch_mm", PATCH_MM))
+
+    @classmethod
+    def load(cls, device: str = "auto", weights_dir: str | Path | None = None) -> Detector:
+        """Load the shipped weights after checking their sha256 against the model card.
+
+        Parameters
+        ----------
+        device
+            ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` …
+        weights_dir
+            Folder holding ``lesion.pt`` and ``lesion.json`` (default: ``models/weights``).
+
+        Returns
+        -------
+        Detector
+
+        Raises
+        ------
+        FileNotFoundError
+            No weights installed.
+        WeightsRefused
+            No card, or the weights' checksum differs from the card's.
+        """
+        folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+        weights, card_path = folder / WEIGHTS_NAME, folder / CARD_NAME
+        if not weights.exists():
+            raise FileNotFoundError(f"no detector weights at {weights}")
+        if not card_path.exists():
+            raise WeightsRefused(f"weights {weights.name} have no model card {card_path.name}: refused")
+        card = json.loads(card_path.read_text())
+        actual = sha256_of(weights)
+        if actual != card.get("sha256"):
+            raise WeightsRefused(
+                f"weights {weights.name} have sha256 {actual[:16]}…, the card says {str(card.get('sha256'))[:16]}…: "
+                "refused (tampered or mismatched file)"
+            )
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+        model = MiniVGG(NetConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["state_dict"])
+        log.info("detector %s loaded from %s", card.get("version"), weights)
+        return cls(model, card, pick_device(device))
+
+    # -- checks ---------------------------------------------------------------------------------------------------
+    def refusal(
+        self, values: np.ndarray | None, geometry: VolumeGeometry | None, modality: str, body: str
+    ) -> tuple[str, str]:
+        """(task, reason) — reason is empty when the series can be analysed."""
+        task = TASKS.get((body, modality.upper()), "")
+        if body not in ("head", "chest"):
+            return task, f"unknown body part {body!r}: the detector reads head CTA/MRA and chest CT"
+        if not task:
+            return task, f"a {modality} series cannot go to the {body} CT model (nodule detection reads CT only)"
+        if values is None or np.ndim(values) != 3:
+            return task, f"need a 3D volume, got {np.ndim(values) if values is not None else 'no'} dimensions"
+        if geometry is None or geometry.spacing is None:
+            return task, "the series has no voxel spacing: sizes in mm are unknown"
+        spacing = np.asarray(geometry.spacing, float)
+        if spacing.size != 3 or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            return task, f"invalid voxel spacing {tuple(spacing)}"
+        if spacing.max() > MAX_SPACING_MM[body] or spacing.max() / spacing.min() > MAX_ANISOTROPY:
+            return task, (
+                f"voxel spacing {tuple(round(float(s), 2) for s in spacing)} mm is too coarse or anisotropic for "
+                f"{task} detection (at most {MAX_SPACING_MM[body]:g} mm and {MAX_ANISOTROPY:g}:1)"
+            )
+        extent = np.asarray(np.shape(values)) * spacing
+        need = self.patch_mm[body]
+        if min(np.shape(values)) < 8 or extent.min() < need:
+            return task, (
+                f"series too small for a patch: {tuple(np.shape(values))} voxels, "
+                f"{tuple(round(float(e), 1) for e in extent)} mm; need ≥ 8 voxels and {need:g} mm per axis"
+            )
+        return task, ""
+
+    # -- inference ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def classify(self, patches: np.ndarray, batch: int = 1024) -> np.ndarray:
+        """Lesion probability of each (N, 3, 32, 32) patch (float32 N)."""
+        out = np.empty(len(patches), dtype=np.float32)
+        cuda = self.device.type == "cuda"
+        for start in range(0, len(patches), batch):
+            x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch])).to(self.device)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+                logits = self.model(x)
+            out[start : start + len(x)] = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        return out
+
+    def score(
+        self, values: np.ndarray, geometry: VolumeGeometry, modality: str, body: str
+    ) -> tuple[Candidates, np.ndarray]:
+        """Every candidate with its probability (no threshold, no NMS): what ``evaluate`` sweeps."""
+        volume = normalise(values, modality)
+        cands = find_candidates(volume, geometry.spacing, body)
+        if len(cands) == 0:
+            return cands, np.zeros(0, np.float32)
+        patches = extract_patches(volume, geometry.spacing, cands.centres, self.patch_mm[body])
+        return cands, self.classify(patches)
+
+    def detect(self, values: np.ndarray, geometry: VolumeGeometry | None, modality: str, body: str) -> Detection:
+        """Find lesions in a harmonized volume.
+
+        Parameters
+        ----------
+        values
+            Real-unit volume (slices, rows, columns), harmonized by the series' rule.
+        geometry
+            Its geometry (spacing, orientation); None when the series has none.
+        modality
+            ``CT`` or ``MR``.
+        body
+            ``head`` (aneurysms, CTA or MRA) or ``chest`` (nodules, CT).
+
+        Returns
+        -------
+        Detection
+            Findings (probability ≥ threshold, after 3D NMS), or ``analysed=False`` with the reason.
+        """
+        t0 = time.perf_counter()
+        task, reason = self.refusal(values, geometry, modality, body)
+        if reason:
+            log.info("series not analysed: %s", reason)
+            return Detection([], False, reason, task)
+        assert geometry is not None
+        try:
+            cands, probs = self.score(values, geometry, modality, body)
+        except (ValueError, MemoryError, RuntimeError) as exc:  # the SR says why; the worker keeps going
+            log.exception("detector failed on a %s series", modality)
+            return Detection([], False, f"detector failed: {exc}", task)
+        hit = probs >= self.threshold
+        centres, p, diam = cands.centres[hit], probs[hit], cands.diameters_mm[hit]
+        mm = geometry.index_to_patient(centres) if len(centres) else np.zeros((0, 3))
+        keep = nms_3d(mm, p, np.maximum(diam, 6.0 if body == "head" else 10.0))
+        findings = [
+            Finding(
+                kind=task,
+                center_mm=tuple(float(v) for v in mm[i]),  # type: ignore[arg-type]
+                diameter_mm=float(max(diam[i], 1.0)),
+                probability=float(np.clip(p[i], 0.0, 1.0)),
+                center_index=tuple(float(v) for v in centres[i]),  # type: ignore[arg-type]
+                tracking_id=f"{task}-{n + 1}",
+            )
+            for n, i in enumerate(keep)
+        ]
+        seconds = time.perf_counter() - t0
+        log.info("%s detection: %d candidates, %d findings in %.2f s", task, len(cands), len(findings), seconds)
+        return Detection(findings, True, "", task, len(cands), seconds)

@@ -1,0 +1,460 @@
+"""Training and evaluation of the detector on simulated studies (seed 002 with seed 000's harmonization).
+
+1. Rules: per study kind, one seed-000 rule per scanner condition, fitted from *unlabeled* studies of every
+   condition against the reference condition (the one with the most images); training volumes and held-out
+   volumes are harmonized with them, exactly as the node does at inference.
+2. Landmarks: 2.5D patches at every simulated anatomical landmark (head and chest: 58 classes) plus background,
+   mini-VGG trained to classify them (pretraining).
+3. Lesions: patches at the candidates of harmonized training studies (positive near a lesion), mini-VGG
+   fine-tuned from the landmark trunk (or from scratch, for the comparison).
+4. Evaluation: FROC and patch AUC on held-out studies under conditions never used for training.
+
+Everything is deterministic in ``seed`` (simulation, sampling, initialisation, batch order).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.candidates import find_candidates
+from models.findings import VolumeGeometry
+from models.nets import MiniVGG, NetConfig
+from models.patches import PATCH_MM, extract_patches, normalise
+
+log = logging.getLogger(__name__)
+
+KIND_BODY = {"head-cta": "head", "head-mra": "head", "chest-ct": "chest"}
+#: Conditions whose labeled studies train the models; the others are held out (their rules see no labels).
+TRAIN_CONDITIONS = {
+    "head-cta": ("ge-revolution-standard", "siemens-force-br40", "canon-aquilion-fc43"),
+    "head-mra": ("siemens-skyra-3t-tof",),
+    "chest-ct": ("ge-revolution-standard", "siemens-force-br40", "canon-aquilion-fc43"),
+}
+HELD_OUT_CONDITIONS = {
+    "head-cta": ("ge-optima-bone-lowdose", "siemens-definition-hr64", "philips-ict-b-lowdose", "philips-ict-yc-sharp"),
+    "head-mra": ("ge-signa-1.5t-tof", "philips-ingenia-3t-tof"),
+    "chest-ct": ("ge-optima-bone-lowdose", "siemens-definition-hr64", "philips-ict-b-lowdose", "philips-ict-yc-sharp"),
+}
+REFERENCE = {
+    "head-cta": "ge-revolution-standard",
+    "head-mra": "siemens-skyra-3t-tof",
+    "chest-ct": "ge-revolution-standard",
+}
+# seed ranges keep the four uses of the simulator disjoint
+SEEDS = {"rules": 90_000, "landmarks": 10_000, "lesions": 20_000, "eval": 50_000}
+
+
+@dataclass(frozen=True)
+class Study:
+    """One simulated series as the detector sees it: real-unit values, geometry, modality, truth."""
+
+    kind: str
+    condition: str
+    seed: int
+    values: np.ndarray
+    geometry: VolumeGeometry
+    modality: str
+    truth: dict[str, Any]
+
+    @property
+    def body(self) -> str:
+        return KIND_BODY[self.kind]
+
+
+def simulated(kind: str, condition: str, seed: int, size: str = "test") -> Study:
+    """Simulate a study and load it through the node's own volume builder (same geometry as in the pipeline)."""
+    from node.simulate import simulate_study
+    from node.volume import build_volume
+
+    sim = simulate_study(kind, condition, seed, size)  # type: ignore[arg-type]
+    vol = build_volume(sim.datasets)
+    return Study(kind, condition, seed, vol.values, vol.geometry, vol.modality, sim.truth)
+
+
+# -- rules (seed 000 learning phase) ------------------------------------------------------------------------------
+def fit_rules(kinds: Iterable[str], per_condition: int = 2, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Fit one seed-000 rule per (kind, condition) from unlabeled studies; the reference gets twice as many.
+
+    Returns
+    -------
+    dict
+        ``{kind: {condition: mapping}}`` where mapping is a ``rules.apply`` intensity map.
+    """
+    from rules.fit import FitOptions, fit_groups
+    from rules.histogram import default_spec, image_histogram
+
+    out: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        conditions = TRAIN_CONDITIONS[kind] + HELD_OUT_CONDITIONS[kind]
+        modality = "MR" if kind == "head-mra" else "CT"
+        spec = default_spec(modality)
+        groups: dict[str, list[np.ndarray]] = {}
+        for ci, cond in enumerate(tqdm(conditions, desc=f"rules {kind}", disable=not progress)):
+            n = 2 * per_condition if cond == REFERENCE[kind] else per_condition
+            groups[cond] = [
+                image_histogram(simulated(kind, cond, SEEDS["rules"] + 100 * ci + s).values, spec) for s in range(n)
+            ]
+        fit = fit_groups(groups, spec, FitOptions(starts=3, max_steps=150), reference=REFERENCE[kind])
+        out[kind] = {g.key: g.mapping for g in fit.groups}
+        log.info("rules %s: %s", kind, {g.key: g.parameters for g in fit.groups})
+    return out
+
+
+def harmonized(study: Study, rules: dict[str, dict[str, Any]] | None) -> Study:
+    """The study with its condition's rule applied (unchanged when ``rules`` is None)."""
+    if not rules:
+        return study
+    from rules.apply import apply_rule
+
+    mapping = rules[study.kind].get(study.condition)
+    return Study(**{**study.__dict__, "values": apply_rule(mapping, study.values)})
+
+
+# -- samples -------------------------------------------------------------------------------------------------------
+def landmark_names() -> list[str]:
+    """The landmark classes (head then chest, as the simulator names them); class 0 is background."""
+    names: list[str] = []
+    for kind in ("head-cta", "chest-ct"):
+        names += [lm["name"] for lm in simulated(kind, REFERENCE[kind], 0).truth["landmarks"]]
+    return ["background", *names]
+
+
+def landmark_samples(
+    study: Study, names: Sequence[str], rng: np.random.Generator, copies: int = 3, jitter_mm: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patches at the study's landmarks (jittered copies) and as many background patches, with class labels."""
+    index = {n: i for i, n in enumerate(names)}
+    lms = [lm for lm in study.truth["landmarks"] if lm["name"] in index]
+    centres_mm = np.array([lm["center_mm"] for lm in lms], float).reshape(-1, 3)
+    labels = np.array([index[lm["name"]] for lm in lms], np.int64)
+    pts = np.repeat(centres_mm, copies, axis=0)
+    pts[len(lms) :] += rng.normal(0, jitter_mm, size=(len(pts) - len(lms), 3)) if copies > 1 else 0.0
+    lab = np.repeat(labels, copies)
+    shape = np.asarray(study.geometry.shape, float)
+    bg_idx = rng.uniform(0.1, 0.9, size=(len(pts), 3)) * (shape - 1)
+    bg_mm = study.geometry.index_to_patient(bg_idx)
+    far = np.min(np.linalg.norm(bg_mm[:, None] - centres_mm[None], axis=2), axis=1) > 8.0
+    bg_idx = bg_idx[far]
+    vol = normalise(study.values, study.modality)
+    idx = np.concatenate([study.geometry.patient_to_index(pts), bg_idx])
+    x = extract_patches(vol, study.geometry.spacing, idx, PATCH_MM[study.body])
+    y = np.concatenate([lab, np.zeros(len(bg_idx), np.int64)])
+    return x, y
+
+
+def candidate_labels(study: Study, centres: np.ndarray) -> np.ndarray:
+    """1 for a candidate within max(d/2, 3) mm of a lesion, 0 beyond d/2 + 4 mm, -1 in between (ignored)."""
+    mm = study.geometry.index_to_patient(centres) if len(centres) else np.zeros((0, 3))
+    out = np.zeros(len(mm), np.int64)
+    for les in study.truth["lesions"]:
+        d = np.linalg.norm(mm - np.asarray(les["center_mm"]), axis=1)
+        r = float(les["diameter_mm"]) / 2
+        out[(d > max(r, 3.0)) & (d <= r + 4.0) & (out == 0)] = -1
+        out[d <= max(r, 3.0)] = 1
+    return out
+
+
+def lesion_samples(
+    study: Study, rng: np.random.Generator, copies: int = 6, max_negatives: int = 120
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion patches (candidates near lesions + jittered truth centres) and normal-candidate patches."""
+    vol = normalise(study.values, study.modality)
+    cands = find_candidates(vol, study.geometry.spacing, study.body)
+    lab = candidate_labels(study, cands.centres)
+    neg = np.flatnonzero(lab == 0)
+    if len(neg) > max_negatives:
+        neg = np.sort(rng.choice(neg, max_negatives, replace=False))
+    pos = cands.centres[lab == 1]
+    truth = [(np.asarray(les["center_mm"]), float(les["diameter_mm"])) for les in study.truth["lesions"]]
+    jit = [c + rng.normal(0, min(1.5, d / 4), size=(copies, 3)) for c, d in truth]
+    jit_idx = study.geometry.patient_to_index(np.concatenate(jit)) if jit else np.zeros((0, 3))
+    idx = np.concatenate([pos, jit_idx, cands.centres[neg]])
+    y = np.concatenate([np.ones(len(pos) + len(jit_idx), np.int64), np.zeros(len(neg), np.int64)])
+    return extract_patches(vol, study.geometry.spacing, idx, PATCH_MM[study.body]), y
+
+
+def collect(
+    what: str, plan: Sequence[tuple[str, str, int]], rules: dict | None, names: Sequence[str] = (), seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patches and labels from every (kind, condition, seed) of ``plan``, harmonized with ``rules``."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for kind, cond, s in tqdm(plan, desc=f"{what} patches", leave=False):
+        study = harmonized(simulated(kind, cond, s), rules)
+        x, y = landmark_samples(study, names, rng) if what == "landmarks" else lesion_samples(study, rng)
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def study_plan(kinds: Iterable[str], conditions: dict[str, Sequence[str]], per_kind: int, base: int) -> list:
+    """(kind, condition, seed) triples cycling through the conditions of each kind."""
+    plan = []
+    for ki, kind in enumerate(kinds):
+        conds = conditions[kind]
+        plan += [(kind, conds[i % len(conds)], base + 1000 * ki + i) for i in range(per_kind)]
+    return plan
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+def set_determinism(seed: int) -> None:
+    """Seed torch and make CPU kernels deterministic."""
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def train_classifier(
+    model: MiniVGG,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    seed: int,
+    lr: float = 2e-3,
+    batch: int = 128,
+    flips: bool = False,
+    balance: bool = False,
+    desc: str = "train",
+    device: str = "cpu",
+) -> list[float]:
+    """Adam + cosine schedule, cross-entropy; returns the mean loss per epoch.
+
+    ``balance`` weights the classes inversely to their frequency; ``flips`` mirrors patches at random (lesions
+    have no handedness; landmarks do, so they are never flipped).
+    """
+    set_determinism(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    weight = None
+    if balance:
+        counts = torch.bincount(yt, minlength=model.config.n_classes).float().clamp(min=1)
+        weight = (counts.sum() / counts / len(counts)).to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * ((len(xt) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
+    history = []
+    for epoch in (bar := tqdm(range(epochs), desc=desc, leave=False)):
+        perm = torch.randperm(len(xt), generator=gen)
+        total = 0.0
+        for start in range(0, len(xt), batch):
+            sel = perm[start : start + batch]
+            xb, yb = xt[sel].to(device), yt[sel].to(device)
+            if flips:
+                f = torch.rand(2, generator=gen)
+                xb = torch.flip(xb, dims=(3,)) if f[0] < 0.5 else xb
+                xb = torch.flip(xb, dims=(2,)) if f[1] < 0.5 else xb
+            loss = loss_fn(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(sel)
+        history.append(total / len(xt))
+        bar.set_postfix(loss=f"{history[-1]:.4f}", epoch=epoch)
+    model.eval()
+    return history
+
+
+@torch.inference_mode()
+def predict(model: MiniVGG, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """Softmax probabilities (N, n_classes)."""
+    model.eval()
+    out = [torch.softmax(model(torch.from_numpy(x[s : s + batch])), 1).numpy() for s in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros((0, model.config.n_classes), np.float32)
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann–Whitney, ties counted half)."""
+    from scipy.stats import rankdata
+
+    pos, neg = labels == 1, labels == 0
+    if not pos.any() or not neg.any():
+        return float("nan")
+    r = rankdata(np.concatenate([scores[pos], scores[neg]]))
+    return float((r[: pos.sum()].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * neg.sum()))
+
+
+def save_checkpoint(model: MiniVGG, path: Path, extra: dict[str, Any]) -> None:
+    """Weights + constructor arguments (+ plain metadata), loadable with ``weights_only=True``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save({"config": asdict(model.config), "state_dict": state, **extra}, path)
+
+
+def load_checkpoint(path: Path) -> tuple[MiniVGG, dict[str, Any]]:
+    """Rebuild a model from a checkpoint written by ``save_checkpoint``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = MiniVGG(NetConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+def train_landmarks(
+    out: Path, studies: int = 8, epochs: int = 12, seed: int = 0, width: int = 16, harmonize: bool = True
+) -> dict[str, Any]:
+    """Pretrain on landmark classification; writes ``out`` and returns metrics (held-out top-1)."""
+    t0 = time.process_time()
+    kinds = ("head-cta", "head-mra", "chest-ct")
+    rules = fit_rules(kinds) if harmonize else None
+    names = landmark_names()
+    train_plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["landmarks"])
+    test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, max(2, studies // 4), SEEDS["eval"] + 500)
+    x, y = collect("landmarks", train_plan, rules, names, seed)
+    xv, yv = collect("landmarks", test_plan, rules, names, seed + 1)
+    model = MiniVGG(NetConfig(n_classes=len(names), width=width))
+    history = train_classifier(model, x, y, epochs, seed, desc="landmarks")
+    pred = predict(model, xv).argmax(1)
+    lm = yv > 0
+    metrics = {
+        "top1": float((pred == yv).mean()),
+        "top1_landmarks_only": float((pred[lm] == yv[lm]).mean()),
+        "n_classes": len(names),
+        "n_train_patches": len(y),
+        "n_test_patches": len(yv),
+        "train_studies": len(train_plan),
+        "test_studies": len(test_plan),
+        "final_loss": history[-1],
+        "cpu_seconds": time.process_time() - t0,
+    }
+    save_checkpoint(model, out, {"task": "landmarks", "classes": names, "metrics": metrics})
+    log.info("landmark model: %s", metrics)
+    return metrics
+
+
+def train_lesions(
+    out: Path,
+    pretrained: Path | None,
+    studies: int = 16,
+    epochs: int = 10,
+    seed: int = 0,
+    width: int = 16,
+    harmonize: bool = True,
+    compare_scratch: bool = True,
+    eval_studies: int = 6,
+) -> dict[str, Any]:
+    """Fine-tune the landmark trunk to lesion vs normal (aneurysm and nodule patches in one binary task).
+
+    Writes the checkpoint to ``out`` and returns metrics: held-out patch AUC of the transferred model and, with
+    ``compare_scratch``, of the same network trained from scratch on the same patches for the same epochs.
+    """
+    t0 = time.process_time()
+    kinds = ("head-cta", "head-mra", "chest-ct")
+    rules = fit_rules(kinds) if harmonize else None
+    train_plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["lesions"])
+    test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"])
+    x, y = collect("lesions", train_plan, rules, seed=seed)
+    xv, yv = collect("lesions", test_plan, rules, seed=seed + 1)
+    runs: dict[str, MiniVGG] = {}
+    for name in (
+        ("transfer", "scratch") if compare_scratch and pretrained else ("transfer" if pretrained else "scratch",)
+    ):
+        if name == "transfer" and pretrained is not None:
+            model, _ = load_checkpoint(pretrained)
+            model.replace_head(2)
+        else:
+            set_determinism(seed)
+            model = MiniVGG(NetConfig(n_classes=2, width=width))
+        train_classifier(model, x, y, epochs, seed, lr=1e-3, flips=True, balance=True, desc=f"lesions ({name})")
+        runs[name] = model
+    shipped = "transfer" if "transfer" in runs else "scratch"
+    aucs = {name: auc(predict(m, xv)[:, 1], yv) for name, m in runs.items()}
+    metrics: dict[str, Any] = {
+        "patch_auc_held_out": aucs[shipped],
+        "patch_auc_by_init": aucs,
+        "n_train_patches": int(len(y)),
+        "n_train_positive": int(y.sum()),
+        "n_test_patches": int(len(yv)),
+        "n_test_positive": int(yv.sum()),
+        "train_studies": len(train_plan),
+        "cpu_seconds": time.process_time() - t0,
+    }
+    save_checkpoint(runs[shipped], out, {"task": "lesion", "init": shipped, "metrics": metrics})
+    log.info("lesion model: %s", metrics)
+    return metrics
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------------
+def froc_points(
+    per_study: list[tuple[np.ndarray, np.ndarray, int]], fp_rates: Sequence[float] = (0.5, 1, 2, 4)
+) -> dict[str, float]:
+    """Sensitivity at each false-positive rate per case.
+
+    ``per_study``: (scores of the findings, which lesion each finding hits or -1, number of lesions) per study,
+    findings already NMS-suppressed. A lesion counts once (its best finding); extra hits on it are not FPs.
+    """
+    n_cases = len(per_study)
+    n_lesions = sum(n for _, _, n in per_study)
+    events = []  # (score, is_tp, lesion id)
+    for si, (scores, hits, _) in enumerate(per_study):
+        for s, h in zip(scores, hits, strict=True):
+            events.append((float(s), h >= 0, (si, int(h))))
+    events.sort(key=lambda e: -e[0])
+    seen: set[tuple[int, int]] = set()
+    tps, fps, curve = 0, 0, [(0.0, 0.0)]
+    for _, is_tp, lid in events:
+        if is_tp:
+            if lid not in seen:
+                seen.add(lid)
+                tps += 1
+        else:
+            fps += 1
+        curve.append((fps / max(n_cases, 1), tps / max(n_lesions, 1)))
+    out = {}
+    for rate in fp_rates:
+        ok = [sens for fpr, sens in curve if fpr <= rate]
+        out[f"{rate:g}"] = float(max(ok)) if ok else 0.0
+    return out
+
+
+def evaluate_detector(
+    detector: Any,
+    plan: Sequence[tuple[str, str, int]],
+    rules: dict[str, dict[str, Any]] | None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """FROC (sensitivity at 0.5/1/2/4 FP per case) and candidate-patch AUC, overall and per condition."""
+    from models.detector import nms_3d
+
+    rows: dict[str, list] = {}
+    for kind, cond, seed in tqdm(plan, desc="evaluate", disable=not progress):
+        study = harmonized(simulated(kind, cond, seed), rules)
+        cands, probs = detector.score(study.values, study.geometry, study.modality, study.body)
+        labels = candidate_labels(study, cands.centres)
+        mm = study.geometry.index_to_patient(cands.centres) if len(cands) else np.zeros((0, 3))
+        keep = nms_3d(mm, probs, np.maximum(cands.diameters_mm, 6.0 if study.body == "head" else 10.0))
+        lesions = study.truth["lesions"]
+        hits = np.full(len(keep), -1)
+        for li, les in enumerate(lesions):
+            d = np.linalg.norm(mm[keep] - np.asarray(les["center_mm"]), axis=1)
+            hits[(d <= max(float(les["diameter_mm"]) / 2, 3.0) + 1.5) & (hits < 0)] = li
+        rows.setdefault(f"{kind}/{cond}", []).append((probs[keep], hits, len(lesions), probs, labels))
+
+    def summary(items: list) -> dict[str, Any]:
+        s = np.concatenate([it[3] for it in items])
+        lab = np.concatenate([it[4] for it in items])
+        return {
+            "sensitivity_at_fp": froc_points([it[:3] for it in items]),
+            "auc": auc(s, lab),
+            "cases": len(items),
+            "lesions": int(sum(it[2] for it in items)),
+        }
+
+    everything = [it for items in rows.values() for it in items]
+    result = summary(everything)
+    result["per_condition"] = {key: summary(items) for key, items in sorted(rows.items())}
+    result["per_kind"] = {
+        kind: summary([it for key, items in rows.items() if key.startswith(kind + "/") for it in items])
+        for kind in sorted({key.split("/")[0] for key in rows})
+    }
+    return result

@@ -1,0 +1,196 @@
+"""``harmonode train landmarks|lesions`` and ``harmonode evaluate``: the detector's training and FROC evaluation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
+FP_RATES = ("0.5", "1", "2", "4")
+
+
+def _threads(threads: int) -> None:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def write_card(weights: Path, card: dict[str, Any]) -> Path:
+    """Write the model card next to ``weights`` with the file's sha256 and size."""
+    from models.detector import sha256_of
+
+    card = {**card, "file": weights.name, "sha256": sha256_of(weights), "size_bytes": weights.stat().st_size}
+    path = weights.with_suffix(".json")
+    path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _table(result: dict[str, Any], title: str) -> str:
+    lines = [title, f"{'':44s} {'cases':>5s} {'les':>4s} " + " ".join(f"FP{r:>4s}" for r in FP_RATES) + "    AUC"]
+
+    def row(name: str, r: dict[str, Any]) -> str:
+        sens = " ".join(f"{r['sensitivity_at_fp'][k]:6.2f}" for k in FP_RATES)
+        return f"{name:44s} {r['cases']:5d} {r['lesions']:4d} {sens} {r['auc']:6.3f}"
+
+    lines.append(row("overall", result))
+    for name, r in result.get("per_kind", {}).items():
+        lines.append(row(name, r))
+    for name, r in result["per_condition"].items():
+        lines.append(row("  " + name, r))
+    return "\n".join(lines)
+
+
+def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rates = [float(r) for r in FP_RATES]
+    for label, res in results.items():
+        for kind, r in res["per_kind"].items():
+            style = "-" if label == "harmonized" else "--"
+            ax.plot(rates, [r["sensitivity_at_fp"][k] for k in FP_RATES], style, marker="o", label=f"{kind} ({label})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(rates, FP_RATES)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per case")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("FROC on held-out scanner conditions (simulated)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``train`` (landmarks, lesions) and ``evaluate`` to the CLI."""
+    train_app = typer.Typer(help="Train the detector on simulated studies (deterministic; CPU minutes).")
+    app.add_typer(train_app, name="train")
+
+    @train_app.command("landmarks")
+    def train_landmarks_cmd(
+        out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = WEIGHTS / "landmarks.pt",
+        studies: Annotated[int, typer.Option(help="Training studies per kind.")] = 8,
+        epochs: Annotated[int, typer.Option()] = 12,
+        seed: Annotated[int, typer.Option()] = 0,
+        harmonize: Annotated[bool, typer.Option(help="Apply seed-000 rules to every study.")] = True,
+        threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
+    ) -> None:
+        """Pretrain the mini-VGG on anatomical-landmark classification (≥ 20 classes + background)."""
+        from models.train import train_landmarks
+
+        _threads(threads)
+        metrics = train_landmarks(out, studies=studies, epochs=epochs, seed=seed, harmonize=harmonize)
+        typer.echo(json.dumps({"checkpoint": str(out), **metrics}, indent=2))
+
+    @train_app.command("lesions")
+    def train_lesions_cmd(
+        pretrained: Annotated[Path | None, typer.Option(help="Landmark checkpoint (none: from scratch).")] = WEIGHTS
+        / "landmarks.pt",
+        out: Annotated[Path, typer.Option(help="Checkpoint to write (its card goes next to it).")] = WEIGHTS
+        / "lesion.pt",
+        studies: Annotated[int, typer.Option(help="Training studies per kind.")] = 16,
+        epochs: Annotated[int, typer.Option()] = 10,
+        seed: Annotated[int, typer.Option()] = 0,
+        harmonize: Annotated[bool, typer.Option(help="Apply seed-000 rules to every study.")] = True,
+        compare_scratch: Annotated[bool, typer.Option(help="Also train from scratch and report both.")] = True,
+        threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
+    ) -> None:
+        """Transfer the landmark trunk to lesion vs normal (aneurysm on head CTA/MRA, nodule on chest CT)."""
+        from models import train as T
+        from models.patches import PATCH_MM
+
+        _threads(threads)
+        if pretrained is not None and not pretrained.exists():
+            raise typer.BadParameter(f"{pretrained} does not exist; run `harmonode train landmarks` first")
+        metrics = T.train_lesions(
+            out, pretrained, studies=studies, epochs=epochs, seed=seed, harmonize=harmonize,
+            compare_scratch=compare_scratch,
+        )  # fmt: skip
+        landmark = {}
+        if pretrained is not None:
+            _, ckpt = T.load_checkpoint(pretrained)
+            landmark = ckpt.get("metrics", {})
+        card = {
+            "name": "harmonode lesion detector (2.5D mini-VGG, seed 002)",
+            "version": f"1.0.{seed}",
+            "created": dt.date.today().isoformat(),
+            "task": {"head": "aneurysm (CTA, TOF-MRA)", "chest": "nodule (CT)"},
+            "threshold": 0.5,
+            "patch_mm": PATCH_MM,
+            "training": {
+                "command": (
+                    f"harmonode train landmarks --studies 8 --epochs 12 --seed {seed} && harmonode train lesions "
+                    f"--studies {studies} --epochs {epochs} --seed {seed}"
+                ),
+                "data": "harmonode simulate, size=test (head-cta, head-mra, chest-ct)",
+                "studies_per_kind": studies,
+                "seeds_from": T.SEEDS,
+                "train_conditions": T.TRAIN_CONDITIONS,
+                "held_out_conditions": T.HELD_OUT_CONDITIONS,
+                "harmonization": (
+                    f"seed-000 rules (a, b, c) per condition fitted from unlabeled studies against {T.REFERENCE}"
+                    if harmonize
+                    else "none (raw values)"
+                ),
+                "init": "landmark pretraining" if pretrained is not None else "scratch",
+                "landmark_pretraining": landmark,
+            },
+            "metrics": metrics,
+        }
+        path = write_card(out, card)
+        typer.echo(json.dumps({"checkpoint": str(out), "card": str(path), **metrics}, indent=2))
+
+    @app.command("evaluate")
+    def evaluate_cmd(
+        studies: Annotated[int, typer.Option(help="Held-out studies per kind.")] = 12,
+        weights_dir: Annotated[Path, typer.Option(help="Folder with lesion.pt and lesion.json.")] = WEIGHTS,
+        raw: Annotated[bool, typer.Option(help="Also evaluate without harmonization.")] = True,
+        plot: Annotated[Path | None, typer.Option(help="FROC plot (PNG).")] = Path("docs/froc.png"),
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+        update_card: Annotated[bool, typer.Option(help="Store the results in the model card.")] = False,
+        threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
+    ) -> None:
+        """FROC (sensitivity at 0.5/1/2/4 FP per case) and patch AUC on held-out conditions, with/without rules."""
+        from models import train as T
+        from models.detector import CARD_NAME, Detector, WeightsRefused
+
+        _threads(threads)
+        try:
+            detector = Detector.load(device="auto", weights_dir=weights_dir)
+        except (FileNotFoundError, WeightsRefused) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        kinds = ("head-cta", "head-mra", "chest-ct")
+        plan = T.study_plan(kinds, T.HELD_OUT_CONDITIONS, studies, T.SEEDS["eval"] + 2000)
+        rules = T.fit_rules(kinds, progress=not as_json)
+        results = {"harmonized": T.evaluate_detector(detector, plan, rules, progress=not as_json)}
+        if raw:
+            results["raw"] = T.evaluate_detector(detector, plan, None, progress=not as_json)
+        out = {**results["harmonized"], "without_harmonization": results.get("raw"), "model": detector.version}
+        if plot is not None:
+            _plot(results, plot)
+        if update_card:
+            card_path = weights_dir / CARD_NAME
+            card = json.loads(card_path.read_text())
+            card["evaluation"] = {"held_out_studies_per_kind": studies, **out}
+            card_path.write_text(json.dumps(card, indent=2) + "\n")
+        if as_json:
+            typer.echo(json.dumps(out, indent=2))
+            return
+        for label, res in results.items():
+            typer.echo(_table(res, f"\n{label} (held-out conditions, {studies} studies per kind)"))
+        if plot is not None:
+            typer.echo(f"\nFROC plot: {plot}")
