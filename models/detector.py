@@ -141,7 +141,7 @@ class Detector:
         if body not in ("head", "chest"):
             return task, f"unknown body part {body!r}: the detector reads head CTA/MRA and chest CT"
         if not task:
-            return task, f"a {modality} series cannot go to the {body} CT model (nodule detection reads CT only)"
+            return task, f"this {modality} series cannot go to the {body} CT model (nodule detection reads CT only)"
         if values is None or np.ndim(values) != 3:
             return task, f"need a 3D volume, got {np.ndim(values) if values is not None else 'no'} dimensions"
         if geometry is None or geometry.spacing is None:

@@ -1,0 +1,149 @@
+"""Detector: patches, candidates, the network, shipped weights, checksum refusal, bad input, FROC bookkeeping."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.candidates import find_candidates
+from models.detector import WEIGHTS_DIR, Detector, WeightsRefused, nms_3d
+from models.findings import VolumeGeometry
+from models.nets import MiniVGG, NetConfig
+from models.patches import extract_patches, normalise
+from models.train import auc, froc_points, train_classifier
+
+SHIPPED = (WEIGHTS_DIR / "lesion.pt").exists()
+needs_weights = pytest.mark.skipif(not SHIPPED, reason="no shipped weights in models/weights")
+
+
+def geometry(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> VolumeGeometry:
+    return VolumeGeometry((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), spacing, shape)
+
+
+def phantom(spacing: tuple[float, float, float], shape: tuple[int, int, int], aneurysm_mm: float = 8.0) -> tuple:
+    """A 3 mm bright tube along x with a spherical blob on it (CT HU), in a soft-tissue background."""
+    k, j, i = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij")
+    cz, cy, cx = (np.asarray(shape) - 1) * np.asarray(spacing) / 2
+    vol = np.full(shape, 40.0, np.float32)
+    vol[(k - cz) ** 2 + (j - cy) ** 2 <= 1.5**2] = 400.0
+    blob = np.array([cz, cy + 1.5 + aneurysm_mm / 2 - 1, cx])
+    vol[(k - blob[0]) ** 2 + (j - blob[1]) ** 2 + (i - blob[2]) ** 2 <= (aneurysm_mm / 2) ** 2] = 380.0
+    return vol, blob / np.asarray(spacing)
+
+
+def test_patches_have_fixed_physical_size():
+    fine, c_fine = phantom((0.5, 0.5, 0.5), (64, 64, 64))
+    coarse, c_coarse = phantom((1.0, 1.0, 1.0), (32, 32, 32))
+    p_fine = extract_patches(normalise(fine, "CT"), (0.5, 0.5, 0.5), c_fine[None], 24.0)
+    p_coarse = extract_patches(normalise(coarse, "CT"), (1.0, 1.0, 1.0), c_coarse[None], 24.0)
+    assert p_fine.shape == p_coarse.shape == (1, 3, 32, 32)
+    assert np.corrcoef(p_fine.ravel(), p_coarse.ravel())[0, 1] > 0.9
+
+
+def test_candidates_find_the_blob_on_the_tube():
+    vol, centre = phantom((0.8, 0.8, 0.8), (48, 48, 48))
+    cands = find_candidates(normalise(vol, "CT"), (0.8, 0.8, 0.8), "head")
+    assert 0 < len(cands) <= 250
+    dist_mm = np.linalg.norm((cands.centres - centre) * 0.8, axis=1)
+    assert dist_mm.min() < 3.0
+    assert 4.0 < cands.diameters_mm[np.argmin(dist_mm)] < 14.0
+
+
+def test_tiny_model_overfits_a_few_patches():
+    rng = np.random.default_rng(0)
+    pos, neg = [], []
+    for s in range(8):
+        vol, centre = phantom((1.0, 1.0, 1.0), (32, 32, 32), aneurysm_mm=6.0 + s % 3)
+        norm = normalise(vol + rng.normal(0, 20, vol.shape).astype(np.float32), "CT")
+        pos.append(extract_patches(norm, (1, 1, 1), centre[None], 24.0))
+        neg.append(extract_patches(norm, (1, 1, 1), np.array([[15.5, 15.5, 4.0 + s]]), 24.0))
+    x = np.concatenate(pos + neg)
+    y = np.array([1] * 8 + [0] * 8)
+    model = MiniVGG(NetConfig(n_classes=2, width=4, hidden=16, dropout=0.0))
+    history = train_classifier(model, x, y, epochs=25, seed=0, lr=5e-3, batch=8)
+    with torch.inference_mode():
+        pred = model(torch.from_numpy(x)).argmax(1).numpy()
+    assert history[-1] < history[0] / 3
+    assert (pred == y).all()
+
+
+def test_nms_keeps_the_best_of_a_cluster():
+    pts = np.array([[0, 0, 0], [1, 0, 0], [20, 0, 0]], float)
+    keep = nms_3d(pts, np.array([0.6, 0.9, 0.7]), np.array([5.0, 5.0, 5.0]))
+    assert keep.tolist() == [1, 2]
+
+
+def test_froc_and_auc_bookkeeping():
+    # case 1: lesion found at 0.9, an FP at 0.8; case 2: an FP at 0.95, lesion found at 0.3
+    studies = [(np.array([0.9, 0.8]), np.array([0, -1]), 1), (np.array([0.95, 0.3]), np.array([-1, 0]), 1)]
+    sens = froc_points(studies)
+    assert sens["0.5"] == 0.5 and sens["1"] == 1.0 and sens["4"] == 1.0
+    assert auc(np.array([0.9, 0.8, 0.1]), np.array([1, 0, 0])) == 1.0
+    assert auc(np.array([0.1, 0.8]), np.array([1, 0])) == 0.0
+
+
+@needs_weights
+def test_shipped_weights_find_the_aneurysm_on_a_small_simulated_study():
+    from node.simulate import simulate_study
+    from node.volume import build_volume
+
+    study = simulate_study("head-cta", "ge-revolution-standard", 7, "test", lesion_diameters_mm=[9.0])
+    volume = build_volume(study.datasets)
+    detector = Detector.load(device="cpu")
+    detection = detector.detect(volume.values, volume.geometry, "CT", "head")
+    assert detection.analysed and detection.task == "aneurysm"
+    truth = np.asarray(study.truth["lesions"][0]["center_mm"])
+    dist = [np.linalg.norm(np.asarray(f.center_mm) - truth) for f in detection.findings]
+    assert dist and min(dist) < 6.0, (dist, [f.probability for f in detection.findings])
+    assert len(detection.findings) <= 6
+
+
+@needs_weights
+def test_tampered_weights_are_refused(tmp_path: Path):
+    for name in ("lesion.pt", "lesion.json"):
+        shutil.copy(WEIGHTS_DIR / name, tmp_path / name)
+    Detector.load(device="cpu", weights_dir=tmp_path)  # intact copy loads
+    raw = bytearray((tmp_path / "lesion.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (tmp_path / "lesion.pt").write_bytes(bytes(raw))
+    with pytest.raises(WeightsRefused, match="sha256"):
+        Detector.load(device="cpu", weights_dir=tmp_path)
+    (tmp_path / "lesion.json").unlink()
+    with pytest.raises(WeightsRefused, match="card"):
+        Detector.load(device="cpu", weights_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def untrained_detector() -> Detector:
+    card = {"version": "test", "threshold": 0.5, "patch_mm": {"head": 24.0, "chest": 48.0}}
+    return Detector(MiniVGG(NetConfig()), card, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "modality", "body", "reason"),
+    [
+        ((4, 64, 64), (1.0, 1.0, 1.0), "CT", "head", "too small for a patch"),
+        ((20, 20, 20), (1.0, 1.0, 1.0), "CT", "head", "too small for a patch"),
+        ((64, 64, 64), (5.0, 0.5, 0.5), "CT", "head", "anisotropic"),
+        ((64, 64, 64), (1.0, 1.0, 1.0), "MR", "chest", "MR series cannot go to the chest CT model"),
+        ((64, 64, 64), None, "CT", "head", "no voxel spacing"),
+    ],
+)
+def test_bad_input_is_not_analysed_with_a_reason(untrained_detector, shape, spacing, modality, body, reason):
+    values = np.zeros(shape, np.float32)
+    geom = geometry(shape, spacing) if spacing is not None else None
+    detection = untrained_detector.detect(values, geom, modality, body)
+    assert not detection.analysed
+    assert reason in detection.reason
+    assert detection.findings == []
+
+
+def test_a_plain_series_is_analysed_by_an_untrained_model(untrained_detector):
+    vol, _ = phantom((1.0, 1.0, 1.0), (40, 48, 48))
+    detection = untrained_detector.detect(vol, geometry(vol.shape, (1.0, 1.0, 1.0)), "CT", "head")
+    assert detection.analysed and detection.n_candidates > 0
+    assert all(f.kind == "aneurysm" for f in detection.findings)
