@@ -29,6 +29,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHTS_NAME = "lesion.pt"
 CARD_NAME = "lesion.json"
 TASKS = {("head", "CT"): "aneurysm", ("head", "MR"): "aneurysm", ("chest", "CT"): "nodule"}
+TASK_BODIES = ("head", "chest")
 MAX_SPACING_MM = {"head": 3.0, "chest": 6.0}
 MAX_ANISOTROPY = 4.0  # largest / smallest voxel side
 
@@ -88,7 +89,10 @@ class Detector:
         self.card = card
         self.device = device
         self.version = str(card.get("version", "0"))
-        self.threshold = float(card.get("threshold", 0.5) if threshold is None else threshold)
+        chosen = card.get("threshold", 0.5) if threshold is None else threshold
+        self.thresholds = (
+            {k: float(v) for k, v in chosen.items()} if isinstance(chosen, dict) else dict.fromkeys(TASK_BODIES, chosen)
+        )
         self.patch_mm: dict[str, float] = dict(card.get("patch_mm", PATCH_MM))
 
     @classmethod
@@ -217,7 +221,7 @@ class Detector:
         except (ValueError, MemoryError, RuntimeError) as exc:  # the SR says why; the worker keeps going
             log.exception("detector failed on a %s series", modality)
             return Detection([], False, f"detector failed: {exc}", task)
-        hit = probs >= self.threshold
+        hit = probs >= self.thresholds.get(body, 0.5)
         centres, p, diam = cands.centres[hit], probs[hit], cands.diameters_mm[hit]
         mm = geometry.index_to_patient(centres) if len(centres) else np.zeros((0, 3))
         keep = nms_3d(mm, p, np.maximum(diam, 6.0 if body == "head" else 10.0))

@@ -369,19 +369,50 @@ def train_lesions(
         runs[name] = model
     shipped = "transfer" if "transfer" in runs else "scratch"
     aucs = {name: auc(predict(m, xv)[:, 1], yv) for name, m in runs.items()}
+    small: dict[str, float] = {}
+    if compare_scratch and pretrained is not None:  # the seed's regime: few lesion examples
+        sub = np.sort(np.random.default_rng(seed).choice(len(y), len(y) // 5, replace=False))
+        for name in ("transfer", "scratch"):
+            if name == "transfer":
+                model, _ = load_checkpoint(pretrained)
+                model.replace_head(2)
+            else:
+                set_determinism(seed)
+                model = MiniVGG(NetConfig(n_classes=2, width=width))
+            train_classifier(model, x[sub], y[sub], epochs, seed, lr=1e-3, flips=True, balance=True, desc=name)
+            small[name] = auc(predict(model, xv)[:, 1], yv)
+    thresholds = calibrate_thresholds(runs[shipped], rules, seed)
     metrics: dict[str, Any] = {
         "patch_auc_held_out": aucs[shipped],
         "patch_auc_by_init": aucs,
+        "patch_auc_by_init_20pct_data": small,
         "n_train_patches": int(len(y)),
         "n_train_positive": int(y.sum()),
         "n_test_patches": int(len(yv)),
         "n_test_positive": int(yv.sum()),
         "train_studies": len(train_plan),
+        "threshold_at_1fp_validation": thresholds,
         "cpu_seconds": time.process_time() - t0,
     }
     save_checkpoint(runs[shipped], out, {"task": "lesion", "init": shipped, "metrics": metrics})
     log.info("lesion model: %s", metrics)
     return metrics
+
+
+def calibrate_thresholds(model: MiniVGG, rules: dict | None, seed: int, studies: int = 6) -> dict[str, float]:
+    """Per body part, the probability giving one false positive per case on validation studies.
+
+    The validation studies come from the training conditions with seeds used neither for training nor for
+    evaluation; for the head the lower of the CTA and MRA thresholds is kept (sensitivity first).
+    """
+    from models.detector import Detector
+
+    detector = Detector(model, {"version": "calibration", "threshold": 0.5}, torch.device("cpu"))
+    kinds = ("head-cta", "head-mra", "chest-ct")
+    plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["eval"] + 8000 + seed)
+    per_kind = evaluate_detector(detector, plan, rules, progress=False)["per_kind"]
+    head = min(per_kind["head-cta"]["threshold_at_1fp"], per_kind["head-mra"]["threshold_at_1fp"])
+    return {"head": round(float(head), 4), "chest": round(float(per_kind["chest-ct"]["threshold_at_1fp"]), 4)}
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------------
@@ -443,11 +474,14 @@ def evaluate_detector(
     def summary(items: list) -> dict[str, Any]:
         s = np.concatenate([it[3] for it in items])
         lab = np.concatenate([it[4] for it in items])
+        fp = np.sort(np.concatenate([it[0][it[1] < 0] for it in items]))[::-1]
         return {
             "sensitivity_at_fp": froc_points([it[:3] for it in items]),
             "auc": auc(s, lab),
             "cases": len(items),
             "lesions": int(sum(it[2] for it in items)),
+            # the probability above which there is on average one false positive per case
+            "threshold_at_1fp": float(fp[len(items) - 1]) if len(fp) >= len(items) else 0.5,
         }
 
     everything = [it for items in rows.values() for it in items]

@@ -101,8 +101,8 @@ def register(app: typer.Typer) -> None:
         / "landmarks.pt",
         out: Annotated[Path, typer.Option(help="Checkpoint to write (its card goes next to it).")] = WEIGHTS
         / "lesion.pt",
-        studies: Annotated[int, typer.Option(help="Training studies per kind.")] = 16,
-        epochs: Annotated[int, typer.Option()] = 10,
+        studies: Annotated[int, typer.Option(help="Training studies per kind.")] = 24,
+        epochs: Annotated[int, typer.Option()] = 12,
         seed: Annotated[int, typer.Option()] = 0,
         harmonize: Annotated[bool, typer.Option(help="Apply seed-000 rules to every study.")] = True,
         compare_scratch: Annotated[bool, typer.Option(help="Also train from scratch and report both.")] = True,
@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
             "version": f"1.0.{seed}",
             "created": dt.date.today().isoformat(),
             "task": {"head": "aneurysm (CTA, TOF-MRA)", "chest": "nodule (CT)"},
-            "threshold": 0.5,
+            "threshold": metrics["threshold_at_1fp_validation"],
             "patch_mm": PATCH_MM,
             "training": {
                 "command": (

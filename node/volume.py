@@ -39,6 +39,9 @@ class Volume:
     stored_dtype: str
     slope: float
     intercept: float
+    # the stored integers (same order), kept when every slice shares ``slope`` and ``intercept``, so a rule can
+    # be applied as a lookup table over them; None when the rescale varies per slice
+    stored: np.ndarray | None = None
 
 
 def _vec(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
@@ -128,9 +131,11 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
     except Exception as exc:
         raise VolumeRefused(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
     values = np.empty(stored.shape, np.float32)
+    uniform = True
     for k, ds in enumerate(ordered):  # slope/intercept may differ per slice (MR, some CT)
         s = float(ds.get("RescaleSlope", 1) or 1)
         b = float(ds.get("RescaleIntercept", 0) or 0)
+        uniform = uniform and s == slope and b == intercept
         np.multiply(stored[k], s, out=values[k], casting="unsafe")
         values[k] += b
     geometry = VolumeGeometry(
@@ -141,4 +146,4 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
         shape=tuple(int(v) for v in values.shape),
         frame_of_reference_uid=str(ordered[0].get("FrameOfReferenceUID", "")),
     )
-    return Volume(values, geometry, ordered, modality, str(stored.dtype), slope, intercept)
+    return Volume(values, geometry, ordered, modality, str(stored.dtype), slope, intercept, stored if uniform else None)
