@@ -71,8 +71,9 @@ class BuiltinPacs:
 
         for uid in STORAGE_SOP_CLASSES:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
 
     def _on_store(self, event: evt.Event) -> int:
         ds = event.dataset
@@ -101,15 +102,28 @@ class OrthancPacs:
         self.http = _free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         cfg = workdir / "orthanc.json"
-        cfg.write_text(json.dumps({
-            "Name": "harmonode-demo-pacs", "StorageDirectory": str(workdir / "db"),
-            "IndexDirectory": str(workdir / "db"), "DicomAet": self.aet, "DicomPort": self.port,
-            "HttpPort": self.http, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "Plugins": [],
-        }))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "Name": "harmonode-demo-pacs",
+                    "StorageDirectory": str(workdir / "db"),
+                    "IndexDirectory": str(workdir / "db"),
+                    "DicomAet": self.aet,
+                    "DicomPort": self.port,
+                    "HttpPort": self.http,
+                    "RemoteAccessAllowed": False,
+                    "AuthenticationEnabled": False,
+                    "Plugins": [],
+                }
+            )
+        )
         self.log = open(workdir / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([binary, str(cfg)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+        self.proc = subprocess.Popen(
+            [binary, str(cfg)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -192,8 +206,10 @@ def run_demo(studies: int = 3, seed: int = 7, data_dir: Path | None = None, time
     )
     node = Node(cfg)
     node.start()
-    typer.echo(f"node {cfg.node.ae_title} on 127.0.0.1:{node.port}, data in {data}; PACS: {pacs.name} "
-               f"({pacs.aet} on 127.0.0.1:{pacs.port})")
+    typer.echo(
+        f"node {cfg.node.ae_title} on 127.0.0.1:{node.port}, data in {data}; PACS: {pacs.name} "
+        f"({pacs.aet} on 127.0.0.1:{pacs.port})"
+    )
     sent: list[dict[str, Any]] = []
     try:
         for i in range(studies):
@@ -229,8 +245,10 @@ def _print_table(node: Any, pacs: Any, sent: list[dict[str, Any]]) -> int:
     index = Index(node.config.data_path / "index.sqlite")
     code = 0
     typer.echo("")
-    header = f"{'#':<2} {'kind':<9} {'condition':<24} {'rule':<26} {'findings':<9} {'truth':<6} {'TP/FP':<6} " \
-             f"{'in PACS':<22} {'turnaround':>10}"
+    header = (
+        f"{'#':<2} {'kind':<9} {'condition':<24} {'rule':<26} {'findings':<9} {'truth':<6} {'TP/FP':<6} "
+        f"{'in PACS':<22} {'turnaround':>10}"
+    )
     typer.echo(header)
     typer.echo("-" * len(header))
     for i, s in enumerate(sent):
