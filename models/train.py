@@ -5,9 +5,12 @@
    volumes are harmonized with them, exactly as the node does at inference.
 2. Landmarks: 2.5D patches at every simulated anatomical landmark (head and chest: 58 classes) plus background,
    mini-VGG trained to classify them (pretraining).
-3. Lesions: patches at the candidates of harmonized training studies (positive near a lesion), mini-VGG
-   fine-tuned from the landmark trunk (or from scratch, for the comparison).
-4. Evaluation: FROC and patch AUC on held-out studies under conditions never used for training.
+3. Lesions: patches at every candidate of harmonized training studies (positive near a lesion, plus jittered
+   copies of the truth), mostly at the "eval" size where a 2–3 mm aneurysm spans several voxels and some at the
+   coarse "test" size; mini-VGG fine-tuned from the landmark trunk (or from scratch, for the comparison), each
+   epoch on all positives and hard negatives mined by the model itself.
+4. Evaluation: FROC, candidate recall and patch AUC on held-out studies under conditions never used for training;
+   thresholds from validation studies of the training conditions.
 
 Everything is deterministic in ``seed`` (simulation, sampling, initialisation, batch order).
 """
@@ -82,7 +85,9 @@ def simulated(kind: str, condition: str, seed: int, size: str = "test") -> Study
 
 
 # -- rules (seed 000 learning phase) ------------------------------------------------------------------------------
-def fit_rules(kinds: Iterable[str], per_condition: int = 2, progress: bool = True) -> dict[str, dict[str, Any]]:
+def fit_rules(
+    kinds: Iterable[str], per_condition: int = 2, progress: bool = True, size: str = "test"
+) -> dict[str, dict[str, Any]]:
     """Fit one seed-000 rule per (kind, condition) from unlabeled studies; the reference gets twice as many.
 
     Returns
@@ -102,7 +107,8 @@ def fit_rules(kinds: Iterable[str], per_condition: int = 2, progress: bool = Tru
         for ci, cond in enumerate(tqdm(conditions, desc=f"rules {kind}", disable=not progress)):
             n = 2 * per_condition if cond == REFERENCE[kind] else per_condition
             groups[cond] = [
-                image_histogram(simulated(kind, cond, SEEDS["rules"] + 100 * ci + s).values, spec) for s in range(n)
+                image_histogram(simulated(kind, cond, SEEDS["rules"] + 100 * ci + s, size).values, spec)
+                for s in range(n)
             ]
         fit = fit_groups(groups, spec, FitOptions(starts=3, max_steps=150), reference=REFERENCE[kind])
         out[kind] = {g.key: g.mapping for g in fit.groups}
@@ -165,14 +171,18 @@ def candidate_labels(study: Study, centres: np.ndarray) -> np.ndarray:
 
 
 def lesion_samples(
-    study: Study, rng: np.random.Generator, copies: int = 6, max_negatives: int = 120
+    study: Study, rng: np.random.Generator, copies: int = 8, max_negatives: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Lesion patches (candidates near lesions + jittered truth centres) and normal-candidate patches."""
+    """Lesion patches (candidates near lesions + jittered truth centres) and normal-candidate patches.
+
+    Every normal candidate is kept by default (``max_negatives`` None): the hard ones are picked during training
+    by the model itself (``train_classifier(mine=…)``), so the sample must hold them all.
+    """
     vol = normalise(study.values, study.modality)
     cands = find_candidates(vol, study.geometry.spacing, study.body)
     lab = candidate_labels(study, cands.centres)
     neg = np.flatnonzero(lab == 0)
-    if len(neg) > max_negatives:
+    if max_negatives is not None and len(neg) > max_negatives:
         neg = np.sort(rng.choice(neg, max_negatives, replace=False))
     pos = cands.centres[lab == 1]
     truth = [(np.asarray(les["center_mm"]), float(les["diameter_mm"])) for les in study.truth["lesions"]]
@@ -180,30 +190,44 @@ def lesion_samples(
     jit_idx = study.geometry.patient_to_index(np.concatenate(jit)) if jit else np.zeros((0, 3))
     idx = np.concatenate([pos, jit_idx, cands.centres[neg]])
     y = np.concatenate([np.ones(len(pos) + len(jit_idx), np.int64), np.zeros(len(neg), np.int64)])
-    return extract_patches(vol, study.geometry.spacing, idx, PATCH_MM[study.body]), y
+    return extract_patches(vol, study.geometry.spacing, idx, PATCH_MM[study.body]).astype(np.float16), y
 
 
 def collect(
-    what: str, plan: Sequence[tuple[str, str, int]], rules: dict | None, names: Sequence[str] = (), seed: int = 0
+    what: str, plan: Sequence[tuple[str, str, int, str]], rules: dict | None, names: Sequence[str] = (), seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Patches and labels from every (kind, condition, seed) of ``plan``, harmonized with ``rules``."""
+    """Patches and labels from every (kind, condition, seed, size) of ``plan``, harmonized with ``rules``."""
     rng = np.random.default_rng(seed)
     xs, ys = [], []
-    for kind, cond, s in tqdm(plan, desc=f"{what} patches", leave=False):
-        study = harmonized(simulated(kind, cond, s), rules)
+    for kind, cond, s, size in tqdm(plan, desc=f"{what} patches", leave=False):
+        study = harmonized(simulated(kind, cond, s, size), rules_for(rules, size))
         x, y = landmark_samples(study, names, rng) if what == "landmarks" else lesion_samples(study, rng)
         xs.append(x)
         ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def study_plan(kinds: Iterable[str], conditions: dict[str, Sequence[str]], per_kind: int, base: int) -> list:
-    """(kind, condition, seed) triples cycling through the conditions of each kind."""
+def study_plan(
+    kinds: Iterable[str], conditions: dict[str, Sequence[str]], per_kind: int, base: int, size: str = "test"
+) -> list[tuple[str, str, int, str]]:
+    """(kind, condition, seed, size) tuples cycling through the conditions of each kind."""
     plan = []
     for ki, kind in enumerate(kinds):
         conds = conditions[kind]
-        plan += [(kind, conds[i % len(conds)], base + 1000 * ki + i) for i in range(per_kind)]
+        plan += [(kind, conds[i % len(conds)], base + 1000 * ki + i, size) for i in range(per_kind)]
     return plan
+
+
+def fit_rules_by_size(kinds: Iterable[str], sizes: Iterable[str], progress: bool = True) -> dict[str, dict]:
+    """``{size: rules}``: a series is harmonized by rules fitted on series of its own resolution (noise and
+    partial volume shape the histogram), as a site fits its rules on its own scanner's series."""
+    kinds = tuple(kinds)
+    return {size: fit_rules(kinds, progress=progress, size=size) for size in dict.fromkeys(sizes)}
+
+
+def rules_for(rules: dict | None, size: str) -> dict | None:
+    """The rules for series of ``size`` out of ``fit_rules_by_size`` (None stays None: no harmonization)."""
+    return None if rules is None else rules[size]
 
 
 # -- training ------------------------------------------------------------------------------------------------------
@@ -211,6 +235,14 @@ def set_determinism(seed: int) -> None:
     """Seed torch and make CPU kernels deterministic."""
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random flips and 90° turns of every plane, one draw per batch (lesions have no handedness or up)."""
+    f = torch.rand(3, generator=gen)
+    xb = torch.flip(xb, dims=(3,)) if f[0] < 0.5 else xb
+    xb = torch.flip(xb, dims=(2,)) if f[1] < 0.5 else xb
+    return xb.transpose(2, 3) if f[2] < 0.5 else xb
 
 
 def train_classifier(
@@ -225,52 +257,74 @@ def train_classifier(
     balance: bool = False,
     desc: str = "train",
     device: str = "cpu",
+    mine: int = 0,
+    mine_every: int = 3,
 ) -> list[float]:
-    """Adam + cosine schedule, cross-entropy; returns the mean loss per epoch.
+    """Adam + one-cycle schedule, cross-entropy; returns the mean loss per epoch.
 
-    ``balance`` weights the classes inversely to their frequency; ``flips`` mirrors patches at random (lesions
-    have no handedness; landmarks do, so they are never flipped).
+    ``balance`` weights the classes inversely to their frequency; ``flips`` mirrors and turns patches at random
+    (lesions have no handedness; landmarks do, so they are never flipped). ``mine`` > 0 (binary tasks): each
+    epoch sees every positive and ``mine`` × as many negatives, half of them the negatives the model itself
+    scored highest at its last look (every ``mine_every`` epochs), half drawn at random — the normal candidates
+    that outrank lesions are what costs false positives (scored on a random pool of 4 × the negatives needed).
     """
     set_determinism(seed)
     gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     model.to(device).train()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    weight = None
-    if balance:
-        counts = torch.bincount(yt, minlength=model.config.n_classes).float().clamp(min=1)
-        weight = (counts.sum() / counts / len(counts)).to(device)
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    pos_idx, neg_idx = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    n_neg = min(len(neg_idx), mine * len(pos_idx)) if mine else len(neg_idx)
+    hard = rng.permutation(neg_idx)[: n_neg // 2] if mine else neg_idx
+    per_epoch = len(y) if not mine else len(pos_idx) + n_neg
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(xt) + batch - 1) // batch)
+    steps = epochs * ((per_epoch + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     history = []
     for epoch in (bar := tqdm(range(epochs), desc=desc, leave=False)):
-        perm = torch.randperm(len(xt), generator=gen)
+        if mine:
+            if epoch and epoch % mine_every == 0:
+                pool = np.sort(rng.choice(neg_idx, min(len(neg_idx), 4 * n_neg), replace=False))
+                scores = predict(model, x[pool], device=device)[:, 1]
+                hard = pool[np.argsort(-scores, kind="stable")[: n_neg // 2]]
+                model.train()
+            rest = np.setdiff1d(neg_idx, hard, assume_unique=True)
+            chosen = np.concatenate([pos_idx, hard, rng.choice(rest, min(len(rest), n_neg - len(hard)), False)])
+        else:
+            chosen = np.arange(len(y))
+        weight = None
+        if balance:
+            counts = torch.bincount(yt[chosen], minlength=model.config.n_classes).float().clamp(min=1)
+            weight = (counts.sum() / counts / len(counts)).to(device)
+        loss_fn = nn.CrossEntropyLoss(weight=weight)
+        perm = torch.from_numpy(chosen)[torch.randperm(len(chosen), generator=gen)]
         total = 0.0
-        for start in range(0, len(xt), batch):
+        for start in range(0, len(perm), batch):
             sel = perm[start : start + batch]
-            xb, yb = xt[sel].to(device), yt[sel].to(device)
+            xb, yb = xt[sel].float().to(device), yt[sel].to(device)
             if flips:
-                f = torch.rand(2, generator=gen)
-                xb = torch.flip(xb, dims=(3,)) if f[0] < 0.5 else xb
-                xb = torch.flip(xb, dims=(2,)) if f[1] < 0.5 else xb
+                xb = augment(xb, gen)
             loss = loss_fn(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched.last_epoch < steps - 1:
+                sched.step()
             total += float(loss.detach()) * len(sel)
-        history.append(total / len(xt))
+        history.append(total / len(perm))
         bar.set_postfix(loss=f"{history[-1]:.4f}", epoch=epoch)
     model.eval()
     return history
 
 
 @torch.inference_mode()
-def predict(model: MiniVGG, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+def predict(model: MiniVGG, x: np.ndarray, batch: int = 1024, device: str = "cpu") -> np.ndarray:
     """Softmax probabilities (N, n_classes)."""
     model.eval()
-    out = [torch.softmax(model(torch.from_numpy(x[s : s + batch])), 1).numpy() for s in range(0, len(x), batch)]
+    out = [
+        torch.softmax(model(torch.from_numpy(x[s : s + batch]).float().to(device)), 1).cpu().numpy()
+        for s in range(0, len(x), batch)
+    ]
     return np.concatenate(out) if out else np.zeros((0, model.config.n_classes), np.float32)
 
 
@@ -306,7 +360,7 @@ def train_landmarks(
     """Pretrain on landmark classification; writes ``out`` and returns metrics (held-out top-1)."""
     t0 = time.process_time()
     kinds = ("head-cta", "head-mra", "chest-ct")
-    rules = fit_rules(kinds) if harmonize else None
+    rules = fit_rules_by_size(kinds, ("test",)) if harmonize else None  # the whole head and chest: every landmark
     names = landmark_names()
     train_plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["landmarks"])
     test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, max(2, studies // 4), SEEDS["eval"] + 500)
@@ -332,65 +386,76 @@ def train_landmarks(
     return metrics
 
 
+def _lesion_model(pretrained: Path | None, width: int, seed: int) -> MiniVGG:
+    if pretrained is not None:
+        model, _ = load_checkpoint(pretrained)
+        model.replace_head(2)
+        return model
+    set_determinism(seed)
+    return MiniVGG(NetConfig(n_classes=2, width=width))
+
+
 def train_lesions(
     out: Path,
     pretrained: Path | None,
-    studies: int = 16,
+    studies: int = 20,
     epochs: int = 10,
     seed: int = 0,
     width: int = 16,
     harmonize: bool = True,
     compare_scratch: bool = True,
     eval_studies: int = 6,
+    size: str = "eval",
+    test_size_studies: int = 6,
+    mine: int = 3,
 ) -> dict[str, Any]:
     """Fine-tune the landmark trunk to lesion vs normal (aneurysm and nodule patches in one binary task).
 
-    Writes the checkpoint to ``out`` and returns metrics: held-out patch AUC of the transferred model and, with
-    ``compare_scratch``, of the same network trained from scratch on the same patches for the same epochs.
+    Training studies are ``studies`` per kind at ``size`` plus ``test_size_studies`` per kind at the coarse
+    "test" size (so the model still reads small series); every normal candidate is kept and the hard ones are
+    mined during training. Writes the checkpoint to ``out`` and returns metrics: held-out candidate-patch AUC of
+    the transferred model and, with ``compare_scratch``, of the same network trained from scratch on the same
+    patches for the same epochs (all the data, and a 20 % subset: the seed's few-examples regime).
     """
     t0 = time.process_time()
     kinds = ("head-cta", "head-mra", "chest-ct")
-    rules = fit_rules(kinds) if harmonize else None
-    train_plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["lesions"])
-    test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"])
+    rules = fit_rules_by_size(kinds, (size, "test")) if harmonize else None
+    train_plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["lesions"], size)
+    if test_size_studies:
+        train_plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, SEEDS["lesions"] + 500, "test")
+    test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
     x, y = collect("lesions", train_plan, rules, seed=seed)
     xv, yv = collect("lesions", test_plan, rules, seed=seed + 1)
+    names = ("transfer", "scratch") if compare_scratch and pretrained else ("transfer" if pretrained else "scratch",)
+    options = {"lr": 1e-3, "flips": True, "balance": True, "mine": mine}
     runs: dict[str, MiniVGG] = {}
-    for name in (
-        ("transfer", "scratch") if compare_scratch and pretrained else ("transfer" if pretrained else "scratch",)
-    ):
-        if name == "transfer" and pretrained is not None:
-            model, _ = load_checkpoint(pretrained)
-            model.replace_head(2)
-        else:
-            set_determinism(seed)
-            model = MiniVGG(NetConfig(n_classes=2, width=width))
-        train_classifier(model, x, y, epochs, seed, lr=1e-3, flips=True, balance=True, desc=f"lesions ({name})")
+    for name in names:
+        model = _lesion_model(pretrained if name == "transfer" else None, width, seed)
+        train_classifier(model, x, y, epochs, seed, desc=f"lesions ({name})", **options)  # type: ignore[arg-type]
         runs[name] = model
-    shipped = "transfer" if "transfer" in runs else "scratch"
+    shipped = max(runs, key=lambda name: auc(predict(runs[name], xv)[:, 1], yv))
     aucs = {name: auc(predict(m, xv)[:, 1], yv) for name, m in runs.items()}
     small: dict[str, float] = {}
     if compare_scratch and pretrained is not None:  # the seed's regime: few lesion examples
         sub = np.sort(np.random.default_rng(seed).choice(len(y), len(y) // 5, replace=False))
         for name in ("transfer", "scratch"):
-            if name == "transfer":
-                model, _ = load_checkpoint(pretrained)
-                model.replace_head(2)
-            else:
-                set_determinism(seed)
-                model = MiniVGG(NetConfig(n_classes=2, width=width))
-            train_classifier(model, x[sub], y[sub], epochs, seed, lr=1e-3, flips=True, balance=True, desc=name)
+            model = _lesion_model(pretrained if name == "transfer" else None, width, seed)
+            train_classifier(model, x[sub], y[sub], epochs, seed, desc=f"{name} 20%", **options)  # type: ignore[arg-type]
             small[name] = auc(predict(model, xv)[:, 1], yv)
-    thresholds = calibrate_thresholds(runs[shipped], rules, seed)
+    thresholds = calibrate_thresholds(runs[shipped], rules, seed, size=size)
     metrics: dict[str, Any] = {
         "patch_auc_held_out": aucs[shipped],
         "patch_auc_by_init": aucs,
         "patch_auc_by_init_20pct_data": small,
+        "shipped_init": shipped,
         "n_train_patches": int(len(y)),
         "n_train_positive": int(y.sum()),
         "n_test_patches": int(len(yv)),
         "n_test_positive": int(yv.sum()),
         "train_studies": len(train_plan),
+        "size": size,
+        "test_size_studies_per_kind": test_size_studies,
+        "hard_negative_ratio": mine,
         "threshold_at_1fp_validation": thresholds,
         "cpu_seconds": time.process_time() - t0,
     }
@@ -399,17 +464,20 @@ def train_lesions(
     return metrics
 
 
-def calibrate_thresholds(model: MiniVGG, rules: dict | None, seed: int, studies: int = 6) -> dict[str, float]:
+def calibrate_thresholds(
+    model: MiniVGG, rules: dict | None, seed: int, studies: int = 6, size: str = "eval"
+) -> dict[str, float]:
     """Per body part, the probability giving one false positive per case on validation studies.
 
     The validation studies come from the training conditions with seeds used neither for training nor for
-    evaluation; for the head the lower of the CTA and MRA thresholds is kept (sensitivity first).
+    evaluation; for the head the lower of the CTA and MRA thresholds is kept (sensitivity first). ``rules`` is
+    ``fit_rules_by_size`` output (or None).
     """
     from models.detector import Detector
 
     detector = Detector(model, {"version": "calibration", "threshold": 0.5}, torch.device("cpu"))
     kinds = ("head-cta", "head-mra", "chest-ct")
-    plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["eval"] + 8000 + seed)
+    plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["eval"] + 8000 + seed, size)
     per_kind = evaluate_detector(detector, plan, rules, progress=False)["per_kind"]
     head = min(per_kind["head-cta"]["threshold_at_1fp"], per_kind["head-mra"]["threshold_at_1fp"])
     return {"head": round(float(head), 4), "chest": round(float(per_kind["chest-ct"]["threshold_at_1fp"]), 4)}
@@ -448,28 +516,56 @@ def froc_points(
     return out
 
 
-def evaluate_detector(
-    detector: Any,
-    plan: Sequence[tuple[str, str, int]],
-    rules: dict[str, dict[str, Any]] | None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """FROC (sensitivity at 0.5/1/2/4 FP per case) and candidate-patch AUC, overall and per condition."""
+def _score_study(
+    detector: Any, kind: str, cond: str, seed: int, size: str, rules: dict | None, threads: int = 0
+) -> tuple[str, tuple]:
+    """One study's row for ``evaluate_detector``: (key, (finding scores, hits, lesions, probs, labels, found))."""
     from models.detector import nms_3d
 
+    if threads:
+        torch.set_num_threads(threads)
+    study = harmonized(simulated(kind, cond, seed, size), rules_for(rules, size))
+    cands, probs = detector.score(study.values, study.geometry, study.modality, study.body)
+    labels = candidate_labels(study, cands.centres)
+    mm = study.geometry.index_to_patient(cands.centres) if len(cands) else np.zeros((0, 3))
+    keep = nms_3d(mm, probs, np.maximum(cands.diameters_mm, 6.0 if study.body == "head" else 10.0))
+    lesions = study.truth["lesions"]
+    hits = np.full(len(keep), -1)
+    with_candidate = 0
+    for li, les in enumerate(lesions):
+        d = np.linalg.norm(mm - np.asarray(les["center_mm"]), axis=1)
+        near = d <= max(float(les["diameter_mm"]) / 2, 3.0) + 1.5
+        hits[near[keep] & (hits < 0)] = li
+        with_candidate += int(near.any())
+    return f"{kind}/{cond}", (probs[keep], hits, len(lesions), probs, labels, with_candidate)
+
+
+def evaluate_detector(
+    detector: Any,
+    plan: Sequence[tuple[str, str, int, str]],
+    rules: dict[str, dict[str, Any]] | None,
+    progress: bool = True,
+    jobs: int = 1,
+) -> dict[str, Any]:
+    """FROC (sensitivity at 0.5/1/2/4 FP per case) and candidate-patch AUC, overall and per condition.
+
+    ``rules``: ``fit_rules_by_size`` output for the sizes in ``plan``, or None (no harmonization). Also counts
+    the lesions that have any candidate at all (``candidate_recall``): no classifier can find the others.
+    ``jobs`` > 1 scores studies in that many processes (one torch thread each); the result is the same.
+    """
     rows: dict[str, list] = {}
-    for kind, cond, seed in tqdm(plan, desc="evaluate", disable=not progress):
-        study = harmonized(simulated(kind, cond, seed), rules)
-        cands, probs = detector.score(study.values, study.geometry, study.modality, study.body)
-        labels = candidate_labels(study, cands.centres)
-        mm = study.geometry.index_to_patient(cands.centres) if len(cands) else np.zeros((0, 3))
-        keep = nms_3d(mm, probs, np.maximum(cands.diameters_mm, 6.0 if study.body == "head" else 10.0))
-        lesions = study.truth["lesions"]
-        hits = np.full(len(keep), -1)
-        for li, les in enumerate(lesions):
-            d = np.linalg.norm(mm[keep] - np.asarray(les["center_mm"]), axis=1)
-            hits[(d <= max(float(les["diameter_mm"]) / 2, 3.0) + 1.5) & (hits < 0)] = li
-        rows.setdefault(f"{kind}/{cond}", []).append((probs[keep], hits, len(lesions), probs, labels))
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs) as pool:
+            futures = [pool.submit(_score_study, detector, *item, rules, 1) for item in plan]
+            for future in tqdm(futures, desc="evaluate", disable=not progress):
+                key, row = future.result()
+                rows.setdefault(key, []).append(row)
+    else:
+        for item in tqdm(plan, desc="evaluate", disable=not progress):
+            key, row = _score_study(detector, *item, rules)
+            rows.setdefault(key, []).append(row)
 
     def summary(items: list) -> dict[str, Any]:
         s = np.concatenate([it[3] for it in items])
@@ -480,6 +576,7 @@ def evaluate_detector(
             "auc": auc(s, lab),
             "cases": len(items),
             "lesions": int(sum(it[2] for it in items)),
+            "candidate_recall": float(sum(it[5] for it in items) / max(1, sum(it[2] for it in items))),
             # the probability above which there is on average one false positive per case
             "threshold_at_1fp": float(fp[len(items) - 1]) if len(fp) >= len(items) else 0.5,
         }

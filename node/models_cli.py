@@ -34,11 +34,12 @@ def write_card(weights: Path, card: dict[str, Any]) -> Path:
 
 
 def _table(result: dict[str, Any], title: str) -> str:
-    lines = [title, f"{'':44s} {'cases':>5s} {'les':>4s} " + " ".join(f"FP{r:>4s}" for r in FP_RATES) + "    AUC"]
+    head = f"{'':44s} {'cases':>5s} {'les':>4s} " + " ".join(f"FP{r:>4s}" for r in FP_RATES) + "    AUC  cand.rec"
+    lines = [title, head]
 
     def row(name: str, r: dict[str, Any]) -> str:
         sens = " ".join(f"{r['sensitivity_at_fp'][k]:6.2f}" for k in FP_RATES)
-        return f"{name:44s} {r['cases']:5d} {r['lesions']:4d} {sens} {r['auc']:6.3f}"
+        return f"{name:44s} {r['cases']:5d} {r['lesions']:4d} {sens} {r['auc']:6.3f} {r['candidate_recall']:8.3f}"
 
     lines.append(row("overall", result))
     for name, r in result.get("per_kind", {}).items():
@@ -101,23 +102,29 @@ def register(app: typer.Typer) -> None:
         / "landmarks.pt",
         out: Annotated[Path, typer.Option(help="Checkpoint to write (its card goes next to it).")] = WEIGHTS
         / "lesion.pt",
-        studies: Annotated[int, typer.Option(help="Training studies per kind.")] = 24,
-        epochs: Annotated[int, typer.Option()] = 12,
+        studies: Annotated[int, typer.Option(help="Training studies per kind at --size.")] = 20,
+        test_size_studies: Annotated[int, typer.Option(help="Extra training studies per kind at size test.")] = 6,
+        size: Annotated[str, typer.Option(help="Simulated size of the training studies (test, eval, full).")] = "eval",
+        epochs: Annotated[int, typer.Option()] = 10,
+        mine: Annotated[int, typer.Option(help="Negatives per positive each epoch (half mined), 0: all.")] = 3,
+        width: Annotated[int, typer.Option(help="Network width when training from scratch.")] = 16,
         seed: Annotated[int, typer.Option()] = 0,
         harmonize: Annotated[bool, typer.Option(help="Apply seed-000 rules to every study.")] = True,
         compare_scratch: Annotated[bool, typer.Option(help="Also train from scratch and report both.")] = True,
         threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
+        version: Annotated[str, typer.Option(help="Version written to the model card.")] = "1.1.0",
     ) -> None:
         """Transfer the landmark trunk to lesion vs normal (aneurysm on head CTA/MRA, nodule on chest CT)."""
         from models import train as T
         from models.patches import PATCH_MM
+        from node.simulate import GEOMETRY
 
         _threads(threads)
         if pretrained is not None and not pretrained.exists():
             raise typer.BadParameter(f"{pretrained} does not exist; run `harmonode train landmarks` first")
         metrics = T.train_lesions(
             out, pretrained, studies=studies, epochs=epochs, seed=seed, harmonize=harmonize,
-            compare_scratch=compare_scratch,
+            compare_scratch=compare_scratch, size=size, test_size_studies=test_size_studies, mine=mine, width=width,
         )  # fmt: skip
         landmark = {}
         if pretrained is not None:
@@ -125,18 +132,35 @@ def register(app: typer.Typer) -> None:
             landmark = ckpt.get("metrics", {})
         card = {
             "name": "harmonode lesion detector (2.5D mini-VGG, seed 002)",
-            "version": f"1.0.{seed}",
+            "version": version,
             "created": dt.date.today().isoformat(),
             "task": {"head": "aneurysm (CTA, TOF-MRA)", "chest": "nodule (CT)"},
             "threshold": metrics["threshold_at_1fp_validation"],
+            "threshold_note": (
+                "probability at one false positive per case on validation studies of the training conditions "
+                f"(size {size}; models.train.calibrate_thresholds; head: the lower of CTA and MRA)"
+            ),
             "patch_mm": PATCH_MM,
             "training": {
                 "command": (
                     f"harmonode train landmarks --studies 8 --epochs 12 --seed {seed} && harmonode train lesions "
-                    f"--studies {studies} --epochs {epochs} --seed {seed}"
+                    f"--studies {studies} --test-size-studies {test_size_studies} --size {size} --epochs {epochs} "
+                    f"--mine {mine} --seed {seed}"
                 ),
-                "data": "harmonode simulate, size=test (head-cta, head-mra, chest-ct)",
+                "data": (
+                    f"harmonode simulate (head-cta, head-mra, chest-ct): {studies} studies per kind at size={size} "
+                    f"(node.simulate.GEOMETRY) + {test_size_studies} per kind at size=test; landmarks at size=test"
+                ),
+                "size": size,
+                "geometry": {
+                    kind: dict(
+                        zip(("slices", "matrix", "pixel_mm", "slice_mm"), GEOMETRY[(kind, size)][:4], strict=True)
+                    )
+                    for kind in ("head-cta", "head-mra", "chest-ct")
+                },
                 "studies_per_kind": studies,
+                "test_size_studies_per_kind": test_size_studies,
+                "hard_negatives": f"{mine} negatives per positive each epoch, half the highest-scored by the model",
                 "seeds_from": T.SEEDS,
                 "train_conditions": T.TRAIN_CONDITIONS,
                 "held_out_conditions": T.HELD_OUT_CONDITIONS,
@@ -155,13 +179,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("evaluate")
     def evaluate_cmd(
-        studies: Annotated[int, typer.Option(help="Held-out studies per kind.")] = 12,
+        studies: Annotated[int, typer.Option(help="Held-out studies per condition.")] = 8,
+        size: Annotated[str, typer.Option(help="Simulated size of the held-out studies (test, eval, full).")] = "eval",
         weights_dir: Annotated[Path, typer.Option(help="Folder with lesion.pt and lesion.json.")] = WEIGHTS,
         raw: Annotated[bool, typer.Option(help="Also evaluate without harmonization.")] = True,
         plot: Annotated[Path | None, typer.Option(help="FROC plot (PNG).")] = Path("docs/froc.png"),
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
         update_card: Annotated[bool, typer.Option(help="Store the results in the model card.")] = False,
         threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
+        jobs: Annotated[int, typer.Option(help="Studies scored in parallel processes.")] = 1,
     ) -> None:
         """FROC (sensitivity at 0.5/1/2/4 FP per case) and patch AUC on held-out conditions, with/without rules."""
         from models import train as T
@@ -174,23 +200,38 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
         kinds = ("head-cta", "head-mra", "chest-ct")
-        plan = T.study_plan(kinds, T.HELD_OUT_CONDITIONS, studies, T.SEEDS["eval"] + 2000)
-        rules = T.fit_rules(kinds, progress=not as_json)
-        results = {"harmonized": T.evaluate_detector(detector, plan, rules, progress=not as_json)}
+        plan = [
+            item
+            for ki, kind in enumerate(kinds)
+            for item in T.study_plan(
+                (kind,),
+                T.HELD_OUT_CONDITIONS,
+                studies * len(T.HELD_OUT_CONDITIONS[kind]),
+                T.SEEDS["eval"] + 2000 + 1000 * ki,
+                size,
+            )  # fmt: skip
+        ]
+        rules = T.fit_rules_by_size(kinds, (size,), progress=not as_json)
+        results = {"harmonized": T.evaluate_detector(detector, plan, rules, progress=not as_json, jobs=jobs)}
         if raw:
-            results["raw"] = T.evaluate_detector(detector, plan, None, progress=not as_json)
+            results["raw"] = T.evaluate_detector(detector, plan, None, progress=not as_json, jobs=jobs)
         out = {**results["harmonized"], "without_harmonization": results.get("raw"), "model": detector.version}
         if plot is not None:
             _plot(results, plot)
         if update_card:
             card_path = weights_dir / CARD_NAME
             card = json.loads(card_path.read_text())
-            card["evaluation"] = {"held_out_studies_per_kind": studies, **out}
+            card["evaluation"] = {
+                "command": f"harmonode evaluate --studies {studies} --size {size} --update-card",
+                "held_out_studies_per_condition": studies,
+                "size": size,
+                **out,
+            }
             card_path.write_text(json.dumps(card, indent=2) + "\n")
         if as_json:
             typer.echo(json.dumps(out, indent=2))
             return
         for label, res in results.items():
-            typer.echo(_table(res, f"\n{label} (held-out conditions, {studies} studies per kind)"))
+            typer.echo(_table(res, f"\n{label} (held-out conditions, {studies} studies per condition, size {size})"))
         if plot is not None:
             typer.echo(f"\nFROC plot: {plot}")

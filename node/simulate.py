@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["head-cta", "head-mra", "chest-ct"]
 KINDS: tuple[str, ...] = ("head-cta", "head-mra", "chest-ct")
-Size = Literal["test", "full"]
+Size = Literal["test", "eval", "full"]
 HU_OFFSET = 1024  # stored = HU + 1024 (RescaleIntercept -1024)
 MAX_LESION_MM = {"aneurysm": 40.0, "nodule": 60.0}
 
@@ -50,6 +50,11 @@ GEOMETRY: dict[tuple[str, str], tuple[int, int, float, float, tuple[float, float
     ("head-mra", "test"): (48, 128, 1.75, 2.5, (0.0, 5.0, 5.0)),
     ("chest-ct", "full"): (300, 512, 0.7, 1.0, (0.0, 0.0, -20.0)),
     ("chest-ct", "test"): (64, 128, 2.8, 5.0, (0.0, 0.0, -20.0)),
+    # "eval": fine enough that a 2–3 mm aneurysm spans several voxels (clinical CTA/TOF is 0.4–0.8 mm), small
+    # enough to simulate in about a second; the head slab covers the circle of Willis and the skull base
+    ("head-cta", "eval"): (112, 256, 0.85, 1.0, (0.0, 5.0, 8.0)),
+    ("head-mra", "eval"): (112, 256, 0.85, 1.0, (0.0, 5.0, 8.0)),
+    ("chest-ct", "eval"): (128, 256, 1.4, 2.5, (0.0, 0.0, -20.0)),
 }
 
 
@@ -514,7 +519,8 @@ def simulate_study(
     seed
         Subject and noise seed; the same seed gives the same anatomy under every condition, and the same bytes.
     size
-        ``test`` (≤128×128×64) or ``full`` (512×512, 200–300 slices).
+        ``test`` (≤128×128×64, 1.75–2.8 mm), ``eval`` (256×256, head 0.85 × 1 mm over the circle of Willis,
+        chest 1.4 × 2.5 mm) or ``full`` (512×512, 200–300 slices).
     lesion_diameters_mm, n_lesions
         Fixed lesion diameters, or how many lesions to draw (default: 1–3 aneurysms, 1–4 nodules).
     spacing_mm, slice_thickness_mm, slices, matrix
@@ -538,8 +544,8 @@ def simulate_study(
     )
     if isinstance(condition, ScannerCondition):
         resolve_condition(cond.name, kind, {cond.name: cond})
-    if size not in ("test", "full"):
-        raise SimulationError(f"unknown size {size!r}; choose test or full")
+    if size not in ("test", "eval", "full"):
+        raise SimulationError(f"unknown size {size!r}; choose test, eval or full")
     n_z, n_xy, dxy, dz, centre = GEOMETRY[(kind, size)]
     n_z, n_xy = slices or n_z, matrix or n_xy
     dxy = dxy if spacing_mm is None else float(spacing_mm)

@@ -223,3 +223,14 @@ def test_cli_sends_the_study_to_the_node(tmp_path: Path, node):  # noqa: ANN001
         lambda: len(node.index.instances_of_series(truth["series_instance_uid"])) == n_files, what="all slices"
     )
     assert rows and n_files == 48
+
+
+@pytest.mark.parametrize(("kind", "pixel_mm", "slice_mm"), [("head-cta", 0.85, 1.0), ("chest-ct", 1.4, 2.5)])
+def test_eval_size_resolves_small_lesions(kind, pixel_mm, slice_mm):
+    study = simulate_study(kind, "ge-revolution-standard", 2, "eval", slices=4)
+    ds = study.datasets[0]
+    assert (ds.Rows, ds.Columns) == (256, 256)
+    assert float(ds.PixelSpacing[0]) == pytest.approx(pixel_mm)
+    assert float(ds.SliceThickness) == pytest.approx(slice_mm)
+    with pytest.raises(SimulationError, match="unknown size"):
+        simulate_study(kind, "ge-revolution-standard", 2, "huge")  # type: ignore[arg-type]
