@@ -266,7 +266,7 @@ def train_classifier(
     (lesions have no handedness; landmarks do, so they are never flipped). ``mine`` > 0 (binary tasks): each
     epoch sees every positive and ``mine`` × as many negatives, half of them the negatives the model itself
     scored highest at its last look (every ``mine_every`` epochs), half drawn at random — the normal candidates
-    that outrank lesions are what costs false positives (scored on a random pool of 4 × the negatives needed).
+    that outrank lesions are what costs false positives (scored on a random pool of 2 × the negatives needed).
     """
     set_determinism(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -284,7 +284,7 @@ def train_classifier(
     for epoch in (bar := tqdm(range(epochs), desc=desc, leave=False)):
         if mine:
             if epoch and epoch % mine_every == 0:
-                pool = np.sort(rng.choice(neg_idx, min(len(neg_idx), 4 * n_neg), replace=False))
+                pool = np.sort(rng.choice(neg_idx, min(len(neg_idx), 2 * n_neg), replace=False))
                 scores = predict(model, x[pool], device=device)[:, 1]
                 hard = pool[np.argsort(-scores, kind="stable")[: n_neg // 2]]
                 model.train()
