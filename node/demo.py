@@ -32,14 +32,22 @@ from node.config import Destination, load_config, with_overrides
 
 log = logging.getLogger(__name__)
 
-DEMO_PLAN = [  # (kind, condition): the detector's two tasks under several conditions
-    ("head-cta", "ge-revolution-standard"),
-    ("head-mra", "siemens-skyra-3t-tof"),
+DEMO_PLAN = [  # (kind, condition): the detector's two tasks under conditions that need a rule
     ("head-cta", "siemens-force-br40"),
-    ("chest-ct", "canon-aquilion-fc43"),
-    ("head-cta", "philips-ict-b-lowdose"),
     ("head-mra", "ge-signa-1.5t-tof"),
+    ("head-cta", "philips-ict-b-lowdose"),
+    ("chest-ct", "canon-aquilion-fc43"),
+    ("head-cta", "siemens-definition-hr64"),
+    ("head-mra", "philips-ingenia-3t-tof"),
 ]
+#: The reference condition per kind: the rules make every other condition look like it.
+DEMO_REFERENCE = {
+    "head-cta": "ge-revolution-standard",
+    "head-mra": "siemens-skyra-3t-tof",
+    "chest-ct": "ge-revolution-standard",
+}
+#: The simulated size the demo scans at: the one the detector's thresholds were calibrated on.
+DEMO_SIZE = "eval"
 
 
 def _free_port() -> int:
@@ -189,6 +197,46 @@ def _match(findings: list[dict[str, Any]], lesions: list[dict[str, Any]]) -> tup
     return len(hit), fp
 
 
+def fit_demo_rules(plan: list[tuple[str, str]], work: Path, data: Path, seed: int) -> list[str]:
+    """Fit the rules the demo's studies need, as a site would: unlabeled studies → ``harmonode rules fit``.
+
+    Two unlabeled studies of every condition in ``plan`` and four of each kind's reference condition are
+    simulated (seeds disjoint from the demo's studies) into ``work/unlabeled`` and fitted into the node's
+    index at ``data`` with ``harmonode rules fit --from-dir … --activate``. Returns the command's lines.
+    """
+    import os
+    import sys
+
+    from node.simulate import simulate_study, write_study
+
+    folder = work / "unlabeled"
+    wanted: dict[tuple[str, str], int] = {}
+    for kind, condition in plan:
+        wanted[(kind, DEMO_REFERENCE[kind])] = 4
+        wanted.setdefault((kind, condition), 2)
+    n = 0
+    for (kind, condition), count in wanted.items():
+        for _ in range(count):
+            n += 1
+            write_study(simulate_study(kind, condition, seed=seed + 10_000 + n, size=DEMO_SIZE), folder / f"s{n}")
+    for path in folder.rglob("*.json"):  # ground truth stays out: rules are fitted from images only
+        path.unlink()
+    env = {**os.environ, "HARMONODE_NODE_DATA_DIR": str(data)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "rules", "fit", "--from-dir", str(folder), "--activate"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"rules fit failed: {proc.stderr.strip()[-500:]}")
+    shutil.rmtree(folder, ignore_errors=True)
+    return [f"{n} unlabeled studies → harmonode rules fit --from-dir … --activate"] + [
+        line for line in proc.stdout.splitlines() if line.strip()
+    ]
+
+
 def run_demo(studies: int = 3, seed: int = 7, data_dir: Path | None = None, timeout_s: float = 600) -> int:
     """Run the demo; return a process exit code (0: every study made it to the PACS)."""
     from node.app import Node
@@ -197,6 +245,10 @@ def run_demo(studies: int = 3, seed: int = 7, data_dir: Path | None = None, time
     work = Path(tempfile.mkdtemp(prefix="harmonode-demo-"))
     data = Path(data_dir) if data_dir else work / "node"
     pacs = start_pacs(work)
+    plan = [DEMO_PLAN[i % len(DEMO_PLAN)] for i in range(studies)]
+    typer.echo("fitting the conversion rules from unlabeled studies (seed 000) ...")
+    for line in fit_demo_rules(plan, work, data, seed):
+        typer.echo(f"  {line}")
     cfg = with_overrides(
         load_config(None),
         node={"port": _free_port(), "data_dir": str(data)},
@@ -213,8 +265,8 @@ def run_demo(studies: int = 3, seed: int = 7, data_dir: Path | None = None, time
     sent: list[dict[str, Any]] = []
     try:
         for i in range(studies):
-            kind, condition = DEMO_PLAN[i % len(DEMO_PLAN)]
-            study = simulate_study(kind, condition, seed=seed + i, size="test")
+            kind, condition = plan[i]
+            study = simulate_study(kind, condition, seed=seed + i, size=DEMO_SIZE)
             paths = write_study(study, work / f"study{i}")
             truth = study.truth
             n = send_files([p for p in paths if p.suffix == ".dcm"], "127.0.0.1", node.port, cfg.node.ae_title)

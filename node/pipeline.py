@@ -89,7 +89,8 @@ def stage_rule(node: Node, run: SeriesRun) -> None:
     from rules.keys import ConditionKey
     from rules.registry import RuleRegistry
 
-    match = RuleRegistry(node.index.db).lookup(ConditionKey.parse(run.condition_key))
+    with node.index.lock:  # one connection shared by the node's threads: the registry reads under its lock
+        match = RuleRegistry(node.index.db).lookup(ConditionKey.parse(run.condition_key))
     run.rule = match.rule
     run.rule_match = match.match
     run.rule_id = f"{match.rule.id}@v{match.rule.version}" if match.rule is not None else "identity"

@@ -66,3 +66,24 @@ def test_status_json_shape(node, tmp_path):
         assert key in job
     assert report["counts"]["instances"] >= 1  # the received slice, plus any result objects
     assert str(ds.PatientName) not in r.stderr
+
+
+def test_demo_fits_rules_and_delivers_results_to_orthanc(tmp_path):
+    """The README's first command, end to end: rules fitted from unlabeled studies, results in Orthanc."""
+    from peers import system_tool
+
+    system_tool("Orthanc")  # the demo falls back to a built-in PACS; this test wants the real one
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "demo", "--studies", "1", "--data-dir", str(tmp_path / "node")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "harmonode rules fit --from-dir" in r.stdout and "reference" in r.stdout
+    assert "PACS: Orthanc" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.startswith("1 "))
+    assert "siemens-force-br40" in row and "(exact)" in row  # the fitted rule, not identity
+    assert "SR:1" in row and "PR:1" in row and "OT:" in row
+    assert "Traceback" not in r.stdout + r.stderr
