@@ -112,10 +112,17 @@ def register(app: typer.Typer) -> None:
             list[str] | None, typer.Option("--condition", help="Condition name (repeatable; default: all, cycled).")
         ] = None,
         conditions_file: Annotated[
-            Path | None, typer.Option("--conditions-file", help="TOML with [conditions.NAME] tables.")
+            Path | None,
+            typer.Option("--conditions-file", help="TOML with one \\[conditions.NAME] table per condition."),
         ] = None,
         seed: Annotated[int, typer.Option("--seed", help="First subject seed; study i uses seed + i.")] = 0,
-        size: Annotated[str, typer.Option("--size", help="test (small) or full (512×512, 200–300 slices).")] = "full",
+        size: Annotated[
+            str,
+            typer.Option(
+                "--size",
+                help="test (small, fast), eval (head 256² at 0.85 mm: what the detector is measured on) or full (512², 200–300 slices).",
+            ),
+        ] = "full",
         lesion_mm: Annotated[
             list[float] | None, typer.Option("--lesion-mm", help="Fixed lesion diameter in mm (repeatable).")
         ] = None,

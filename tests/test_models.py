@@ -113,6 +113,17 @@ def test_shipped_weights_find_the_aneurysm_on_a_small_simulated_study():
 
 
 @needs_weights
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (this machine has no GPU)")
+def test_cuda_mixed_precision_agrees_with_cpu():
+    """The GPU path (fp16 autocast) scores the same patches as the CPU path, within fp16 rounding."""
+    x = np.random.default_rng(3).normal(0, 1, (512, 3, 32, 32)).astype(np.float32)
+    cpu = Detector.load(device="cpu").classify(x)
+    gpu = Detector.load(device="cuda").classify(x)
+    assert np.max(np.abs(cpu - gpu)) < 0.02
+
+
+@needs_weights
 def test_tampered_weights_are_refused(tmp_path: Path):
     for name in ("lesion.pt", "lesion.json"):
         shutil.copy(WEIGHTS_DIR / name, tmp_path / name)
