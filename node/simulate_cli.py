@@ -120,7 +120,8 @@ def register(app: typer.Typer) -> None:
             str,
             typer.Option(
                 "--size",
-                help="test (small, fast), eval (head 256² at 0.85 mm: what the detector is measured on) or full (512², 200–300 slices).",
+                help="test (small, fast), eval (head 256² at 0.85 mm: what the detector is measured on) "
+                "or full (512², 200–300 slices).",
             ),
         ] = "full",
         lesion_mm: Annotated[

@@ -5,7 +5,9 @@ Also: a series that cannot be analysed still reaches the PACS as an SR that says
 
 from __future__ import annotations
 
+import io
 import json
+import urllib.request
 
 import numpy as np
 import pytest
@@ -27,6 +29,13 @@ def orthanc_series(pacs, study_uid: str) -> dict[str, list[str]]:
         for series in pacs.get(f"/studies/{sid}/series"):
             out.setdefault(series["MainDicomTags"].get("Modality", "?"), []).extend(series["Instances"])
     return out
+
+
+def content_items(ds):  # noqa: ANN001, ANN201
+    """Every SR content item under ``ds``, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
 
 
 @pytest.fixture
@@ -64,6 +73,13 @@ def test_study_pushed_by_storescu_gets_sr_key_images_and_gsps_in_orthanc(pacs_an
     voxel = float(np.linalg.norm([*map(float, ds0.PixelSpacing), float(ds0.SliceThickness)]))
     assert findings, "the detector found nothing"
     assert min(np.linalg.norm(np.asarray(f["center_mm"]) - lesion) for f in findings) <= voxel
+    # the SR as Orthanc holds it: its 3D points (SCOORD3D POINT, frame of reference of the series) hit the lesion
+    with urllib.request.urlopen(f"{pacs.url}/instances/{got['SR'][0]}/file", timeout=10) as r:  # noqa: S310
+        sr_ds = dcmread(io.BytesIO(r.read()))
+    scoords = [item for item in content_items(sr_ds) if item.get("ValueType") == "SCOORD3D"]
+    points = [np.asarray(item.GraphicData, float) for item in scoords if item.GraphicType == "POINT"]
+    assert points and {item.ReferencedFrameOfReferenceUID for item in scoords} == {ds0.FrameOfReferenceUID}
+    assert min(np.linalg.norm(p - lesion) for p in points) <= voxel
     # every object the node made for this study passes dciodvfy
     for r in node.index.query(
         "SELECT path FROM instances i JOIN series s USING (series_instance_uid) WHERE s.origin = 'result'"
