@@ -85,7 +85,7 @@ def lung_mask(volume: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     return ndi.binary_dilation(lungs, structure=struct)
 
 
-def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str) -> Candidates:
+def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str, modality: str = "CT") -> Candidates:
     """Blob-like candidate points of a normalised volume (``models.patches.normalise``).
 
     Parameters
@@ -96,6 +96,9 @@ def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str) -> 
         (dz, dy, dx) in mm.
     body
         ``head`` (vessel blobs, CTA or MRA) or ``chest`` (blobs in the lungs).
+    modality
+        ``CT`` or ``MR``. Only CT has bone to keep away from: in TOF-MRA the brightest voxels are the
+        aneurysms themselves (normalised inflow well above 2 in a large one).
 
     Returns
     -------
@@ -106,7 +109,7 @@ def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str) -> 
     st = _strides(spacing, cfg.work_spacing_mm)
     work = np.ascontiguousarray(volume[:: st[0], :: st[1], :: st[2]], dtype=np.float32)
     wsp = np.asarray(spacing, float) * np.asarray(st)
-    bone = work > BONE
+    bone = work > BONE if modality.upper() == "CT" else np.zeros(work.shape, dtype=bool)
     np.minimum(work, np.float32(cfg.clip_above), out=work)
     best = np.full(work.shape, -np.inf, dtype=np.float32)
     best_sigma = np.zeros(work.shape, dtype=np.float32)

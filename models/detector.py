@@ -185,7 +185,7 @@ class Detector:
     ) -> tuple[Candidates, np.ndarray]:
         """Every candidate with its probability (no threshold, no NMS): what ``evaluate`` sweeps."""
         volume = normalise(values, modality)
-        cands = find_candidates(volume, geometry.spacing, body)
+        cands = find_candidates(volume, geometry.spacing, body, modality)
         if len(cands) == 0:
             return cands, np.zeros(0, np.float32)
         patches = extract_patches(volume, geometry.spacing, cands.centres, self.patch_mm[body])

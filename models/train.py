@@ -179,7 +179,7 @@ def lesion_samples(
     by the model itself (``train_classifier(mine=…)``), so the sample must hold them all.
     """
     vol = normalise(study.values, study.modality)
-    cands = find_candidates(vol, study.geometry.spacing, study.body)
+    cands = find_candidates(vol, study.geometry.spacing, study.body, study.modality)
     lab = candidate_labels(study, cands.centres)
     neg = np.flatnonzero(lab == 0)
     if max_negatives is not None and len(neg) > max_negatives:

@@ -62,6 +62,18 @@ def test_an_aneurysm_touching_bone_keeps_its_candidate():
     assert np.linalg.norm((cands.centres - centre) * 0.8, axis=1).min() < 3.0
 
 
+def test_a_bright_mra_aneurysm_is_not_taken_for_bone():
+    # TOF: normalised by the 99.9th percentile, a large aneurysm's inflow can sit far above the vessels
+    vol, centre = phantom((0.8, 0.8, 0.8), (48, 48, 48), aneurysm_mm=6.0)
+    mr = np.where(vol > 390, 1.0, np.where(vol > 300, 3.0, 0.1)).astype(np.float32)  # tube 1, aneurysm 3
+    mm = [
+        np.linalg.norm((find_candidates(mr, (0.8,) * 3, "head", m).centres - centre) * 0.8, axis=1)
+        for m in ("CT", "MR")
+    ]
+    ct_dist, mr_dist = (d.min() if len(d) else np.inf for d in mm)  # as CT the blob would read as bone
+    assert mr_dist < 3.0 and ct_dist > mr_dist
+
+
 def test_tiny_model_overfits_a_few_patches():
     rng = np.random.default_rng(0)
     pos, neg = [], []
