@@ -15,7 +15,9 @@ margin is dropped in the head: ophthalmic and cavernous ICA aneurysms lie agains
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,9 +82,12 @@ def lung_mask(volume: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     keep &= sizes > max(50, 0.001 * air.size)
     lungs = keep[labels]
     lungs = ndi.binary_fill_holes(lungs)
-    grow = tuple(max(1, int(round(5.0 / s))) for s in spacing)
-    struct = np.ones(tuple(2 * g + 1 for g in grow), dtype=bool)
-    return ndi.binary_dilation(lungs, structure=struct)
+    return grow_box(lungs, tuple(max(1, int(round(5.0 / s))) for s in spacing))
+
+
+def grow_box(mask: np.ndarray, grow: Sequence[int]) -> np.ndarray:
+    """Dilate a boolean mask by ``grow`` voxels per axis with a box (separable max filter, ~7× binary_dilation)."""
+    return ndi.maximum_filter(np.asarray(mask, dtype=bool).view(np.uint8), size=tuple(2 * g + 1 for g in grow)) > 0
 
 
 def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str, modality: str = "CT") -> Candidates:
@@ -107,25 +112,32 @@ def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str, mod
     """
     cfg = SETTINGS[body]
     st = _strides(spacing, cfg.work_spacing_mm)
-    work = np.ascontiguousarray(volume[:: st[0], :: st[1], :: st[2]], dtype=np.float32)
+    work = np.array(volume[:: st[0], :: st[1], :: st[2]], dtype=np.float32, order="C")  # a copy: the caller's
+    # volume is never changed (it once was clipped in place whenever no striding was needed)
     wsp = np.asarray(spacing, float) * np.asarray(st)
     bone = work > BONE if modality.upper() == "CT" else np.zeros(work.shape, dtype=bool)
     np.minimum(work, np.float32(cfg.clip_above), out=work)
     best = np.full(work.shape, -np.inf, dtype=np.float32)
     best_sigma = np.zeros(work.shape, dtype=np.float32)
-    for sigma in cfg.sigmas_mm:
+
+    def log_response(sigma: float) -> np.ndarray:
         resp = ndi.gaussian_laplace(work, sigma=tuple(sigma / wsp), mode="nearest")
         resp *= np.float32(-(sigma**2))  # scale-normalised, bright blobs positive
-        better = resp > best
-        best[better] = resp[better]
-        best_sigma[better] = sigma
+        return resp
+
+    # scipy.ndimage releases the GIL: the scales run side by side (same result, combined in order)
+    with ThreadPoolExecutor(max(1, min(len(cfg.sigmas_mm), os.cpu_count() or 1))) as pool:
+        for sigma, resp in zip(cfg.sigmas_mm, pool.map(log_response, cfg.sigmas_mm), strict=True):
+            better = resp > best
+            best[better] = resp[better]
+            best_sigma[better] = sigma
     if body == "chest":
         mask = lung_mask(work, wsp)
     else:
         mask = ndi.maximum_filter(work, size=3) > cfg.min_value  # on or next to the vessel tree
     if bone.any():  # CT: nothing in or near bone (skull base, ribs, spine): its edges would flood the budget
         grow = tuple(max(1, int(round(cfg.bone_margin_mm / s))) for s in wsp)
-        mask &= ~ndi.binary_dilation(bone, structure=np.ones(tuple(2 * g + 1 for g in grow), dtype=bool))
+        mask &= ~grow_box(bone, grow)
     footprint = tuple(max(3, 2 * int(round(cfg.min_separation_mm / 2 / s)) + 1) for s in wsp)
     peaks = (best == ndi.maximum_filter(best, size=footprint)) & mask & (best > 0) & (work > cfg.min_value)
     idx = np.argwhere(peaks)

@@ -21,7 +21,7 @@ import torch
 from models.candidates import Candidates, find_candidates
 from models.findings import Finding, VolumeGeometry
 from models.nets import MiniVGG, NetConfig
-from models.patches import PATCH_MM, extract_patches, normalise
+from models.patches import PATCH_MM, apply_ceiling, extract_patches, normalise
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,7 @@ class Detector:
         cands = find_candidates(volume, geometry.spacing, body, modality)
         if len(cands) == 0:
             return cands, np.zeros(0, np.float32)
+        apply_ceiling(volume, body)
         patches = extract_patches(volume, geometry.spacing, cands.centres, self.patch_mm[body])
         return cands, self.classify(patches)
 

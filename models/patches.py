@@ -52,6 +52,24 @@ def normalise(values: np.ndarray, modality: str) -> np.ndarray:
     return out
 
 
+#: Upper bound of the network's input per body part (normalised units). Head patches are seen with everything
+#: brighter than 2.0 (CT ≈ 800 HU: bone) flattened, as the candidate finder sees them, so the skull does not
+#: outshine the vessels; the shipped weights were trained so. Chest patches keep the full range.
+PATCH_CEILING = {"head": 2.0}
+
+
+def apply_ceiling(volume: np.ndarray, body: str) -> np.ndarray:
+    """Flatten a normalised volume above its body part's ``PATCH_CEILING``, in place; returns it.
+
+    Candidates are found on the normalised volume first (they need the bone to keep away from it); the
+    patches are then cut from the flattened one.
+    """
+    ceiling = PATCH_CEILING.get(body)
+    if ceiling is not None:
+        np.minimum(volume, np.float32(ceiling), out=volume)
+    return volume
+
+
 def plane_offsets(patch_mm: float, size: int = PATCH_SIZE) -> np.ndarray:
     """Offsets (mm) of the ``size`` sample points along one plane axis, centred on the point."""
     return (np.arange(size, dtype=np.float32) - (size - 1) / 2.0) * np.float32(patch_mm / size)

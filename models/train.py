@@ -32,7 +32,7 @@ from tqdm import tqdm
 from models.candidates import find_candidates
 from models.findings import VolumeGeometry
 from models.nets import MiniVGG, NetConfig
-from models.patches import PATCH_MM, extract_patches, normalise
+from models.patches import PATCH_MM, apply_ceiling, extract_patches, normalise
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ def lesion_samples(
     """
     vol = normalise(study.values, study.modality)
     cands = find_candidates(vol, study.geometry.spacing, study.body, study.modality)
+    apply_ceiling(vol, study.body)
     lab = candidate_labels(study, cands.centres)
     neg = np.flatnonzero(lab == 0)
     if max_negatives is not None and len(neg) > max_negatives:
