@@ -194,14 +194,8 @@ class Node:
         if "listen" in roles:
             self.start_listening()
         if "work" in roles:
-            from node.pipeline import warm_up
-
-            def work() -> None:
-                warm_up(self)  # the model is loaded once per worker, before the first series arrives
-                self.run_jobs((ANALYZE_SERIES,))
-
             for i in range(max(1, self.config.pipeline.workers)):
-                self._spawn(f"worker-{i}", work)
+                self._spawn(f"worker-{i}", lambda: self.run_jobs((ANALYZE_SERIES,)))
         if "dispatch" in roles:
             self._spawn("dispatcher", lambda: self.run_jobs((SEND,)))
 

@@ -156,22 +156,13 @@ def node_detector(node: Node) -> Any:
     try:
         from models.detector import Detector
 
+        # loaded on the first series, not at start: a node that only receives stays small (torch is ~200 MB)
         node._detector = Detector.load(device=node.config.pipeline.device)  # type: ignore[attr-defined]
     except (FileNotFoundError, ImportError) as exc:
         log.error("no detector installed (%s): series will get a 'not analysed' SR", exc)
         node._detector_missing = True  # type: ignore[attr-defined]
         return None
     return node._detector  # type: ignore[attr-defined]
-
-
-def warm_up(node: Node) -> None:
-    """Load the detector and run it once on empty patches, so the first series does not pay for it."""
-    try:
-        detector = node_detector(node)
-        if detector is not None:
-            detector.classify(np.zeros((8, 3, 32, 32), np.float32))
-    except Exception as exc:  # a worker that cannot warm up still serves: the first series will say why
-        log.warning("detector warm-up failed: %s", exc)
 
 
 def stage_results(node: Node, run: SeriesRun) -> None:
