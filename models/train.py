@@ -399,8 +399,8 @@ def _lesion_model(pretrained: Path | None, width: int, seed: int) -> MiniVGG:
 def train_lesions(
     out: Path,
     pretrained: Path | None,
-    studies: int = 20,
-    epochs: int = 10,
+    studies: int = 16,
+    epochs: int = 16,
     seed: int = 0,
     width: int = 16,
     harmonize: bool = True,
@@ -408,7 +408,7 @@ def train_lesions(
     eval_studies: int = 6,
     size: str = "eval",
     test_size_studies: int = 6,
-    mine: int = 3,
+    mine: int = 5,
 ) -> dict[str, Any]:
     """Fine-tune the landmark trunk to lesion vs normal (aneurysm and nodule patches in one binary task).
 
