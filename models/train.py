@@ -474,9 +474,9 @@ def calibrate_thresholds(
     evaluation; for the head the lower of the CTA and MRA thresholds is kept (sensitivity first). ``rules`` is
     ``fit_rules_by_size`` output (or None).
     """
-    from models.detector import Detector
+    from models.detector import TTA, Detector
 
-    detector = Detector(model, {"version": "calibration", "threshold": 0.5}, torch.device("cpu"))
+    detector = Detector(model, {"version": "calibration", "threshold": 0.5, "tta": TTA}, torch.device("cpu"))
     kinds = ("head-cta", "head-mra", "chest-ct")
     plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["eval"] + 8000 + seed, size)
     per_kind = evaluate_detector(detector, plan, rules, progress=False)["per_kind"]

@@ -112,13 +112,14 @@ def register(app: typer.Typer) -> None:
         harmonize: Annotated[bool, typer.Option(help="Apply seed-000 rules to every study.")] = True,
         compare_scratch: Annotated[bool, typer.Option(help="Also train from scratch and report both.")] = True,
         threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
-        version: Annotated[str, typer.Option(help="Version written to the model card.")] = "1.1.0",
+        version: Annotated[str, typer.Option(help="Version written to the model card.")] = "1.1.1",
     ) -> None:
         """Transfer the landmark trunk to lesion vs normal (aneurysm on head CTA/MRA, nodule on chest CT).
 
         The defaults reproduce the shipped weights (about 25 minutes on 2 CPU cores; CUDA when present).
         """
         from models import train as T
+        from models.detector import TTA
         from models.patches import PATCH_MM
         from node.simulate import GEOMETRY
 
@@ -144,6 +145,7 @@ def register(app: typer.Typer) -> None:
                 f"(size {size}; models.train.calibrate_thresholds; head: the lower of CTA and MRA)"
             ),
             "patch_mm": PATCH_MM,
+            "tta": TTA,
             "training": {
                 "command": (
                     f"harmonode train landmarks --studies 8 --epochs 12 --seed {seed} && harmonode train lesions "

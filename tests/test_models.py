@@ -125,6 +125,17 @@ def test_shipped_weights_find_the_aneurysm_on_a_small_simulated_study():
 
 
 @needs_weights
+def test_chest_patches_are_read_as_the_mean_of_four_views():
+    detector = Detector.load(device="cpu")
+    assert detector.tta == {"head": 1, "chest": 4}
+    x = np.random.default_rng(5).normal(0, 1, (16, 3, 32, 32)).astype(np.float32)
+    views = [x, x[..., ::-1], x[..., ::-1, :], x.transpose(0, 1, 3, 2)]
+    expected = np.mean([detector.classify(np.ascontiguousarray(v)) for v in views], axis=0)
+    assert np.allclose(detector.classify(x, tta=4), expected, atol=1e-5)
+    assert not np.allclose(detector.classify(x, tta=4), detector.classify(x), atol=1e-4)
+
+
+@needs_weights
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (this machine has no GPU)")
 def test_cuda_mixed_precision_agrees_with_cpu():
