@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.ndimage as ndi
 
+from models.patches import apply_ceiling, normalise
+
 log = logging.getLogger(__name__)
 
 
@@ -148,3 +150,21 @@ def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str, mod
     centres = idx.astype(np.float64) * np.asarray(st, float)
     log.debug("%s candidates: %d peaks kept of %d", body, len(idx), int(peaks.sum()))
     return Candidates(centres, scores.astype(np.float32), (2.0 * np.sqrt(3.0) * sigmas).astype(np.float32))
+
+
+def network_input_and_candidates(
+    values: np.ndarray, spacing: Sequence[float], modality: str, body: str
+) -> tuple[np.ndarray, Candidates]:
+    """The volume patches are cut from, and the candidates, in the one order that is right.
+
+    Candidates are found on the normalised volume (bone still visible, so they keep away from it); the
+    body part's patch ceiling is applied afterwards. Training and inference both come through here.
+
+    Returns
+    -------
+    tuple
+        (normalised volume with the ceiling applied, candidates).
+    """
+    volume = normalise(values, modality)
+    cands = find_candidates(volume, spacing, body, modality)
+    return apply_ceiling(volume, body), cands

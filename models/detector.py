@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.candidates import Candidates, find_candidates
+from models.candidates import Candidates, network_input_and_candidates
 from models.findings import Finding, VolumeGeometry
 from models.nets import MiniVGG, NetConfig
-from models.patches import PATCH_MM, apply_ceiling, extract_patches, normalise
+from models.patches import PATCH_MM, extract_patches
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +194,9 @@ class Detector:
         self, values: np.ndarray, geometry: VolumeGeometry, modality: str, body: str
     ) -> tuple[Candidates, np.ndarray]:
         """Every candidate with its probability (no threshold, no NMS): what ``evaluate`` sweeps."""
-        volume = normalise(values, modality)
-        cands = find_candidates(volume, geometry.spacing, body, modality)
+        volume, cands = network_input_and_candidates(values, geometry.spacing, modality, body)
         if len(cands) == 0:
             return cands, np.zeros(0, np.float32)
-        apply_ceiling(volume, body)
         patches = extract_patches(volume, geometry.spacing, cands.centres, self.patch_mm[body])
         return cands, self.classify(patches, tta=self.tta[body])
 

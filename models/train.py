@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.candidates import find_candidates
+from models.candidates import network_input_and_candidates
 from models.findings import VolumeGeometry
 from models.nets import MiniVGG, NetConfig
-from models.patches import PATCH_MM, apply_ceiling, extract_patches, normalise
+from models.patches import PATCH_MM, extract_patches, normalise
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,7 @@ def lesion_samples(
     Every normal candidate is kept by default (``max_negatives`` None): the hard ones are picked during training
     by the model itself (``train_classifier(mine=…)``), so the sample must hold them all.
     """
-    vol = normalise(study.values, study.modality)
-    cands = find_candidates(vol, study.geometry.spacing, study.body, study.modality)
-    apply_ceiling(vol, study.body)
+    vol, cands = network_input_and_candidates(study.values, study.geometry.spacing, study.modality, study.body)
     lab = candidate_labels(study, cands.centres)
     neg = np.flatnonzero(lab == 0)
     if max_negatives is not None and len(neg) > max_negatives:
