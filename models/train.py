@@ -74,12 +74,15 @@ class Study:
         return KIND_BODY[self.kind]
 
 
-def simulated(kind: str, condition: str, seed: int, size: str = "test") -> Study:
-    """Simulate a study and load it through the node's own volume builder (same geometry as in the pipeline)."""
+def simulated(kind: str, condition: str, seed: int, size: str = "test", n_lesions: int | None = None) -> Study:
+    """Simulate a study and load it through the node's own volume builder (same geometry as in the pipeline).
+
+    ``n_lesions`` fixes how many lesions the subject has (default: the simulator's 1–3 aneurysms, 1–4 nodules).
+    """
     from node.simulate import simulate_study
     from node.volume import build_volume
 
-    sim = simulate_study(kind, condition, seed, size)  # type: ignore[arg-type]
+    sim = simulate_study(kind, condition, seed, size, n_lesions=n_lesions)  # type: ignore[arg-type]
     vol = build_volume(sim.datasets)
     return Study(kind, condition, seed, vol.values, vol.geometry, vol.modality, sim.truth)
 
@@ -193,13 +196,21 @@ def lesion_samples(
 
 
 def collect(
-    what: str, plan: Sequence[tuple[str, str, int, str]], rules: dict | None, names: Sequence[str] = (), seed: int = 0
+    what: str,
+    plan: Sequence[tuple[str, str, int, str]],
+    rules: dict | None,
+    names: Sequence[str] = (),
+    seed: int = 0,
+    n_lesions: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Patches and labels from every (kind, condition, seed, size) of ``plan``, harmonized with ``rules``."""
+    """Patches and labels from every (kind, condition, seed, size) of ``plan``, harmonized with ``rules``.
+
+    ``n_lesions``: lesions per simulated subject (None: the simulator's default mix).
+    """
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for kind, cond, s, size in tqdm(plan, desc=f"{what} patches", leave=False):
-        study = harmonized(simulated(kind, cond, s, size), rules_for(rules, size))
+        study = harmonized(simulated(kind, cond, s, size, n_lesions), rules_for(rules, size))
         x, y = landmark_samples(study, names, rng) if what == "landmarks" else lesion_samples(study, rng)
         xs.append(x)
         ys.append(y)
@@ -407,6 +418,7 @@ def train_lesions(
     size: str = "eval",
     test_size_studies: int = 6,
     mine: int = 5,
+    lesions_per_study: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the landmark trunk to lesion vs normal (aneurysm and nodule patches in one binary task).
 
@@ -423,7 +435,7 @@ def train_lesions(
     if test_size_studies:
         train_plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, SEEDS["lesions"] + 500, "test")
     test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
-    x, y = collect("lesions", train_plan, rules, seed=seed)
+    x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=lesions_per_study)
     xv, yv = collect("lesions", test_plan, rules, seed=seed + 1)
     names = ("transfer", "scratch") if compare_scratch and pretrained else ("transfer" if pretrained else "scratch",)
     options = {"lr": 1e-3, "flips": True, "balance": True, "mine": mine}
@@ -455,6 +467,7 @@ def train_lesions(
         "size": size,
         "test_size_studies_per_kind": test_size_studies,
         "hard_negative_ratio": mine,
+        "lesions_per_training_study": lesions_per_study or "simulator default (1-3 aneurysms, 1-4 nodules)",
         "threshold_at_1fp_validation": thresholds,
         "cpu_seconds": time.process_time() - t0,
     }

@@ -86,6 +86,7 @@ def register(app: typer.Typer) -> None:
         studies: Annotated[int, typer.Option(help="Training studies per kind.")] = 8,
         epochs: Annotated[int, typer.Option()] = 12,
         seed: Annotated[int, typer.Option()] = 0,
+        width: Annotated[int, typer.Option(help="Channels of the first block (16, 32, 64 through the trunk).")] = 16,
         harmonize: Annotated[bool, typer.Option(help="Apply seed-000 rules to every study.")] = True,
         threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
     ) -> None:
@@ -93,7 +94,7 @@ def register(app: typer.Typer) -> None:
         from models.train import train_landmarks
 
         _threads(threads)
-        metrics = train_landmarks(out, studies=studies, epochs=epochs, seed=seed, harmonize=harmonize)
+        metrics = train_landmarks(out, studies=studies, epochs=epochs, seed=seed, width=width, harmonize=harmonize)
         typer.echo(json.dumps({"checkpoint": str(out), **metrics}, indent=2))
 
     @train_app.command("lesions")
@@ -107,6 +108,9 @@ def register(app: typer.Typer) -> None:
         size: Annotated[str, typer.Option(help="Simulated size of the training studies (test, eval, full).")] = "eval",
         epochs: Annotated[int, typer.Option()] = 16,
         mine: Annotated[int, typer.Option(help="Negatives per positive each epoch (half mined), 0: all.")] = 5,
+        lesions_per_study: Annotated[
+            int | None, typer.Option(help="Lesions per training subject (default: 1–3 aneurysms, 1–4 nodules).")
+        ] = None,
         width: Annotated[int, typer.Option(help="Network width when training from scratch.")] = 16,
         seed: Annotated[int, typer.Option()] = 0,
         harmonize: Annotated[bool, typer.Option(help="Apply seed-000 rules to every study.")] = True,
@@ -129,6 +133,7 @@ def register(app: typer.Typer) -> None:
         metrics = T.train_lesions(
             out, pretrained, studies=studies, epochs=epochs, seed=seed, harmonize=harmonize,
             compare_scratch=compare_scratch, size=size, test_size_studies=test_size_studies, mine=mine, width=width,
+            lesions_per_study=lesions_per_study,
         )  # fmt: skip
         landmark = {}
         if pretrained is not None:
@@ -151,6 +156,7 @@ def register(app: typer.Typer) -> None:
                     f"harmonode train landmarks --studies 8 --epochs 12 --seed {seed} && harmonode train lesions "
                     f"--studies {studies} --test-size-studies {test_size_studies} --size {size} --epochs {epochs} "
                     f"--mine {mine} --seed {seed}"
+                    + (f" --lesions-per-study {lesions_per_study}" if lesions_per_study else "")
                 ),
                 "data": (
                     f"harmonode simulate (head-cta, head-mra, chest-ct): {studies} studies per kind at size={size} "

@@ -191,3 +191,14 @@ def test_a_plain_series_is_analysed_by_an_untrained_model(untrained_detector):
     detection = untrained_detector.detect(vol, geometry(vol.shape, (1.0, 1.0, 1.0)), "CT", "head")
     assert detection.analysed and detection.n_candidates > 0
     assert all(f.kind == "aneurysm" for f in detection.findings)
+
+
+def test_training_subjects_can_carry_more_lesions():
+    # `harmonode train lesions --lesions-per-study N`: more positives per simulated subject (simulation is the cost)
+    from models.train import simulated
+
+    default = simulated("head-cta", "siemens-force-br40", 20_001, "test")
+    four = simulated("head-cta", "siemens-force-br40", 20_001, "test", n_lesions=4)
+    assert 1 <= len(default.truth["lesions"]) <= 3
+    assert len(four.truth["lesions"]) == 4
+    assert len({les["site"] for les in four.truth["lesions"]}) == 4  # four different places on the tree
