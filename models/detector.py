@@ -3,6 +3,11 @@
 ``Detector.load`` reads the shipped weights next to their model card and refuses them unless the file's sha256
 matches the card. ``detect`` never raises on bad input: a series it cannot analyse comes back as
 ``Detection(analysed=False, reason=…)`` for the SR to say why.
+
+A card may name further weight files (``members``: file and sha256 each): the detector then reads every patch
+with each network and averages the probabilities (an ensemble of independently trained networks; on this
+simulator two networks trained on different subjects disagree most on small CTA aneurysms, and their mean
+ranks them more steadily than either).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,8 +93,19 @@ def nms_3d(points_mm: np.ndarray, scores: np.ndarray, radii_mm: np.ndarray) -> n
 class Detector:
     """A loaded lesion classifier with its card; one per worker process."""
 
-    def __init__(self, model: MiniVGG, card: dict[str, Any], device: torch.device, threshold: float | None = None):
-        self.model = model.to(device).eval()
+    def __init__(
+        self,
+        model: MiniVGG | Sequence[MiniVGG],
+        card: dict[str, Any],
+        device: torch.device,
+        threshold: float | None = None,
+    ):
+        members = [model] if isinstance(model, MiniVGG) else list(model)
+        if not members:
+            raise ValueError("a detector needs at least one network")
+        #: the networks whose probabilities are averaged (one, or an ensemble named by the card)
+        self.models = [m.to(device).eval() for m in members]
+        self.model = self.models[0]
         self.card = card
         self.device = device
         self.version = str(card.get("version", "0"))
@@ -130,17 +147,28 @@ class Detector:
         if not card_path.exists():
             raise WeightsRefused(f"weights {weights.name} have no model card {card_path.name}: refused")
         card = json.loads(card_path.read_text())
-        actual = sha256_of(weights)
-        if actual != card.get("sha256"):
-            raise WeightsRefused(
-                f"weights {weights.name} have sha256 {actual[:16]}…, the card says {str(card.get('sha256'))[:16]}…: "
-                "refused (tampered or mismatched file)"
-            )
-        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
-        model = MiniVGG(NetConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["state_dict"])
-        log.info("detector %s loaded from %s", card.get("version"), weights)
-        return cls(model, card, pick_device(device))
+        files = [(weights, card.get("sha256"))]
+        for member in card.get("members", []):
+            name = Path(str(member.get("file", "")))
+            if name.name != str(name) or not name.name:  # a bare file name next to the card, nothing else
+                raise WeightsRefused(f"model card names an invalid member file {str(name)!r}: refused")
+            files.append((folder / name.name, member.get("sha256")))
+        models = []
+        for path, expected in files:
+            if not path.exists():
+                raise WeightsRefused(f"the model card names {path.name}, which is missing: refused")
+            actual = sha256_of(path)
+            if actual != expected:
+                raise WeightsRefused(
+                    f"weights {path.name} have sha256 {actual[:16]}…, the card says {str(expected)[:16]}…: "
+                    "refused (tampered or mismatched file)"
+                )
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            model = MiniVGG(NetConfig(**ckpt["config"]))
+            model.load_state_dict(ckpt["state_dict"])
+            models.append(model)
+        log.info("detector %s loaded from %s (%d network(s))", card.get("version"), folder, len(models))
+        return cls(models, card, pick_device(device))
 
     # -- checks ---------------------------------------------------------------------------------------------------
     def refusal(
@@ -176,18 +204,20 @@ class Detector:
     # -- inference ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def classify(self, patches: np.ndarray, batch: int = 1024, tta: int = 1) -> np.ndarray:
-        """Lesion probability of each (N, 3, 32, 32) patch (float32 N), averaged over ``tta`` flips/turns."""
+        """Lesion probability of each (N, 3, 32, 32) patch (float32 N), averaged over ``tta`` flips/turns and
+        over the ensemble's networks."""
         out = np.empty(len(patches), dtype=np.float32)
         cuda = self.device.type == "cuda"
         for start in range(0, len(patches), batch):
             x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch])).to(self.device)
             views = [x, torch.flip(x, dims=(3,)), torch.flip(x, dims=(2,)), x.transpose(2, 3)][: max(1, tta)]
             prob = torch.zeros(len(x), device=self.device)
-            for view in views:
-                with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-                    logits = self.model(view)
-                prob += torch.softmax(logits.float(), dim=1)[:, 1]
-            out[start : start + len(x)] = (prob / len(views)).cpu().numpy()
+            for model in self.models:
+                for view in views:
+                    with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+                        logits = model(view)
+                    prob += torch.softmax(logits.float(), dim=1)[:, 1]
+            out[start : start + len(x)] = (prob / (len(views) * len(self.models))).cpu().numpy()
         return out
 
     def score(

@@ -408,17 +408,17 @@ def _lesion_model(pretrained: Path | None, width: int, seed: int) -> MiniVGG:
 def train_lesions(
     out: Path,
     pretrained: Path | None,
-    studies: int = 16,
+    studies: int = 40,
     epochs: int = 16,
     seed: int = 0,
     width: int = 16,
     harmonize: bool = True,
-    compare_scratch: bool = True,
+    compare_scratch: bool = False,
     eval_studies: int = 6,
     size: str = "eval",
     test_size_studies: int = 6,
     mine: int = 5,
-    lesions_per_study: int | None = None,
+    lesions_per_study: int | None = 4,
 ) -> dict[str, Any]:
     """Fine-tune the landmark trunk to lesion vs normal (aneurysm and nodule patches in one binary task).
 
@@ -435,7 +435,7 @@ def train_lesions(
     if test_size_studies:
         train_plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, SEEDS["lesions"] + 500, "test")
     test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
-    x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=lesions_per_study)
+    x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=lesions_per_study or None)
     xv, yv = collect("lesions", test_plan, rules, seed=seed + 1)
     names = ("transfer", "scratch") if compare_scratch and pretrained else ("transfer" if pretrained else "scratch",)
     options = {"lr": 1e-3, "flips": True, "balance": True, "mine": mine}
@@ -477,13 +477,13 @@ def train_lesions(
 
 
 def calibrate_thresholds(
-    model: MiniVGG, rules: dict | None, seed: int, studies: int = 6, size: str = "eval"
+    model: MiniVGG | Sequence[MiniVGG], rules: dict | None, seed: int, studies: int = 6, size: str = "eval"
 ) -> dict[str, float]:
     """Per body part, the probability giving one false positive per case on validation studies.
 
     The validation studies come from the training conditions with seeds used neither for training nor for
     evaluation; for the head the lower of the CTA and MRA thresholds is kept (sensitivity first). ``rules`` is
-    ``fit_rules_by_size`` output (or None).
+    ``fit_rules_by_size`` output (or None). ``model`` may be an ensemble (probabilities averaged).
     """
     from models.detector import TTA, Detector
 

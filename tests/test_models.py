@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def test_cuda_mixed_precision_agrees_with_cpu():
 
 @needs_weights
 def test_tampered_weights_are_refused(tmp_path: Path):
-    for name in ("lesion.pt", "lesion.json"):
+    for name in ("lesion.pt", "lesion.json", "lesion-b.pt"):
         shutil.copy(WEIGHTS_DIR / name, tmp_path / name)
     Detector.load(device="cpu", weights_dir=tmp_path)  # intact copy loads
     raw = bytearray((tmp_path / "lesion.pt").read_bytes())
@@ -158,6 +159,30 @@ def test_tampered_weights_are_refused(tmp_path: Path):
         Detector.load(device="cpu", weights_dir=tmp_path)
     (tmp_path / "lesion.json").unlink()
     with pytest.raises(WeightsRefused, match="card"):
+        Detector.load(device="cpu", weights_dir=tmp_path)
+
+
+@needs_weights
+def test_every_ensemble_member_is_checked_and_averaged(tmp_path: Path):
+    for name in ("lesion.pt", "lesion.json", "lesion-b.pt"):
+        shutil.copy(WEIGHTS_DIR / name, tmp_path / name)
+    detector = Detector.load(device="cpu", weights_dir=tmp_path)
+    assert len(detector.models) == 2  # the shipped card names a second network
+    x = np.random.default_rng(0).normal(0.0, 0.5, size=(16, 3, 32, 32)).astype(np.float32)
+    single = [Detector(m, detector.card, torch.device("cpu")).classify(x) for m in detector.models]
+    np.testing.assert_allclose(detector.classify(x), (single[0] + single[1]) / 2, atol=1e-5)
+    raw = bytearray((tmp_path / "lesion-b.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (tmp_path / "lesion-b.pt").write_bytes(bytes(raw))
+    with pytest.raises(WeightsRefused, match="lesion-b.pt have sha256"):
+        Detector.load(device="cpu", weights_dir=tmp_path)
+    (tmp_path / "lesion-b.pt").unlink()
+    with pytest.raises(WeightsRefused, match="missing"):
+        Detector.load(device="cpu", weights_dir=tmp_path)
+    card = json.loads((tmp_path / "lesion.json").read_text())
+    card["members"][0]["file"] = "../lesion.pt"
+    (tmp_path / "lesion.json").write_text(json.dumps(card))
+    with pytest.raises(WeightsRefused, match="invalid member"):
         Detector.load(device="cpu", weights_dir=tmp_path)
 
 
