@@ -147,14 +147,19 @@ def test_cuda_mixed_precision_agrees_with_cpu():
     assert np.max(np.abs(cpu - gpu)) < 0.02
 
 
+def flip_one_bit(path: Path) -> None:
+    """Tamper with a file: one bit in its middle."""
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
 @needs_weights
 def test_tampered_weights_are_refused(tmp_path: Path):
     for name in ("lesion.pt", "lesion.json", "lesion-b.pt"):
         shutil.copy(WEIGHTS_DIR / name, tmp_path / name)
     Detector.load(device="cpu", weights_dir=tmp_path)  # intact copy loads
-    raw = bytearray((tmp_path / "lesion.pt").read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    (tmp_path / "lesion.pt").write_bytes(bytes(raw))
+    flip_one_bit(tmp_path / "lesion.pt")
     with pytest.raises(WeightsRefused, match="sha256"):
         Detector.load(device="cpu", weights_dir=tmp_path)
     (tmp_path / "lesion.json").unlink()
@@ -171,9 +176,7 @@ def test_every_ensemble_member_is_checked_and_averaged(tmp_path: Path):
     x = np.random.default_rng(0).normal(0.0, 0.5, size=(16, 3, 32, 32)).astype(np.float32)
     single = [Detector(m, detector.card, torch.device("cpu")).classify(x) for m in detector.models]
     np.testing.assert_allclose(detector.classify(x), (single[0] + single[1]) / 2, atol=1e-5)
-    raw = bytearray((tmp_path / "lesion-b.pt").read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    (tmp_path / "lesion-b.pt").write_bytes(bytes(raw))
+    flip_one_bit(tmp_path / "lesion-b.pt")
     with pytest.raises(WeightsRefused, match="lesion-b.pt have sha256"):
         Detector.load(device="cpu", weights_dir=tmp_path)
     (tmp_path / "lesion-b.pt").unlink()
