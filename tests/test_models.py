@@ -154,10 +154,15 @@ def flip_one_bit(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+def copy_shipped_weights(folder: Path) -> None:
+    """The shipped card and every network it names, copied to ``folder``."""
+    for name in ("lesion.pt", "lesion.json", "lesion-b.pt"):
+        shutil.copy(WEIGHTS_DIR / name, folder / name)
+
+
 @needs_weights
 def test_tampered_weights_are_refused(tmp_path: Path):
-    for name in ("lesion.pt", "lesion.json", "lesion-b.pt"):
-        shutil.copy(WEIGHTS_DIR / name, tmp_path / name)
+    copy_shipped_weights(tmp_path)
     Detector.load(device="cpu", weights_dir=tmp_path)  # intact copy loads
     flip_one_bit(tmp_path / "lesion.pt")
     with pytest.raises(WeightsRefused, match="sha256"):
@@ -169,8 +174,7 @@ def test_tampered_weights_are_refused(tmp_path: Path):
 
 @needs_weights
 def test_every_ensemble_member_is_checked_and_averaged(tmp_path: Path):
-    for name in ("lesion.pt", "lesion.json", "lesion-b.pt"):
-        shutil.copy(WEIGHTS_DIR / name, tmp_path / name)
+    copy_shipped_weights(tmp_path)
     detector = Detector.load(device="cpu", weights_dir=tmp_path)
     assert len(detector.models) == 2  # the shipped card names a second network
     x = np.random.default_rng(0).normal(0.0, 0.5, size=(16, 3, 32, 32)).astype(np.float32)
