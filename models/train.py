@@ -195,6 +195,37 @@ def lesion_samples(
     return extract_patches(vol, study.geometry.spacing, idx, PATCH_MM[study.body]).astype(np.float16), y
 
 
+#: Ranges of the random scanner a CT study is rescanned through (``rescanned``): extra in-plane blur (mm), edge
+#: boost, kernel cut-off (cycles/mm) and added pixel noise (HU). They span soft to sharp kernels and routine to
+#: low dose around the training scanners, without copying any held-out condition.
+RESCAN = {"blur_mm": (0.0, 0.45), "boost": (0.0, 1.2), "cutoff": (0.9, 1.5), "noise_hu": (4.0, 45.0)}
+
+
+def rescanned(study: Study, rng: np.random.Generator) -> Study:
+    """Training augmentation (CT): the harmonized study as a scanner of random kernel and dose would show it.
+
+    Harmonization matches intensities, not noise or sharpness, and those are where held-out low-dose and
+    sharp-kernel series differ most from the training scanners. The harmonized volume goes through the
+    simulator's own reconstruction model (``node.scanner.scan_ct``: kernel MTF, ramp-shaped noise) with a condition
+    drawn from ``RESCAN``, so candidates and patches are found on a noisier, softer or sharper series. MR studies
+    are returned unchanged.
+    """
+    if study.modality != "CT":
+        return study
+    from node.scanner import ScannerCondition, scan_ct
+
+    def draw(key: str) -> float:
+        return float(rng.uniform(*RESCAN[key]))
+
+    cond = ScannerCondition(
+        "rescan", "CT", "augmentation", "augmentation",
+        mas=100.0, kernel_sigma_mm=draw("blur_mm"), kernel_boost=draw("boost"), kernel_cutoff=draw("cutoff"),
+    )  # fmt: skip
+    cond = ScannerCondition(**{**asdict(cond), "mas": 100.0 * (cond.noise_std() / draw("noise_hu")) ** 2})
+    values = scan_ct(study.values.astype(np.float32, copy=True), cond, study.geometry.spacing, rng)
+    return Study(study.kind, study.condition, study.seed, values, study.geometry, study.modality, study.truth)
+
+
 def collect(
     what: str,
     plan: Sequence[tuple[str, str, int, str]],
@@ -202,18 +233,26 @@ def collect(
     names: Sequence[str] = (),
     seed: int = 0,
     n_lesions: int | None = None,
+    rescan: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Patches and labels from every (kind, condition, seed, size) of ``plan``, harmonized with ``rules``.
 
-    ``n_lesions``: lesions per simulated subject (None: the simulator's default mix).
+    ``n_lesions``: lesions per simulated subject (None: the simulator's default mix). ``rescan`` (lesions only):
+    every CT study is also used once more, rescanned through a random kernel and dose (``rescanned``).
     """
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for kind, cond, s, size in tqdm(plan, desc=f"{what} patches", leave=False):
         study = harmonized(simulated(kind, cond, s, size, n_lesions), rules_for(rules, size))
-        x, y = landmark_samples(study, names, rng) if what == "landmarks" else lesion_samples(study, rng)
-        xs.append(x)
-        ys.append(y)
+        if what == "landmarks":
+            samples = [landmark_samples(study, names, rng)]
+        else:
+            samples = [lesion_samples(study, rng)]
+            if rescan and study.modality == "CT":
+                samples.append(lesion_samples(rescanned(study, rng), rng))
+        for x, y in samples:
+            xs.append(x)
+            ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -419,6 +458,7 @@ def train_lesions(
     test_size_studies: int = 6,
     mine: int = 5,
     lesions_per_study: int | None = 4,
+    rescan: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune the landmark trunk to lesion vs normal (aneurysm and nodule patches in one binary task).
 
@@ -435,7 +475,7 @@ def train_lesions(
     if test_size_studies:
         train_plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, SEEDS["lesions"] + 500, "test")
     test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
-    x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=lesions_per_study or None)
+    x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=lesions_per_study or None, rescan=rescan)
     xv, yv = collect("lesions", test_plan, rules, seed=seed + 1)
     names = ("transfer", "scratch") if compare_scratch and pretrained else ("transfer" if pretrained else "scratch",)
     options = {"lr": 1e-3, "flips": True, "balance": True, "mine": mine}
@@ -467,6 +507,7 @@ def train_lesions(
         "size": size,
         "test_size_studies_per_kind": test_size_studies,
         "hard_negative_ratio": mine,
+        "rescan_augmentation": RESCAN if rescan else None,
         "lesions_per_training_study": lesions_per_study or "simulator default (1-3 aneurysms, 1-4 nodules)",
         "threshold_at_1fp_validation": thresholds,
         "cpu_seconds": time.process_time() - t0,

@@ -114,6 +114,9 @@ def register(app: typer.Typer) -> None:
         width: Annotated[int, typer.Option(help="Network width when training from scratch.")] = 16,
         seed: Annotated[int, typer.Option()] = 0,
         harmonize: Annotated[bool, typer.Option(help="Apply seed-000 rules to every study.")] = True,
+        rescan: Annotated[
+            bool, typer.Option(help="Also train on every CT study rescanned through a random kernel and dose.")
+        ] = True,
         compare_scratch: Annotated[
             bool, typer.Option(help="Also train from scratch (all data and 20 %) and report both: 4 trainings.")
         ] = False,
@@ -138,7 +141,7 @@ def register(app: typer.Typer) -> None:
         metrics = T.train_lesions(
             out, pretrained, studies=studies, epochs=epochs, seed=seed, harmonize=harmonize,
             compare_scratch=compare_scratch, size=size, test_size_studies=test_size_studies, mine=mine, width=width,
-            lesions_per_study=lesions_per_study,
+            lesions_per_study=lesions_per_study, rescan=rescan,
         )  # fmt: skip
         landmark = {}
         if pretrained is not None:
@@ -162,6 +165,7 @@ def register(app: typer.Typer) -> None:
                     f"--studies {studies} --test-size-studies {test_size_studies} --size {size} --epochs {epochs} "
                     f"--mine {mine} --seed {seed}"
                     + (f" --lesions-per-study {lesions_per_study}" if lesions_per_study else "")
+                    + ("" if rescan else " --no-rescan")
                 ),
                 "data": (
                     f"harmonode simulate (head-cta, head-mra, chest-ct): {studies} studies per kind at size={size} "
@@ -177,6 +181,12 @@ def register(app: typer.Typer) -> None:
                 "studies_per_kind": studies,
                 "test_size_studies_per_kind": test_size_studies,
                 "hard_negatives": f"{mine} negatives per positive each epoch, half the highest-scored by the model",
+                "rescan_augmentation": (
+                    f"every CT training study also rescanned through a random kernel and dose {T.RESCAN}"
+                    " (models.train.rescanned)"
+                    if rescan
+                    else None
+                ),
                 "seeds_from": T.SEEDS,
                 "train_conditions": T.TRAIN_CONDITIONS,
                 "held_out_conditions": T.HELD_OUT_CONDITIONS,

@@ -234,3 +234,32 @@ def test_training_subjects_can_carry_more_lesions():
     assert 1 <= len(default.truth["lesions"]) <= 3
     assert len(four.truth["lesions"]) == 4
     assert len({les["site"] for les in four.truth["lesions"]}) == 4  # four different places on the tree
+
+
+def test_rescan_augmentation_changes_noise_and_sharpness_not_anatomy():
+    # `train lesions --rescan`: a CT study rescanned through a random kernel and dose; truth and geometry stay
+    import scipy.ndimage as ndi
+
+    from models.train import RESCAN, rescanned, simulated
+
+    study = simulated("head-cta", "siemens-force-br40", 20_002, "test")
+    first = rescanned(study, np.random.default_rng(3))
+    again = rescanned(study, np.random.default_rng(3))
+    other = rescanned(study, np.random.default_rng(4))
+    np.testing.assert_array_equal(first.values, again.values)  # deterministic in the generator
+    assert not np.array_equal(first.values, other.values)
+    assert first.truth == study.truth and first.geometry == study.geometry
+    assert first.values.shape == study.values.shape and first.values.dtype == np.float32
+
+    def noise_hu(values: np.ndarray) -> float:
+        brain = (values > 20) & (values < 60)  # parenchyma, away from vessels and bone
+        return float((values - ndi.gaussian_filter(values, 1.0))[brain].std())
+
+    noise = [noise_hu(rescanned(study, np.random.default_rng(s)).values) for s in range(6)]
+    assert max(noise) > 1.2 * noise_hu(study.values)  # some rescans are noisier (low dose, sharp kernel) …
+    assert max(noise) > 1.3 * min(noise)  # … and they differ from one another
+    assert max(noise) < noise_hu(study.values) + 3 * RESCAN["noise_hu"][1]
+    smooth = [ndi.gaussian_filter(v, 2.0).ravel() for v in (study.values, first.values)]
+    assert np.corrcoef(*smooth)[0, 1] > 0.99  # the same anatomy at the same HU
+    mra = simulated("head-mra", "siemens-skyra-3t-tof", 20_003, "test")
+    assert rescanned(mra, np.random.default_rng(0)) is mra  # MR is left as it is
