@@ -458,7 +458,7 @@ def train_lesions(
     test_size_studies: int = 6,
     mine: int = 5,
     lesions_per_study: int | None = 4,
-    rescan: bool = True,
+    rescan: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune the landmark trunk to lesion vs normal (aneurysm and nodule patches in one binary task).
 

@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
         harmonize: Annotated[bool, typer.Option(help="Apply seed-000 rules to every study.")] = True,
         rescan: Annotated[
             bool, typer.Option(help="Also train on every CT study rescanned through a random kernel and dose.")
-        ] = True,
+        ] = False,
         compare_scratch: Annotated[
             bool, typer.Option(help="Also train from scratch (all data and 20 %) and report both: 4 trainings.")
         ] = False,
@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
                     f"--studies {studies} --test-size-studies {test_size_studies} --size {size} --epochs {epochs} "
                     f"--mine {mine} --seed {seed}"
                     + (f" --lesions-per-study {lesions_per_study}" if lesions_per_study else "")
-                    + ("" if rescan else " --no-rescan")
+                    + (" --rescan" if rescan else "")
                 ),
                 "data": (
                     f"harmonode simulate (head-cta, head-mra, chest-ct): {studies} studies per kind at size={size} "
