@@ -459,21 +459,25 @@ def train_lesions(
     mine: int = 5,
     lesions_per_study: int | None = 4,
     rescan: bool = False,
+    subjects_from: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the landmark trunk to lesion vs normal (aneurysm and nodule patches in one binary task).
 
     Training studies are ``studies`` per kind at ``size`` plus ``test_size_studies`` per kind at the coarse
-    "test" size (so the model still reads small series); every normal candidate is kept and the hard ones are
-    mined during training. Writes the checkpoint to ``out`` and returns metrics: held-out candidate-patch AUC of
-    the transferred model and, with ``compare_scratch``, of the same network trained from scratch on the same
-    patches for the same epochs (all the data, and a 20 % subset: the seed's few-examples regime).
+    "test" size (so the model still reads small series), simulated subjects numbered from ``subjects_from``
+    (default ``SEEDS["lesions"]``; another base gives another network disjoint subjects); every normal candidate
+    is kept and the hard ones are mined during training. Writes the checkpoint to ``out`` and returns metrics:
+    held-out candidate-patch AUC of the transferred model and, with ``compare_scratch``, of the same network
+    trained from scratch on the same patches for the same epochs (all the data, and a 20 % subset: the seed's
+    few-examples regime).
     """
     t0 = time.process_time()
     kinds = ("head-cta", "head-mra", "chest-ct")
     rules = fit_rules_by_size(kinds, (size, "test")) if harmonize else None
-    train_plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["lesions"], size)
+    base = SEEDS["lesions"] if subjects_from is None else subjects_from
+    train_plan = study_plan(kinds, TRAIN_CONDITIONS, studies, base, size)
     if test_size_studies:
-        train_plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, SEEDS["lesions"] + 500, "test")
+        train_plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, base + 500, "test")
     test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
     x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=lesions_per_study or None, rescan=rescan)
     xv, yv = collect("lesions", test_plan, rules, seed=seed + 1)
@@ -507,6 +511,7 @@ def train_lesions(
         "size": size,
         "test_size_studies_per_kind": test_size_studies,
         "hard_negative_ratio": mine,
+        "subjects_from": base,
         "rescan_augmentation": RESCAN if rescan else None,
         "lesions_per_training_study": lesions_per_study or "simulator default (1-3 aneurysms, 1-4 nodules)",
         "threshold_at_1fp_validation": thresholds,

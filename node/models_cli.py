@@ -117,6 +117,9 @@ def register(app: typer.Typer) -> None:
         rescan: Annotated[
             bool, typer.Option(help="Also train on every CT study rescanned through a random kernel and dose.")
         ] = False,
+        subjects_from: Annotated[
+            int | None, typer.Option(help="First simulated subject (default 20000); another base: disjoint subjects.")
+        ] = None,
         compare_scratch: Annotated[
             bool, typer.Option(help="Also train from scratch (all data and 20 %) and report both: 4 trainings.")
         ] = False,
@@ -141,7 +144,7 @@ def register(app: typer.Typer) -> None:
         metrics = T.train_lesions(
             out, pretrained, studies=studies, epochs=epochs, seed=seed, harmonize=harmonize,
             compare_scratch=compare_scratch, size=size, test_size_studies=test_size_studies, mine=mine, width=width,
-            lesions_per_study=lesions_per_study, rescan=rescan,
+            lesions_per_study=lesions_per_study, rescan=rescan, subjects_from=subjects_from,
         )  # fmt: skip
         landmark = {}
         if pretrained is not None:
@@ -166,6 +169,7 @@ def register(app: typer.Typer) -> None:
                     f"--mine {mine} --seed {seed}"
                     + (f" --lesions-per-study {lesions_per_study}" if lesions_per_study else "")
                     + (" --rescan" if rescan else "")
+                    + (f" --subjects-from {subjects_from}" if subjects_from is not None else "")
                 ),
                 "data": (
                     f"harmonode simulate (head-cta, head-mra, chest-ct): {studies} studies per kind at size={size} "
