@@ -444,6 +444,18 @@ def _lesion_model(pretrained: Path | None, width: int, seed: int) -> MiniVGG:
     return MiniVGG(NetConfig(n_classes=2, width=width))
 
 
+def check_subjects_from(base: int) -> None:
+    """Refuse a first training subject whose range (``study_plan``: kind k from base + 1000 k) would reach into
+    the subjects used for rules, landmarks or evaluation: a network must never train on its own test studies."""
+    span = (base, base + 3_000)
+    for use in ("rules", "eval", "landmarks"):
+        if span[0] < SEEDS[use] + 10_000 and SEEDS[use] < span[1]:
+            raise ValueError(
+                f"subjects {span[0]}-{span[1] - 1} overlap the {use} subjects ({SEEDS[use]}-{SEEDS[use] + 9_999}); "
+                "pick a first subject in a free range, e.g. 30000"
+            )
+
+
 def train_lesions(
     out: Path,
     pretrained: Path | None,
@@ -472,9 +484,10 @@ def train_lesions(
     few-examples regime).
     """
     t0 = time.process_time()
+    base = SEEDS["lesions"] if subjects_from is None else subjects_from
+    check_subjects_from(base)
     kinds = ("head-cta", "head-mra", "chest-ct")
     rules = fit_rules_by_size(kinds, (size, "test")) if harmonize else None
-    base = SEEDS["lesions"] if subjects_from is None else subjects_from
     train_plan = study_plan(kinds, TRAIN_CONDITIONS, studies, base, size)
     if test_size_studies:
         train_plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, base + 500, "test")

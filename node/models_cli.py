@@ -141,6 +141,11 @@ def register(app: typer.Typer) -> None:
         _threads(threads)
         if pretrained is not None and not pretrained.exists():
             raise typer.BadParameter(f"{pretrained} does not exist; run `harmonode train landmarks` first")
+        if subjects_from is not None:
+            try:
+                T.check_subjects_from(subjects_from)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--subjects-from") from exc
         metrics = T.train_lesions(
             out, pretrained, studies=studies, epochs=epochs, seed=seed, harmonize=harmonize,
             compare_scratch=compare_scratch, size=size, test_size_studies=test_size_studies, mine=mine, width=width,

@@ -37,6 +37,14 @@ def test_bad_config_is_a_clear_cli_error(tmp_path):
     assert r.returncode == 2 and "error:" in r.stderr and "port" in r.stderr
 
 
+def test_training_on_the_evaluation_subjects_is_refused(tmp_path):
+    # a second network's subjects (--subjects-from) must never be the held-out studies it is judged on
+    r = harmonode("train", "lesions", "--subjects-from", "50500", "--out", str(tmp_path / "x.pt"))
+    said = " ".join(r.stderr.replace("│", " ").split())  # the error box wraps lines
+    assert r.returncode == 2 and "overlap the eval subjects" in said and "30000" in said
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_status_without_data_says_what_to_do(tmp_path):
     cfg = tmp_path / "n.toml"
     cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "nothing"}"\n')
