@@ -590,7 +590,8 @@ def froc_points(
 def _score_study(
     detector: Any, kind: str, cond: str, seed: int, size: str, rules: dict | None, threads: int = 0
 ) -> tuple[str, tuple]:
-    """One study's row for ``evaluate_detector``: (key, (finding scores, hits, lesions, probs, labels, found))."""
+    """One study's row for ``evaluate_detector``: (key, (finding scores, hits, lesions, probs, labels, found,
+    lesion diameters))."""
     from models.detector import nms_3d
 
     if threads:
@@ -608,7 +609,43 @@ def _score_study(
         near = d <= max(float(les["diameter_mm"]) / 2, 3.0) + 1.5
         hits[near[keep] & (hits < 0)] = li
         with_candidate += int(near.any())
-    return f"{kind}/{cond}", (probs[keep], hits, len(lesions), probs, labels, with_candidate)
+    diameters = np.array([float(les["diameter_mm"]) for les in lesions])
+    return f"{kind}/{cond}", (probs[keep], hits, len(lesions), probs, labels, with_candidate, diameters)
+
+
+#: Lesion size bins (mm) for sensitivity by size: the small aneurysms are where a detector earns its keep
+SIZE_BINS_MM = (0.0, 3.0, 5.0, 10.0, float("inf"))
+
+
+def sensitivity_by_size(
+    per_study: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], threshold: float
+) -> dict[str, dict[str, Any]]:
+    """Lesions found at ``threshold`` per diameter bin (``SIZE_BINS_MM``); empty bins are left out.
+
+    ``per_study``: (scores of the kept findings, which lesion each hits or -1, diameters of the study's lesions).
+    A lesion is found when any finding on it scores at least ``threshold``.
+    """
+    found, sizes = [], []
+    for scores, hits, diameters in per_study:
+        best = np.full(len(diameters), -np.inf)
+        for score, hit in zip(scores, hits, strict=True):
+            if hit >= 0:
+                best[hit] = max(best[hit], float(score))
+        found.append(best >= threshold)
+        sizes.append(np.asarray(diameters, dtype=float))
+    hit_all = np.concatenate(found) if found else np.zeros(0, bool)
+    size_all = np.concatenate(sizes) if sizes else np.zeros(0)
+    out = {}
+    for lo, hi in zip(SIZE_BINS_MM[:-1], SIZE_BINS_MM[1:], strict=True):
+        sel = (size_all >= lo) & (size_all < hi)
+        if sel.any():
+            name = f"<{hi:g} mm" if lo == 0 else (f">={lo:g} mm" if hi == float("inf") else f"{lo:g}-{hi:g} mm")
+            out[name] = {
+                "lesions": int(sel.sum()),
+                "found": int(hit_all[sel].sum()),
+                "sensitivity": float(hit_all[sel].mean()),
+            }
+    return out
 
 
 def evaluate_detector(
@@ -621,7 +658,8 @@ def evaluate_detector(
     """FROC (sensitivity at 0.5/1/2/4 FP per case) and candidate-patch AUC, overall and per condition.
 
     ``rules``: ``fit_rules_by_size`` output for the sizes in ``plan``, or None (no harmonization). Also counts
-    the lesions that have any candidate at all (``candidate_recall``): no classifier can find the others.
+    the lesions that have any candidate at all (``candidate_recall``): no classifier can find the others, and
+    the lesions found at the 1-FP-per-case threshold by diameter (``sensitivity_at_1fp_by_size``).
     ``jobs`` > 1 scores studies in that many processes (one torch thread each); the result is the same.
     """
     rows: dict[str, list] = {}
@@ -642,6 +680,7 @@ def evaluate_detector(
         s = np.concatenate([it[3] for it in items])
         lab = np.concatenate([it[4] for it in items])
         fp = np.sort(np.concatenate([it[0][it[1] < 0] for it in items]))[::-1]
+        threshold = float(fp[len(items) - 1]) if len(fp) >= len(items) else 0.5
         return {
             "sensitivity_at_fp": froc_points([it[:3] for it in items]),
             "auc": auc(s, lab),
@@ -649,7 +688,8 @@ def evaluate_detector(
             "lesions": int(sum(it[2] for it in items)),
             "candidate_recall": float(sum(it[5] for it in items) / max(1, sum(it[2] for it in items))),
             # the probability above which there is on average one false positive per case
-            "threshold_at_1fp": float(fp[len(items) - 1]) if len(fp) >= len(items) else 0.5,
+            "threshold_at_1fp": threshold,
+            "sensitivity_at_1fp_by_size": sensitivity_by_size([(it[0], it[1], it[6]) for it in items], threshold),
         }
 
     everything = [it for items in rows.values() for it in items]

@@ -46,6 +46,10 @@ def _table(result: dict[str, Any], title: str) -> str:
         lines.append(row(name, r))
     for name, r in result["per_condition"].items():
         lines.append(row("  " + name, r))
+    lines.append("found at 1 FP per case, by lesion diameter:")
+    for name, r in result.get("per_kind", {}).items():
+        bins = r.get("sensitivity_at_1fp_by_size", {})
+        lines.append(f"  {name:42s} " + "  ".join(f"{b} {v['found']}/{v['lesions']}" for b, v in bins.items()))
     return "\n".join(lines)
 
 

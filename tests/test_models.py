@@ -108,6 +108,23 @@ def test_froc_and_auc_bookkeeping():
     assert auc(np.array([0.1, 0.8]), np.array([1, 0])) == 0.0
 
 
+def test_sensitivity_by_lesion_size():
+    from models.train import sensitivity_by_size
+
+    # study 1: a 2 mm lesion found at 0.9 and a 12 mm one only at 0.4; study 2: a 4 mm lesion with no finding
+    studies = [
+        (np.array([0.9, 0.4, 0.95]), np.array([0, 1, -1]), np.array([2.0, 12.0])),
+        (np.array([0.7]), np.array([-1]), np.array([4.0])),
+    ]
+    bins = sensitivity_by_size(studies, threshold=0.5)
+    assert bins == {
+        "<3 mm": {"lesions": 1, "found": 1, "sensitivity": 1.0},
+        "3-5 mm": {"lesions": 1, "found": 0, "sensitivity": 0.0},
+        ">=10 mm": {"lesions": 1, "found": 0, "sensitivity": 0.0},
+    }
+    assert sensitivity_by_size(studies, threshold=0.3)[">=10 mm"]["found"] == 1
+
+
 @needs_weights
 def test_shipped_weights_find_the_aneurysm_on_a_small_simulated_study():
     from node.simulate import simulate_study
