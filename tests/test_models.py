@@ -177,16 +177,20 @@ def copy_shipped_weights(folder: Path) -> None:
         shutil.copy(WEIGHTS_DIR / name, folder / name)
 
 
+def assert_refused(folder: Path, match: str) -> None:
+    """Loading the detector from ``folder`` is refused with a reason matching ``match``."""
+    with pytest.raises(WeightsRefused, match=match):
+        Detector.load(device="cpu", weights_dir=folder)
+
+
 @needs_weights
 def test_tampered_weights_are_refused(tmp_path: Path):
     copy_shipped_weights(tmp_path)
     Detector.load(device="cpu", weights_dir=tmp_path)  # intact copy loads
     flip_one_bit(tmp_path / "lesion.pt")
-    with pytest.raises(WeightsRefused, match="sha256"):
-        Detector.load(device="cpu", weights_dir=tmp_path)
+    assert_refused(tmp_path, "sha256")
     (tmp_path / "lesion.json").unlink()
-    with pytest.raises(WeightsRefused, match="card"):
-        Detector.load(device="cpu", weights_dir=tmp_path)
+    assert_refused(tmp_path, "card")
 
 
 @needs_weights
@@ -198,16 +202,13 @@ def test_every_ensemble_member_is_checked_and_averaged(tmp_path: Path):
     single = [Detector(m, detector.card, torch.device("cpu")).classify(x) for m in detector.models]
     np.testing.assert_allclose(detector.classify(x), (single[0] + single[1]) / 2, atol=1e-5)
     flip_one_bit(tmp_path / "lesion-b.pt")
-    with pytest.raises(WeightsRefused, match="lesion-b.pt have sha256"):
-        Detector.load(device="cpu", weights_dir=tmp_path)
+    assert_refused(tmp_path, "lesion-b.pt have sha256")
     (tmp_path / "lesion-b.pt").unlink()
-    with pytest.raises(WeightsRefused, match="missing"):
-        Detector.load(device="cpu", weights_dir=tmp_path)
+    assert_refused(tmp_path, "missing")
     card = json.loads((tmp_path / "lesion.json").read_text())
     card["members"][0]["file"] = "../lesion.pt"
     (tmp_path / "lesion.json").write_text(json.dumps(card))
-    with pytest.raises(WeightsRefused, match="invalid member"):
-        Detector.load(device="cpu", weights_dir=tmp_path)
+    assert_refused(tmp_path, "invalid member")
 
 
 @pytest.fixture(scope="module")
