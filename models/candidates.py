@@ -10,6 +10,11 @@ The budgets are set by measured per-lesion recall on held-out scanner conditions
 ``candidate_recall``): low-dose and sharp-kernel series give a thousand noise peaks or more, and a faint
 (ground-glass) nodule ranks low by blob strength, so the head keeps 500 and the chest 1500. Near bone only a 2 mm
 margin is dropped in the head: ophthalmic and cavernous ICA aneurysms lie against the skull base.
+
+A 2–3 mm aneurysm on the wall of a thick artery may have no candidate of its own: across scales the artery's
+larger blob wins the neighbourhood, and the nearest candidate sits 2.5–4.5 mm away on the artery. With
+``fine_candidates`` > 0 the strongest peaks of the finest scale alone that lie more than 1.5 mm from every other
+candidate are appended (``Candidates.fine`` counts them); a model card turns them on for the networks trained so.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class CandidateSettings:
     min_separation_mm: float
     clip_above: float  # flatten everything brighter (bone) so it does not outshine the lesions
     bone_margin_mm: float  # CT: no candidate closer than this to bone
+    fine_candidates: int = 0  # extra peaks of the finest scale alone, away from the others (small sacs)
 
 
 SETTINGS = {
@@ -57,6 +63,7 @@ class Candidates:
     centres: np.ndarray  # (N, 3) float
     scores: np.ndarray  # (N,)
     diameters_mm: np.ndarray  # (N,)
+    fine: int = 0  # how many of the last candidates are finest-scale extras (``fine_candidates``)
 
     def __len__(self) -> int:
         return int(self.centres.shape[0])
@@ -92,7 +99,13 @@ def grow_box(mask: np.ndarray, grow: Sequence[int]) -> np.ndarray:
     return ndi.maximum_filter(np.asarray(mask, dtype=bool).view(np.uint8), size=tuple(2 * g + 1 for g in grow)) > 0
 
 
-def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str, modality: str = "CT") -> Candidates:
+def find_candidates(
+    volume: np.ndarray,
+    spacing: Sequence[float],
+    body: str,
+    modality: str = "CT",
+    settings: CandidateSettings | None = None,
+) -> Candidates:
     """Blob-like candidate points of a normalised volume (``models.patches.normalise``).
 
     Parameters
@@ -106,13 +119,15 @@ def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str, mod
     modality
         ``CT`` or ``MR``. Only CT has bone to keep away from: in TOF-MRA the brightest voxels are the
         aneurysms themselves (normalised inflow well above 2 in a large one).
+    settings
+        Instead of ``SETTINGS[body]`` (a model card may ask for ``fine_candidates``).
 
     Returns
     -------
     Candidates
-        At most ``SETTINGS[body].max_candidates`` points, strongest first.
+        At most ``max_candidates`` points, strongest first, then at most ``fine_candidates`` fine-scale extras.
     """
-    cfg = SETTINGS[body]
+    cfg = settings if settings is not None else SETTINGS[body]
     st = _strides(spacing, cfg.work_spacing_mm)
     work = np.array(volume[:: st[0], :: st[1], :: st[2]], dtype=np.float32, order="C")  # a copy: the caller's
     # volume is never changed (it once was clipped in place whenever no striding was needed)
@@ -128,8 +143,11 @@ def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str, mod
         return resp
 
     # scipy.ndimage releases the GIL: the scales run side by side (same result, combined in order)
+    finest = None
     with ThreadPoolExecutor(max(1, min(len(cfg.sigmas_mm), os.cpu_count() or 1))) as pool:
         for sigma, resp in zip(cfg.sigmas_mm, pool.map(log_response, cfg.sigmas_mm), strict=True):
+            if finest is None and cfg.fine_candidates:
+                finest = resp.copy()
             better = resp > best
             best[better] = resp[better]
             best_sigma[better] = sigma
@@ -147,18 +165,36 @@ def find_candidates(volume: np.ndarray, spacing: Sequence[float], body: str, mod
     order = np.argsort(-scores, kind="stable")[: cfg.max_candidates]
     idx, scores = idx[order], scores[order]
     sigmas = best_sigma[tuple(idx.T)] if len(idx) else np.zeros(0, np.float32)
+    n_fine = 0
+    if finest is not None:
+        kept = np.zeros(work.shape, dtype=bool)
+        kept[tuple(idx.T)] = True
+        fine = (finest == ndi.maximum_filter(finest, size=3)) & mask & (finest > 0) & (work > cfg.min_value)
+        fine &= ~grow_box(kept, tuple(max(1, int(round(1.5 / s))) for s in wsp))
+        fine_scores = finest[fine]
+        order = np.argsort(-fine_scores, kind="stable")[: cfg.fine_candidates]
+        n_fine = len(order)
+        idx = np.concatenate([idx, np.argwhere(fine)[order]])
+        scores = np.concatenate([scores, fine_scores[order]])
+        sigmas = np.concatenate([sigmas, np.full(n_fine, cfg.sigmas_mm[0], np.float32)])
     centres = idx.astype(np.float64) * np.asarray(st, float)
-    log.debug("%s candidates: %d peaks kept of %d", body, len(idx), int(peaks.sum()))
-    return Candidates(centres, scores.astype(np.float32), (2.0 * np.sqrt(3.0) * sigmas).astype(np.float32))
+    log.debug("%s candidates: %d peaks kept of %d, %d fine-scale", body, len(idx) - n_fine, int(peaks.sum()), n_fine)
+    diameters = (2.0 * np.sqrt(3.0) * sigmas).astype(np.float32)
+    return Candidates(centres, scores.astype(np.float32), diameters, n_fine)
 
 
 def network_input_and_candidates(
-    values: np.ndarray, spacing: Sequence[float], modality: str, body: str
+    values: np.ndarray,
+    spacing: Sequence[float],
+    modality: str,
+    body: str,
+    settings: CandidateSettings | None = None,
 ) -> tuple[np.ndarray, Candidates]:
     """The volume patches are cut from, and the candidates, in the one order that is right.
 
     Candidates are found on the normalised volume (bone still visible, so they keep away from it); the
-    body part's patch ceiling is applied afterwards. Training and inference both come through here.
+    body part's patch ceiling is applied afterwards. Training and inference both come through here;
+    ``settings`` as ``find_candidates``.
 
     Returns
     -------
@@ -166,5 +202,5 @@ def network_input_and_candidates(
         (normalised volume with the ceiling applied, candidates).
     """
     volume = normalise(values, modality)
-    cands = find_candidates(volume, spacing, body, modality)
+    cands = find_candidates(volume, spacing, body, modality, settings)
     return apply_ceiling(volume, body), cands

@@ -7,11 +7,14 @@ matches the card. ``detect`` never raises on bad input: a series it cannot analy
 A card may name further weight files (``members``: file and sha256 each): the detector then reads every patch
 with each network and averages the probabilities (an ensemble of independently trained networks; on this
 simulator two networks trained on different subjects disagree most on small CTA aneurysms, and their mean
-ranks them more steadily than either).
+ranks them more steadily than either). A card may also name the patch ``views`` its networks read (default the
+seed's three planes) and ``fine_candidates`` per body part; both travel with the weights because the networks
+were trained on them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.candidates import Candidates, network_input_and_candidates
+from models.candidates import SETTINGS, Candidates, CandidateSettings, network_input_and_candidates
 from models.findings import Finding, VolumeGeometry
 from models.nets import MiniVGG, NetConfig
-from models.patches import PATCH_MM, extract_patches
+from models.patches import PATCH_MM, VIEWS, extract_views
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,21 @@ class Detector:
         #: test-time augmentation per body part: the mean over this many flips/turns of each patch (1: none)
         tta = card.get("tta", 1)
         self.tta = {b: max(1, min(4, int(tta.get(b, 1) if isinstance(tta, dict) else tta))) for b in TASK_BODIES}
+        #: the patch views every network reads (``models.patches.VIEWS``; cards before 1.3 name none: the planes)
+        self.views: tuple[str, ...] = tuple(card.get("views", ("planes",)))
+        if not self.views or any(v not in VIEWS for v in self.views):
+            raise ValueError(f"model card names unknown patch views {list(self.views)}: known are {', '.join(VIEWS)}")
+        channels = {m.config.in_channels for m in self.models}
+        if channels != {3 * len(self.views)}:
+            raise ValueError(
+                f"model card views {list(self.views)} give {3 * len(self.views)} channels, the networks read "
+                f"{sorted(channels)}"
+            )
+        #: finest-scale extra candidates per body part (``models.candidates``), as the networks were trained
+        fine = card.get("fine_candidates", {})
+        self.candidate_settings: dict[str, CandidateSettings] = {
+            b: dataclasses.replace(SETTINGS[b], fine_candidates=int(fine.get(b, 0))) for b in TASK_BODIES
+        }
 
     @classmethod
     def load(cls, device: str = "auto", weights_dir: str | Path | None = None) -> Detector:
@@ -204,7 +222,7 @@ class Detector:
     # -- inference ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def classify(self, patches: np.ndarray, batch: int = 1024, tta: int = 1) -> np.ndarray:
-        """Lesion probability of each (N, 3, 32, 32) patch (float32 N), averaged over ``tta`` flips/turns and
+        """Lesion probability of each (N, channels, 32, 32) patch (float32 N), averaged over ``tta`` flips/turns and
         over the ensemble's networks."""
         out = np.empty(len(patches), dtype=np.float32)
         cuda = self.device.type == "cuda"
@@ -224,10 +242,11 @@ class Detector:
         self, values: np.ndarray, geometry: VolumeGeometry, modality: str, body: str
     ) -> tuple[Candidates, np.ndarray]:
         """Every candidate with its probability (no threshold, no NMS): what ``evaluate`` sweeps."""
-        volume, cands = network_input_and_candidates(values, geometry.spacing, modality, body)
+        settings = self.candidate_settings[body]
+        volume, cands = network_input_and_candidates(values, geometry.spacing, modality, body, settings)
         if len(cands) == 0:
             return cands, np.zeros(0, np.float32)
-        patches = extract_patches(volume, geometry.spacing, cands.centres, self.patch_mm[body])
+        patches = extract_views(volume, geometry.spacing, cands.centres, self.patch_mm[body], self.views)
         return cands, self.classify(patches, tta=self.tta[body])
 
     def detect(self, values: np.ndarray, geometry: VolumeGeometry | None, modality: str, body: str) -> Detection:

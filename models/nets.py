@@ -39,7 +39,7 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class MiniVGG(nn.Module):
-    """Mini-VGG classifier of (B, 3, 32, 32) patches into ``n_classes`` logits."""
+    """Mini-VGG classifier of (B, in_channels, 32, 32) patches (3 per view) into ``n_classes`` logits."""
 
     def __init__(self, config: NetConfig) -> None:
         super().__init__()
@@ -63,6 +63,20 @@ class MiniVGG(nn.Module):
         """Transfer: keep the trunk and embedding, start a fresh classifier for a new task."""
         self.config = NetConfig(**{**asdict(self.config), "n_classes": n_classes})
         self.head = nn.Linear(self.config.hidden, n_classes)
+
+    def widen_input(self, in_channels: int) -> None:
+        """Transfer to more input channels (further patch views): the first convolution keeps its weights for
+        the first channels and starts at zero for the new ones, so the widened network begins as the trained
+        one and learns what the new views add."""
+        old = self.features[0][0]
+        if in_channels < old.in_channels:
+            raise ValueError(f"cannot narrow the input from {old.in_channels} to {in_channels} channels")
+        new = nn.Conv2d(in_channels, old.out_channels, 3, padding=1, bias=False)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.weight[:, : old.in_channels] = old.weight
+        self.features[0][0] = new
+        self.config = NetConfig(**{**asdict(self.config), "in_channels": in_channels})
 
     def n_parameters(self) -> int:
         """Number of trainable parameters."""

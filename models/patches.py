@@ -1,5 +1,8 @@
 """2.5D patches (seed 002): three orthogonal 32×32 planes through a point, stacked as 3 channels.
 
+A network may read more than the seed's three planes (``VIEWS``): each further view adds three channels on the
+same axes, so flips and turns of the patch apply to every view alike.
+
 Every plane spans a fixed field of view in millimetres, whatever the voxel spacing, so a 0.5 mm head CTA and a
 1.75 mm test series give the network the same anatomy at the same scale. Sampling is one
 ``scipy.ndimage.map_coordinates`` call per chunk of points (trilinear), no Python loop over voxels.
@@ -139,4 +142,80 @@ def extract_patches(
         grid = sample_grid(part, spacing, patch_mm, size)
         flat = scipy.ndimage.map_coordinates(vol, grid.reshape(3, -1), order=1, mode="nearest", prefilter=False)
         out[start : start + len(part)] = flat.reshape(len(part), 3, size, size)
+    return out
+
+
+#: The views a network may read, three channels each (axial, coronal, sagittal, as ``sample_grid``):
+#: ``planes`` the seed's planes through the point over the body part's field of view; ``zoom`` the same planes over
+#: half that field (twice the resolution: a 2 mm sac spans five pixels instead of three); ``mip`` each plane's
+#: maximum over a slab ±``MIP_SLAB_FRACTION`` × field thick (a sac just beside the plane, off its parent
+#: artery, still shows).
+VIEWS = ("planes", "zoom", "mip")
+MIP_SLAB_FRACTION = 0.125
+MIP_STEPS = 7
+
+
+def extract_views(
+    volume: np.ndarray,
+    spacing: Sequence[float],
+    centres: np.ndarray,
+    patch_mm: float,
+    views: Sequence[str] = ("planes",),
+    size: int = PATCH_SIZE,
+    chunk: int = 2048,
+) -> np.ndarray:
+    """Patches of several views around ``centres``, concatenated along the channels (``VIEWS``).
+
+    Parameters
+    ----------
+    volume, spacing, centres, patch_mm, size, chunk
+        As ``extract_patches``; ``patch_mm`` is the field of view of ``planes`` and ``mip``.
+    views
+        Names out of ``VIEWS``, in channel order.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (N, 3 × len(views), size, size).
+    """
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown or not views:
+        raise ValueError(f"unknown patch views {unknown or list(views)}: choose from {', '.join(VIEWS)}")
+    parts = []
+    for view in views:
+        if view == "planes":
+            parts.append(extract_patches(volume, spacing, centres, patch_mm, size, chunk))
+        elif view == "zoom":
+            parts.append(extract_patches(volume, spacing, centres, patch_mm / 2, size, chunk))
+        else:
+            parts.append(slab_mip(volume, spacing, centres, patch_mm, size, chunk))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def slab_mip(
+    volume: np.ndarray,
+    spacing: Sequence[float],
+    centres: np.ndarray,
+    patch_mm: float,
+    size: int = PATCH_SIZE,
+    chunk: int = 2048,
+) -> np.ndarray:
+    """The ``mip`` view: each of the three planes' maximum over ``MIP_STEPS`` parallel planes across a slab of
+    ±``MIP_SLAB_FRACTION`` × ``patch_mm``, each plane moved along its own normal (axial along k, coronal along
+    j, sagittal along i). Shape and dtype as ``extract_patches``."""
+    centres = np.asarray(centres, dtype=np.float32).reshape(-1, 3)
+    out = np.full((centres.shape[0], 3, size, size), -np.inf, dtype=np.float32)
+    vol = np.ascontiguousarray(volume, dtype=np.float32)
+    steps = np.linspace(-1.0, 1.0, MIP_STEPS, dtype=np.float32) * np.float32(MIP_SLAB_FRACTION * patch_mm)
+    normal_voxels = np.float32(1.0) / np.asarray(spacing, dtype=np.float32)  # mm → voxels along k, j, i
+    for start in range(0, centres.shape[0], chunk):
+        part = centres[start : start + chunk]
+        base = sample_grid(part, spacing, patch_mm, size)
+        for t in steps:
+            grid = base.copy()
+            for channel in range(3):  # the channel's plane moves along axis == channel
+                grid[channel, :, channel] += t * normal_voxels[channel]
+            flat = scipy.ndimage.map_coordinates(vol, grid.reshape(3, -1), order=1, mode="nearest", prefilter=False)
+            view = out[start : start + len(part)]
+            np.maximum(view, flat.reshape(len(part), 3, size, size), out=view)
     return out

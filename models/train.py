@@ -17,6 +17,7 @@ Everything is deterministic in ``seed`` (simulation, sampling, initialisation, b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -29,10 +30,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.candidates import network_input_and_candidates
+from models.candidates import SETTINGS, CandidateSettings, network_input_and_candidates
 from models.findings import VolumeGeometry
 from models.nets import MiniVGG, NetConfig
-from models.patches import PATCH_MM, extract_patches, normalise
+from models.patches import PATCH_MM, extract_patches, extract_views, normalise
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +174,29 @@ def candidate_labels(study: Study, centres: np.ndarray) -> np.ndarray:
     return out
 
 
+def candidate_settings(body: str, fine_candidates: int = 0) -> CandidateSettings:
+    """``models.candidates.SETTINGS[body]`` with ``fine_candidates`` finest-scale extras in the head (none in the
+    chest: nodules are not small sacs on thick vessels)."""
+    return dataclasses.replace(SETTINGS[body], fine_candidates=fine_candidates if body == "head" else 0)
+
+
 def lesion_samples(
-    study: Study, rng: np.random.Generator, copies: int = 8, max_negatives: int | None = None
+    study: Study,
+    rng: np.random.Generator,
+    copies: int = 8,
+    max_negatives: int | None = None,
+    views: Sequence[str] = ("planes",),
+    fine_candidates: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lesion patches (candidates near lesions + jittered truth centres) and normal-candidate patches.
 
     Every normal candidate is kept by default (``max_negatives`` None): the hard ones are picked during training
-    by the model itself (``train_classifier(mine=…)``), so the sample must hold them all.
+    by the model itself (``train_classifier(mine=…)``), so the sample must hold them all. ``views`` are the patch
+    views (``models.patches.VIEWS``), ``fine_candidates`` the head's finest-scale extra candidates.
     """
-    vol, cands = network_input_and_candidates(study.values, study.geometry.spacing, study.modality, study.body)
+    settings = candidate_settings(study.body, fine_candidates)
+    geometry = study.geometry
+    vol, cands = network_input_and_candidates(study.values, geometry.spacing, study.modality, study.body, settings)
     lab = candidate_labels(study, cands.centres)
     neg = np.flatnonzero(lab == 0)
     if max_negatives is not None and len(neg) > max_negatives:
@@ -192,7 +207,7 @@ def lesion_samples(
     jit_idx = study.geometry.patient_to_index(np.concatenate(jit)) if jit else np.zeros((0, 3))
     idx = np.concatenate([pos, jit_idx, cands.centres[neg]])
     y = np.concatenate([np.ones(len(pos) + len(jit_idx), np.int64), np.zeros(len(neg), np.int64)])
-    return extract_patches(vol, study.geometry.spacing, idx, PATCH_MM[study.body]).astype(np.float16), y
+    return extract_views(vol, study.geometry.spacing, idx, PATCH_MM[study.body], views).astype(np.float16), y
 
 
 #: Ranges of the random scanner a CT study is rescanned through (``rescanned``): extra in-plane blur (mm), edge
@@ -234,11 +249,14 @@ def collect(
     seed: int = 0,
     n_lesions: int | None = None,
     rescan: bool = False,
+    views: Sequence[str] = ("planes",),
+    fine_candidates: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Patches and labels from every (kind, condition, seed, size) of ``plan``, harmonized with ``rules``.
 
     ``n_lesions``: lesions per simulated subject (None: the simulator's default mix). ``rescan`` (lesions only):
     every CT study is also used once more, rescanned through a random kernel and dose (``rescanned``).
+    ``views`` and ``fine_candidates`` (lesions only): as ``lesion_samples``.
     """
     rng = np.random.default_rng(seed)
     xs, ys = [], []
@@ -247,9 +265,10 @@ def collect(
         if what == "landmarks":
             samples = [landmark_samples(study, names, rng)]
         else:
-            samples = [lesion_samples(study, rng)]
+            options = {"views": views, "fine_candidates": fine_candidates}
+            samples = [lesion_samples(study, rng, **options)]  # type: ignore[arg-type]
             if rescan and study.modality == "CT":
-                samples.append(lesion_samples(rescanned(study, rng), rng))
+                samples.append(lesion_samples(rescanned(study, rng), rng, **options))  # type: ignore[arg-type]
         for x, y in samples:
             xs.append(x)
             ys.append(y)
@@ -435,13 +454,15 @@ def train_landmarks(
     return metrics
 
 
-def _lesion_model(pretrained: Path | None, width: int, seed: int) -> MiniVGG:
+def _lesion_model(pretrained: Path | None, width: int, seed: int, in_channels: int = 3) -> MiniVGG:
     if pretrained is not None:
         model, _ = load_checkpoint(pretrained)
         model.replace_head(2)
+        if in_channels != model.config.in_channels:
+            model.widen_input(in_channels)  # further views start at zero weight beside the pretrained planes
         return model
     set_determinism(seed)
-    return MiniVGG(NetConfig(n_classes=2, width=width))
+    return MiniVGG(NetConfig(n_classes=2, width=width, in_channels=in_channels))
 
 
 def check_subjects_from(base: int) -> None:
@@ -472,6 +493,9 @@ def train_lesions(
     lesions_per_study: int | None = 4,
     rescan: bool = False,
     subjects_from: int | None = None,
+    views: Sequence[str] = ("planes",),
+    fine_candidates: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Fine-tune the landmark trunk to lesion vs normal (aneurysm and nodule patches in one binary task).
 
@@ -481,7 +505,9 @@ def train_lesions(
     is kept and the hard ones are mined during training. Writes the checkpoint to ``out`` and returns metrics:
     held-out candidate-patch AUC of the transferred model and, with ``compare_scratch``, of the same network
     trained from scratch on the same patches for the same epochs (all the data, and a 20 % subset: the seed's
-    few-examples regime).
+    few-examples regime). ``views`` (``models.patches.VIEWS``) are what the network reads, three channels each;
+    ``fine_candidates`` adds the head's finest-scale extra candidates to training, validation and calibration
+    (the card then asks the detector for them). ``device``: where the network trains (``cuda`` on a GPU).
     """
     t0 = time.process_time()
     base = SEEDS["lesions"] if subjects_from is None else subjects_from
@@ -492,25 +518,28 @@ def train_lesions(
     if test_size_studies:
         train_plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, base + 500, "test")
     test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
-    x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=lesions_per_study or None, rescan=rescan)
-    xv, yv = collect("lesions", test_plan, rules, seed=seed + 1)
+    inputs = {"views": tuple(views), "fine_candidates": fine_candidates}
+    n_lesions = lesions_per_study or None
+    x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=n_lesions, rescan=rescan, **inputs)
+    xv, yv = collect("lesions", test_plan, rules, seed=seed + 1, **inputs)
     names = ("transfer", "scratch") if compare_scratch and pretrained else ("transfer" if pretrained else "scratch",)
-    options = {"lr": 1e-3, "flips": True, "balance": True, "mine": mine}
+    options = {"lr": 1e-3, "flips": True, "balance": True, "mine": mine, "device": device}
     runs: dict[str, MiniVGG] = {}
     for name in names:
-        model = _lesion_model(pretrained if name == "transfer" else None, width, seed)
+        model = _lesion_model(pretrained if name == "transfer" else None, width, seed, x.shape[1])
         train_classifier(model, x, y, epochs, seed, desc=f"lesions ({name})", **options)  # type: ignore[arg-type]
         runs[name] = model
+    runs = {name: m.cpu() for name, m in runs.items()}
     shipped = max(runs, key=lambda name: auc(predict(runs[name], xv)[:, 1], yv))
     aucs = {name: auc(predict(m, xv)[:, 1], yv) for name, m in runs.items()}
     small: dict[str, float] = {}
     if compare_scratch and pretrained is not None:  # the seed's regime: few lesion examples
         sub = np.sort(np.random.default_rng(seed).choice(len(y), len(y) // 5, replace=False))
         for name in ("transfer", "scratch"):
-            model = _lesion_model(pretrained if name == "transfer" else None, width, seed)
+            model = _lesion_model(pretrained if name == "transfer" else None, width, seed, x.shape[1])
             train_classifier(model, x[sub], y[sub], epochs, seed, desc=f"{name} 20%", **options)  # type: ignore[arg-type]
-            small[name] = auc(predict(model, xv)[:, 1], yv)
-    thresholds = calibrate_thresholds(runs[shipped], rules, seed, size=size)
+            small[name] = auc(predict(model.cpu(), xv)[:, 1], yv)
+    thresholds = calibrate_thresholds(runs[shipped], rules, seed, size=size, **inputs)  # type: ignore[arg-type]
     metrics: dict[str, Any] = {
         "patch_auc_held_out": aucs[shipped],
         "patch_auc_by_init": aucs,
@@ -526,6 +555,8 @@ def train_lesions(
         "hard_negative_ratio": mine,
         "subjects_from": base,
         "rescan_augmentation": RESCAN if rescan else None,
+        "views": list(views),
+        "fine_candidates": {"head": fine_candidates} if fine_candidates else {},
         "lesions_per_training_study": lesions_per_study or "simulator default (1-3 aneurysms, 1-4 nodules)",
         "threshold_at_1fp_validation": thresholds,
         "cpu_seconds": time.process_time() - t0,
@@ -536,17 +567,31 @@ def train_lesions(
 
 
 def calibrate_thresholds(
-    model: MiniVGG | Sequence[MiniVGG], rules: dict | None, seed: int, studies: int = 6, size: str = "eval"
+    model: MiniVGG | Sequence[MiniVGG],
+    rules: dict | None,
+    seed: int,
+    studies: int = 6,
+    size: str = "eval",
+    views: Sequence[str] = ("planes",),
+    fine_candidates: int = 0,
 ) -> dict[str, float]:
     """Per body part, the probability giving one false positive per case on validation studies.
 
     The validation studies come from the training conditions with seeds used neither for training nor for
     evaluation; for the head the lower of the CTA and MRA thresholds is kept (sensitivity first). ``rules`` is
-    ``fit_rules_by_size`` output (or None). ``model`` may be an ensemble (probabilities averaged).
+    ``fit_rules_by_size`` output (or None). ``model`` may be an ensemble (probabilities averaged); ``views`` and
+    ``fine_candidates`` as it was trained.
     """
     from models.detector import TTA, Detector
 
-    detector = Detector(model, {"version": "calibration", "threshold": 0.5, "tta": TTA}, torch.device("cpu"))
+    card = {
+        "version": "calibration",
+        "threshold": 0.5,
+        "tta": TTA,
+        "views": list(views),
+        "fine_candidates": {"head": fine_candidates} if fine_candidates else {},
+    }
+    detector = Detector(model, card, torch.device("cpu"))
     kinds = ("head-cta", "head-mra", "chest-ct")
     plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["eval"] + 8000 + seed, size)
     per_kind = evaluate_detector(detector, plan, rules, progress=False)["per_kind"]

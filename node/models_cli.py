@@ -127,6 +127,14 @@ def register(app: typer.Typer) -> None:
         compare_scratch: Annotated[
             bool, typer.Option(help="Also train from scratch (all data and 20 %) and report both: 4 trainings.")
         ] = False,
+        views: Annotated[
+            str,
+            typer.Option(help="Patch views the network reads, comma-separated, 3 channels each: planes, zoom, mip."),
+        ] = "planes",
+        fine_candidates: Annotated[
+            int, typer.Option(help="Head: extra finest-scale candidates per series for small sacs (0: none).")
+        ] = 0,
+        device: Annotated[str, typer.Option(help="Where the network trains: cpu, cuda, auto.")] = "auto",
         threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
         version: Annotated[str, typer.Option(help="Version written to the model card.")] = "1.2.0",
     ) -> None:
@@ -138,11 +146,16 @@ def register(app: typer.Typer) -> None:
         one-network card, so retraining replaces the ensemble until its card names the member again.
         """
         from models import train as T
-        from models.detector import TTA
-        from models.patches import PATCH_MM
+        from models.detector import TTA, pick_device
+        from models.patches import PATCH_MM, VIEWS
         from node.simulate import GEOMETRY
 
         _threads(threads)
+        view_list = tuple(v.strip() for v in views.split(",") if v.strip())
+        if not view_list or any(v not in VIEWS for v in view_list):
+            raise typer.BadParameter(f"{views!r}: name views out of {', '.join(VIEWS)}", param_hint="--views")
+        if fine_candidates < 0:
+            raise typer.BadParameter("must be 0 or more", param_hint="--fine-candidates")
         if pretrained is not None and not pretrained.exists():
             raise typer.BadParameter(f"{pretrained} does not exist; run `harmonode train landmarks` first")
         if subjects_from is not None:
@@ -153,7 +166,8 @@ def register(app: typer.Typer) -> None:
         metrics = T.train_lesions(
             out, pretrained, studies=studies, epochs=epochs, seed=seed, harmonize=harmonize,
             compare_scratch=compare_scratch, size=size, test_size_studies=test_size_studies, mine=mine, width=width,
-            lesions_per_study=lesions_per_study, rescan=rescan, subjects_from=subjects_from,
+            lesions_per_study=lesions_per_study, rescan=rescan, subjects_from=subjects_from, views=view_list,
+            fine_candidates=fine_candidates, device=str(pick_device(device)),
         )  # fmt: skip
         landmark = {}
         if pretrained is not None:
@@ -171,6 +185,8 @@ def register(app: typer.Typer) -> None:
             ),
             "patch_mm": PATCH_MM,
             "tta": TTA,
+            "views": list(view_list),
+            "fine_candidates": {"head": fine_candidates} if fine_candidates else {},
             "training": {
                 "command": (
                     f"harmonode train landmarks --studies 8 --epochs 12 --seed {seed} && harmonode train lesions "
@@ -179,6 +195,8 @@ def register(app: typer.Typer) -> None:
                     + (f" --lesions-per-study {lesions_per_study}" if lesions_per_study else "")
                     + (" --rescan" if rescan else "")
                     + (f" --subjects-from {subjects_from}" if subjects_from is not None else "")
+                    + (f" --views {','.join(view_list)}" if view_list != ("planes",) else "")
+                    + (f" --fine-candidates {fine_candidates}" if fine_candidates else "")
                 ),
                 "data": (
                     f"harmonode simulate (head-cta, head-mra, chest-ct): {studies} studies per kind at size={size} "

@@ -45,6 +45,13 @@ def test_training_on_the_evaluation_subjects_is_refused(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_an_unknown_patch_view_is_refused(tmp_path):
+    r = harmonode("train", "lesions", "--views", "planes,slab", "--out", str(tmp_path / "x.pt"))
+    said = " ".join(r.stderr.replace("│", " ").split())
+    assert r.returncode == 2 and "planes, zoom, mip" in said
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_status_without_data_says_what_to_do(tmp_path):
     cfg = tmp_path / "n.toml"
     cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "nothing"}"\n')

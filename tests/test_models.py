@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from models.candidates import SETTINGS, find_candidates
 from models.detector import WEIGHTS_DIR, Detector, WeightsRefused, nms_3d
 from models.findings import VolumeGeometry
 from models.nets import MiniVGG, NetConfig
-from models.patches import extract_patches, normalise
+from models.patches import extract_patches, extract_views, normalise
 from models.train import auc, froc_points, train_classifier
 
 SHIPPED = (WEIGHTS_DIR / "lesion.pt").exists()
@@ -281,3 +282,66 @@ def test_rescan_augmentation_changes_noise_and_sharpness_not_anatomy():
     assert np.corrcoef(*smooth)[0, 1] > 0.99  # the same anatomy at the same HU
     mra = simulated("head-mra", "siemens-skyra-3t-tof", 20_003, "test")
     assert rescanned(mra, np.random.default_rng(0)) is mra  # MR is left as it is
+
+
+# -- further views and fine candidates (card 1.3) -------------------------------------------------------------------
+def test_views_add_three_channels_each_on_the_same_axes():
+    vol, centre = phantom((0.5, 0.5, 0.5), (64, 64, 64))
+    norm = normalise(vol, "CT")
+    spacing = (0.5, 0.5, 0.5)
+    out = extract_views(norm, spacing, centre[None], 24.0, ("planes", "zoom", "mip"))
+    assert out.shape == (1, 9, 32, 32)
+    assert np.array_equal(out[:, :3], extract_patches(norm, spacing, centre[None], 24.0))
+    assert np.array_equal(out[:, 3:6], extract_patches(norm, spacing, centre[None], 12.0))
+    assert np.all(out[:, 6:] >= out[:, :3] - 1e-6)  # a slab's maximum includes the plane through the point
+    with pytest.raises(ValueError, match="unknown patch views"):
+        extract_views(norm, spacing, centre[None], 24.0, ("planes", "mpr"))
+
+
+def test_a_sac_beside_the_plane_shows_in_the_mip_view_only():
+    # a 2 mm sac 2 mm above the axial plane through the candidate: the plane misses it, the slab maximum does not
+    spacing = (0.5, 0.5, 0.5)
+    vol = np.full((64, 64, 64), 40.0, np.float32)
+    k, j, i = np.meshgrid(*[np.arange(64) * 0.5] * 3, indexing="ij")
+    vol[(k - 18.0) ** 2 + (j - 16.0) ** 2 + (i - 16.0) ** 2 <= 1.0] = 400.0
+    centre = np.array([[32.0, 32.0, 32.0]])  # 16 mm: the sac's centre is 2 mm along k
+    planes, mip = np.split(extract_views(normalise(vol, "CT"), spacing, centre, 24.0, ("planes", "mip")), 2, axis=1)
+    assert planes[0, 0].max() < 0.2 < 0.9 < mip[0, 0].max()  # axial channel: background vs the sac (1.0)
+
+
+def test_widened_network_starts_as_the_pretrained_one():
+    torch.manual_seed(0)
+    net = MiniVGG(NetConfig(n_classes=4)).eval()
+    x = torch.randn(5, 3, 32, 32)
+    before = net(x)
+    net.widen_input(9)
+    assert net.config.in_channels == 9 and net.features[0][0].weight.shape[1] == 9
+    wide = torch.cat([x, torch.randn(5, 6, 32, 32) * 0], dim=1)
+    assert torch.allclose(net(wide), before, atol=1e-6)
+    with pytest.raises(ValueError, match="narrow"):
+        net.widen_input(3)
+
+
+def test_fine_candidates_are_appended_away_from_the_others():
+    vol, _ = phantom((0.8, 0.8, 0.8), (48, 48, 48), aneurysm_mm=3.0)
+    norm = normalise(vol, "CT")
+    base = find_candidates(norm, (0.8,) * 3, "head")
+    settings = dataclasses.replace(SETTINGS["head"], fine_candidates=5)
+    more = find_candidates(norm, (0.8,) * 3, "head", settings=settings)
+    assert base.fine == 0 and 0 < more.fine <= 5 and len(more) == len(base) + more.fine
+    assert np.array_equal(more.centres[: len(base)], base.centres)  # the usual candidates first, unchanged
+    extra = more.centres[len(base) :]
+    gap = np.abs(extra[:, None] - base.centres[None]).max(axis=2).min(axis=1) * 0.8  # box distance, mm
+    assert np.all(gap > 1.5)
+
+
+def test_the_card_names_the_views_its_networks_read():
+    card = {"version": "test", "threshold": 0.5, "views": ["planes", "mip"], "fine_candidates": {"head": 20}}
+    detector = Detector(MiniVGG(NetConfig(in_channels=6)), card, torch.device("cpu"))
+    vol, _ = phantom((1.0, 1.0, 1.0), (40, 48, 48))
+    cands, probs = detector.score(vol, geometry(vol.shape, (1.0, 1.0, 1.0)), "CT", "head")
+    assert len(probs) == len(cands) > 0 and detector.candidate_settings["head"].fine_candidates == 20
+    with pytest.raises(ValueError, match="channels"):
+        Detector(MiniVGG(NetConfig()), card, torch.device("cpu"))  # 3-channel network, 6-channel card
+    with pytest.raises(ValueError, match="unknown patch views"):
+        Detector(MiniVGG(NetConfig()), {**card, "views": ["slab"]}, torch.device("cpu"))

@@ -21,7 +21,8 @@ from models.detector import Detector
 
 def bench_patches(detector: Detector, n: int, batch: int) -> float:
     """Patches per second through the network (batches of ``batch``), best of three."""
-    x = np.random.default_rng(0).normal(size=(n, 3, 32, 32)).astype(np.float32)
+    channels = detector.model.config.in_channels
+    x = np.random.default_rng(0).normal(size=(n, channels, 32, 32)).astype(np.float32)
     detector.classify(x[:batch], batch=batch)  # warm-up (CUDA context, cuDNN autotune)
     best = float("inf")
     for _ in range(3):
@@ -38,7 +39,7 @@ def bench_patches(detector: Detector, n: int, batch: int) -> float:
 def bench_series(detector: Detector, kind: str, slices: int) -> dict[str, float]:
     """Seconds for ``detect`` on one full-size simulated series (stages timed separately)."""
     from models.candidates import find_candidates
-    from models.patches import extract_patches, normalise
+    from models.patches import extract_views, normalise
     from node.simulate import simulate_study
     from node.volume import build_volume
 
@@ -55,13 +56,13 @@ def bench_series(detector: Detector, kind: str, slices: int) -> dict[str, float]
     norm = normalise(volume.values, "CT")
     t_norm = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cands = find_candidates(norm, volume.geometry.spacing, body)
+    cands = find_candidates(norm, volume.geometry.spacing, body, "CT", detector.candidate_settings[body])
     t_cand = time.perf_counter() - t0
     t0 = time.perf_counter()
-    patches = extract_patches(norm, volume.geometry.spacing, cands.centres, detector.patch_mm[body])
+    patches = extract_views(norm, volume.geometry.spacing, cands.centres, detector.patch_mm[body], detector.views)
     t_patch = time.perf_counter() - t0
     t0 = time.perf_counter()
-    detector.classify(patches)
+    detector.classify(patches, tta=detector.tta[body])
     t_net = time.perf_counter() - t0
     return {
         "shape": list(volume.values.shape),
