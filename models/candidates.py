@@ -105,6 +105,7 @@ def find_candidates(
     body: str,
     modality: str = "CT",
     settings: CandidateSettings | None = None,
+    device: str | None = None,
 ) -> Candidates:
     """Blob-like candidate points of a normalised volume (``models.patches.normalise``).
 
@@ -121,6 +122,9 @@ def find_candidates(
         aneurysms themselves (normalised inflow well above 2 in a large one).
     settings
         Instead of ``SETTINGS[body]`` (a model card may ask for ``fine_candidates``).
+    device
+        None or ``cpu``: scipy on the CPU. A torch device (``cuda``): the same filters and peaks in torch
+        (``models.candidates_torch``), equal up to float rounding; the chest's lung mask stays on the CPU.
 
     Returns
     -------
@@ -132,7 +136,30 @@ def find_candidates(
     work = np.array(volume[:: st[0], :: st[1], :: st[2]], dtype=np.float32, order="C")  # a copy: the caller's
     # volume is never changed (it once was clipped in place whenever no striding was needed)
     wsp = np.asarray(spacing, float) * np.asarray(st)
-    bone = work > BONE if modality.upper() == "CT" else np.zeros(work.shape, dtype=bool)
+    with_bone = modality.upper() == "CT"
+    if device is not None and torch_device_wanted(device):
+        from models.candidates_torch import find_peaks_torch
+
+        idx, scores, sigmas, n_fine = find_peaks_torch(work, wsp, cfg, body, with_bone, device)
+    else:
+        idx, scores, sigmas, n_fine = find_peaks(work, wsp, cfg, body, with_bone)
+    centres = idx.astype(np.float64) * np.asarray(st, float)
+    log.debug("%s candidates: %d kept, %d fine-scale", body, len(idx) - n_fine, n_fine)
+    diameters = (2.0 * np.sqrt(3.0) * sigmas).astype(np.float32)
+    return Candidates(centres, scores.astype(np.float32), diameters, n_fine)
+
+
+def torch_device_wanted(device: str) -> bool:
+    """Whether ``find_candidates(device=…)`` should run in torch: any device but the CPU (``cpu`` keeps scipy)."""
+    return str(device) != "cpu"
+
+
+def find_peaks(
+    work: np.ndarray, wsp: np.ndarray, cfg: CandidateSettings, body: str, with_bone: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The candidate finder's core on the CPU (scipy): (voxel indices in ``work``, scores, LoG sigmas, number of
+    fine-scale extras at the end). ``work`` is the strided normalised volume; it is clipped in place."""
+    bone = work > BONE if with_bone else np.zeros(work.shape, dtype=bool)
     np.minimum(work, np.float32(cfg.clip_above), out=work)
     best = np.full(work.shape, -np.inf, dtype=np.float32)
     best_sigma = np.zeros(work.shape, dtype=np.float32)
@@ -156,9 +183,8 @@ def find_candidates(
     else:
         mask = ndi.maximum_filter(work, size=3) > cfg.min_value  # on or next to the vessel tree
     if bone.any():  # CT: nothing in or near bone (skull base, ribs, spine): its edges would flood the budget
-        grow = tuple(max(1, int(round(cfg.bone_margin_mm / s))) for s in wsp)
-        mask &= ~grow_box(bone, grow)
-    footprint = tuple(max(3, 2 * int(round(cfg.min_separation_mm / 2 / s)) + 1) for s in wsp)
+        mask &= ~grow_box(bone, bone_grow(cfg, wsp))
+    footprint = peak_footprint(cfg, wsp)
     peaks = (best == ndi.maximum_filter(best, size=footprint)) & mask & (best > 0) & (work > cfg.min_value)
     idx = np.argwhere(peaks)
     scores = best[peaks]
@@ -170,17 +196,29 @@ def find_candidates(
         kept = np.zeros(work.shape, dtype=bool)
         kept[tuple(idx.T)] = True
         fine = (finest == ndi.maximum_filter(finest, size=3)) & mask & (finest > 0) & (work > cfg.min_value)
-        fine &= ~grow_box(kept, tuple(max(1, int(round(1.5 / s))) for s in wsp))
+        fine &= ~grow_box(kept, fine_grow(wsp))
         fine_scores = finest[fine]
         order = np.argsort(-fine_scores, kind="stable")[: cfg.fine_candidates]
         n_fine = len(order)
         idx = np.concatenate([idx, np.argwhere(fine)[order]])
         scores = np.concatenate([scores, fine_scores[order]])
         sigmas = np.concatenate([sigmas, np.full(n_fine, cfg.sigmas_mm[0], np.float32)])
-    centres = idx.astype(np.float64) * np.asarray(st, float)
-    log.debug("%s candidates: %d peaks kept of %d, %d fine-scale", body, len(idx) - n_fine, int(peaks.sum()), n_fine)
-    diameters = (2.0 * np.sqrt(3.0) * sigmas).astype(np.float32)
-    return Candidates(centres, scores.astype(np.float32), diameters, n_fine)
+    return idx, scores, sigmas, n_fine
+
+
+def bone_grow(cfg: CandidateSettings, wsp: Sequence[float]) -> tuple[int, ...]:
+    """Voxels per axis of the bone margin."""
+    return tuple(max(1, int(round(cfg.bone_margin_mm / s))) for s in wsp)
+
+
+def fine_grow(wsp: Sequence[float]) -> tuple[int, ...]:
+    """Voxels per axis of the 1.5 mm box a fine-scale extra must keep from the other candidates."""
+    return tuple(max(1, int(round(1.5 / s))) for s in wsp)
+
+
+def peak_footprint(cfg: CandidateSettings, wsp: Sequence[float]) -> tuple[int, ...]:
+    """Box (voxels per axis, odd) within which a candidate must be the strongest response."""
+    return tuple(max(3, 2 * int(round(cfg.min_separation_mm / 2 / s)) + 1) for s in wsp)
 
 
 def network_input_and_candidates(
@@ -189,12 +227,13 @@ def network_input_and_candidates(
     modality: str,
     body: str,
     settings: CandidateSettings | None = None,
+    device: str | None = None,
 ) -> tuple[np.ndarray, Candidates]:
     """The volume patches are cut from, and the candidates, in the one order that is right.
 
     Candidates are found on the normalised volume (bone still visible, so they keep away from it); the
     body part's patch ceiling is applied afterwards. Training and inference both come through here;
-    ``settings`` as ``find_candidates``.
+    ``settings`` and ``device`` as ``find_candidates``.
 
     Returns
     -------
@@ -202,5 +241,5 @@ def network_input_and_candidates(
         (normalised volume with the ceiling applied, candidates).
     """
     volume = normalise(values, modality)
-    cands = find_candidates(volume, spacing, body, modality, settings)
+    cands = find_candidates(volume, spacing, body, modality, settings, device)
     return apply_ceiling(volume, body), cands

@@ -243,7 +243,8 @@ class Detector:
     ) -> tuple[Candidates, np.ndarray]:
         """Every candidate with its probability (no threshold, no NMS): what ``evaluate`` sweeps."""
         settings = self.candidate_settings[body]
-        volume, cands = network_input_and_candidates(values, geometry.spacing, modality, body, settings)
+        on_gpu = str(self.device) if self.device.type == "cuda" else None  # candidates in torch there
+        volume, cands = network_input_and_candidates(values, geometry.spacing, modality, body, settings, on_gpu)
         if len(cands) == 0:
             return cands, np.zeros(0, np.float32)
         patches = extract_views(volume, geometry.spacing, cands.centres, self.patch_mm[body], self.views)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.candidates import SETTINGS, find_candidates
+from models.candidates import SETTINGS, find_candidates, find_peaks
+from models.candidates_torch import find_peaks_torch
 from models.detector import WEIGHTS_DIR, Detector, WeightsRefused, nms_3d
 from models.findings import VolumeGeometry
 from models.nets import MiniVGG, NetConfig
@@ -345,3 +346,31 @@ def test_the_card_names_the_views_its_networks_read():
         Detector(MiniVGG(NetConfig()), card, torch.device("cpu"))  # 3-channel network, 6-channel card
     with pytest.raises(ValueError, match="unknown patch views"):
         Detector(MiniVGG(NetConfig()), {**card, "views": ["slab"]}, torch.device("cpu"))
+
+
+def noisy_phantom(body: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Head: the tube-and-sac phantom with noise (many peaks, near-ties). Chest: air in a body wall with
+    a dozen soft-tissue balls (nodules) and noise, at the chest's working spacing."""
+    rng = np.random.default_rng(1)
+    if body == "head":
+        vol, _ = phantom((0.8, 0.8, 0.8), (48, 48, 48), aneurysm_mm=4.0)
+        return vol + rng.normal(0, 30, vol.shape).astype(np.float32), (0.8, 0.8, 0.8)
+    vol = np.full((40, 48, 48), -850.0, np.float32)
+    vol[:, :3], vol[:, -3:], vol[:, :, :3], vol[:, :, -3:] = 40.0, 40.0, 40.0, 40.0
+    k, j, i = np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij")
+    for centre in rng.uniform(8, 32, size=(12, 3)):
+        vol[(k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= rng.uniform(1, 9)] = 40.0
+    return vol + rng.normal(0, 40, vol.shape).astype(np.float32), (2.5, 2.5, 2.5)
+
+
+@pytest.mark.parametrize(("body", "fine"), [("head", 10), ("chest", 0)])
+def test_torch_candidates_equal_scipy_candidates(body, fine):
+    # the GPU path (models.candidates_torch) runs the same filters in torch; here on the CPU, result for result
+    vol, spacing = noisy_phantom(body)
+    cfg = dataclasses.replace(SETTINGS[body], fine_candidates=fine)
+    work = normalise(vol, "CT")
+    cpu = find_peaks(work.copy(), np.asarray(spacing), cfg, body, True)
+    gpu_path = find_peaks_torch(work.copy(), np.asarray(spacing), cfg, body, True, "cpu")
+    assert len(cpu[0]) > 5 and cpu[3] == gpu_path[3] and (fine == 0 or cpu[3] > 0)
+    assert np.array_equal(cpu[0], gpu_path[0])
+    assert np.allclose(cpu[1], gpu_path[1], rtol=1e-4, atol=1e-5) and np.array_equal(cpu[2], gpu_path[2])
