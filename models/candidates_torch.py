@@ -68,7 +68,9 @@ def find_peaks_torch(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """``models.candidates.find_peaks`` in torch on ``device``: same result, same order."""
     lungs = lung_mask(np.minimum(work, np.float32(cfg.clip_above)), wsp) if body == "chest" else None
-    with torch.inference_mode():
+    # full float32 convolutions: TF32 (cuDNN's default on recent GPUs) would round responses to 10 bits and
+    # move near-tied peaks
+    with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         w = torch.from_numpy(work).to(device)[None, None]
         bone = w > BONE if with_bone else None
         w = torch.clamp(w, max=cfg.clip_above)

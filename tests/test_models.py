@@ -374,3 +374,14 @@ def test_torch_candidates_equal_scipy_candidates(body, fine):
     assert len(cpu[0]) > 5 and cpu[3] == gpu_path[3] and (fine == 0 or cpu[3] > 0)
     assert np.array_equal(cpu[0], gpu_path[0])
     assert np.allclose(cpu[1], gpu_path[1], rtol=1e-4, atol=1e-5) and np.array_equal(cpu[2], gpu_path[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (this machine has no GPU)")
+@pytest.mark.parametrize("body", ["head", "chest"])
+def test_cuda_candidates_equal_cpu_candidates(body):
+    vol, spacing = noisy_phantom(body)
+    cpu = find_candidates(normalise(vol, "CT"), spacing, body)
+    gpu = find_candidates(normalise(vol, "CT"), spacing, body, device="cuda")
+    assert len(cpu) > 5 and np.array_equal(cpu.centres, gpu.centres)
+    assert np.allclose(cpu.scores, gpu.scores, rtol=1e-3, atol=1e-4)

@@ -2,7 +2,8 @@
 
 Run as a script (not collected by pytest): ``.venv/bin/python tests/benchmarks/inference.py [--device auto]``.
 The series is a simulated full-size head CTA (512×512×300, 0.5 mm); the time covers normalisation, candidates,
-patch extraction, the network, threshold and NMS (what ``Detector.detect`` does), after one warm-up run.
+patch extraction, the network, threshold and NMS (what ``Detector.detect`` does), after one warm-up run. On CUDA
+the candidates' filters run in torch too (``models.candidates_torch``).
 Targets: < 1 s per series on a GPU, < 10 s on 2 CPU cores.
 """
 
@@ -56,7 +57,8 @@ def bench_series(detector: Detector, kind: str, slices: int) -> dict[str, float]
     norm = normalise(volume.values, "CT")
     t_norm = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cands = find_candidates(norm, volume.geometry.spacing, body, "CT", detector.candidate_settings[body])
+    on_gpu = str(detector.device) if detector.device.type == "cuda" else None  # as Detector.score does
+    cands = find_candidates(norm, volume.geometry.spacing, body, "CT", detector.candidate_settings[body], on_gpu)
     t_cand = time.perf_counter() - t0
     t0 = time.perf_counter()
     patches = extract_views(norm, volume.geometry.spacing, cands.centres, detector.patch_mm[body], detector.views)
@@ -64,6 +66,16 @@ def bench_series(detector: Detector, kind: str, slices: int) -> dict[str, float]
     t0 = time.perf_counter()
     detector.classify(patches, tta=detector.tta[body])
     t_net = time.perf_counter() - t0
+    same_as_cpu = None
+    if detector.device.type == "cuda":  # the GPU path must find what the CPU path finds
+        detection = detector.detect(volume.values, volume.geometry, "CT", body)
+        on_cpu = Detector(detector.models, detector.card, torch.device("cpu"))  # moves the shared networks
+        cpu = on_cpu.detect(volume.values, volume.geometry, "CT", body)
+        same_as_cpu = len(cpu.findings) == len(detection.findings) and all(
+            np.allclose(a.center_mm, b.center_mm) and abs(a.probability - b.probability) < 0.02
+            for a, b in zip(cpu.findings, detection.findings, strict=True)
+        )
+        detector.models = [m.to(detector.device) for m in detector.models]  # and back
     return {
         "shape": list(volume.values.shape),
         "seconds_per_series": round(total, 3),
@@ -74,6 +86,7 @@ def bench_series(detector: Detector, kind: str, slices: int) -> dict[str, float]
         "candidates": len(cands),
         "findings": len(detection.findings),
         "simulate_s": round(t_sim, 1),
+        "findings_same_as_cpu": same_as_cpu,
     }
 
 

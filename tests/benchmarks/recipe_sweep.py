@@ -1,0 +1,289 @@
+"""Detector recipe sweep (issue 6): patch views (planes / zoom / mip) × fine candidates × seeds, on one GPU.
+
+Run on demand, not by pytest: ``python tests/benchmarks/recipe_sweep.py [--rules rules.pkl]`` (8 minutes on a
+16-core machine with one H100/H200; hours on 2 CPU cores). Results go to ``$OUT`` (default /tmp/sweep_out):
+``log.txt``, ``summary.json`` and ``states.pt`` (every network's weights, ``recipe/seed``).
+
+Phase A (a pool of CPU processes): network a's training studies (``harmonode train lesions`` defaults: 40
+subjects per kind with 4 lesions at size eval + 6 per kind at size test), a selection set (8 studies per
+held-out condition, subjects 55000+) and the model card's held-out set (the same plan as ``harmonode
+evaluate``, subjects 52000+); every candidate (with the head's 100 fine-scale extras flagged) cut in all nine
+channels. Phase B (processes sharing the GPU): one network per recipe and seed, network a's recipe
+(``train_classifier``: landmark trunk, 16 epochs, 5 mined negatives per positive, flips). Phase C: FROC per
+kind on both sets, each network and the mean of each recipe's seeds.
+"""
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import pickle
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+OUT = os.environ.get("OUT", "/tmp/sweep_out")
+os.makedirs(OUT, exist_ok=True)
+LOG = open(os.path.join(OUT, "log.txt"), "a")
+
+
+def say(*a):
+    msg = " ".join(str(x) for x in a)
+    print(msg, flush=True)
+    LOG.write(msg + "\n")
+    LOG.flush()
+
+
+RULES: dict = {}
+ALL = ("planes", "zoom", "mip")
+RECIPES = {  # name: (channels, fine)
+    "base": ([0, 1, 2], False),
+    "zoom": ([0, 1, 2, 3, 4, 5], False),
+    "mip": ([0, 1, 2, 6, 7, 8], False),
+    "all": (list(range(9)), False),
+    "zoom+fine": ([0, 1, 2, 3, 4, 5], True),
+    "all+fine": (list(range(9)), True),
+}
+
+
+def study_rows(item):
+    import torch
+
+    torch.set_num_threads(1)
+    from models import train as T
+    from models.candidates import SETTINGS, network_input_and_candidates
+    from models.patches import PATCH_MM, extract_views
+
+    role, kind, cond, seed, size, n_les, fine_n = item
+    st = T.harmonized(T.simulated(kind, cond, seed, size, n_les), T.rules_for(RULES, size))
+    cfg = dataclasses.replace(SETTINGS[st.body], fine_candidates=fine_n if st.body == "head" else 0)
+    vol, c = network_input_and_candidates(st.values, st.geometry.spacing, st.modality, st.body, cfg)
+    fine = np.zeros(len(c), bool)
+    if c.fine:
+        fine[-c.fine :] = True
+    lab = T.candidate_labels(st, c.centres)
+    if role == "train":
+        rng = np.random.default_rng(seed)
+        truth = [(np.asarray(les["center_mm"]), float(les["diameter_mm"])) for les in st.truth["lesions"]]
+        jit = [ce + rng.normal(0, min(1.5, d / 4), size=(8, 3)) for ce, d in truth]
+        jit_idx = st.geometry.patient_to_index(np.concatenate(jit)) if jit else np.zeros((0, 3))
+        pos, neg = lab == 1, lab == 0
+        idx = np.concatenate([c.centres[pos], jit_idx, c.centres[neg]])
+        y = np.concatenate([np.ones(pos.sum() + len(jit_idx), np.int64), np.zeros(neg.sum(), np.int64)])
+        f = np.concatenate([fine[pos], np.zeros(len(jit_idx), bool), fine[neg]])
+        x = extract_views(vol, st.geometry.spacing, idx, PATCH_MM[st.body], ALL).astype(np.float16)
+        return dict(x=x, y=y, fine=f)
+    x = extract_views(vol, st.geometry.spacing, c.centres, PATCH_MM[st.body], ALL).astype(np.float16)
+    mm = st.geometry.index_to_patient(c.centres) if len(c) else np.zeros((0, 3))
+    return dict(
+        role=role,
+        kind=kind,
+        cond=cond,
+        body=st.body,
+        x=x,
+        mm=mm,
+        diam=c.diameters_mm,
+        fine=fine,
+        labels=lab,
+        lesions=st.truth["lesions"],
+    )
+
+
+def plans(args):
+    from models import train as T
+
+    kinds = ("head-cta", "head-mra", "chest-ct")
+    tr = [
+        ("train", k, c, s, z, 4, args.fine)
+        for k, c, s, z in T.study_plan(kinds, T.TRAIN_CONDITIONS, args.studies, 20000, "eval")
+    ]
+    tr += [
+        ("train", k, c, s, z, 4, args.fine)
+        for k, c, s, z in T.study_plan(kinds, T.TRAIN_CONDITIONS, args.test_studies, 20500, "test")
+    ]
+    ev = []
+    for role, base in (("select", 55000), ("eval", 52000)):
+        for ki, kind in enumerate(kinds):
+            n = args.per_cond * len(T.HELD_OUT_CONDITIONS[kind])
+            ev += [
+                (role, k, c, s, z, None, args.fine)
+                for k, c, s, z in T.study_plan((kind,), T.HELD_OUT_CONDITIONS, n, base + 1000 * ki, "eval")
+            ]
+    return tr, ev
+
+
+def train_one(job):
+    recipe, seed, device, data, epochs = job
+    import torch
+
+    torch.set_num_threads(2)
+    from models import train as T
+
+    ch, use_fine = RECIPES[recipe]
+    d = np.load(data, mmap_mode="r")
+    y = np.load(data.replace("x.npy", "y.npy"))
+    f = np.load(data.replace("x.npy", "f.npy"))
+    rows = np.flatnonzero(~f) if not use_fine else np.arange(len(y))
+    x = np.ascontiguousarray(d[rows][:, ch])
+    y = y[rows]
+    model, _ = T.load_checkpoint("models/weights/landmarks.pt")
+    model.replace_head(2)
+    if len(ch) > 3:
+        model.widen_input(len(ch))
+    t0 = time.time()
+    T.train_classifier(
+        model, x, y, epochs, seed, lr=1e-3, flips=True, balance=True, mine=5, device=device, desc=f"{recipe}/{seed}"
+    )
+    model.cpu()
+    return (
+        recipe,
+        seed,
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        dataclasses.asdict(model.config),
+        time.time() - t0,
+    )
+
+
+def froc(rows, probs, use_fine):
+    from models import train as T
+    from models.detector import nms_3d
+
+    by = {}
+    for r, p in zip(rows, probs, strict=True):
+        sel = np.ones(len(p), bool) if use_fine else ~r["fine"]
+        mm, pp, diam = r["mm"][sel], p[sel], r["diam"][sel]
+        keep = nms_3d(mm, pp, np.maximum(diam, 6.0 if r["body"] == "head" else 10.0))
+        hits = np.full(len(keep), -1)
+        for li, les in enumerate(r["lesions"]):
+            dd = np.linalg.norm(mm - np.asarray(les["center_mm"]), axis=1)
+            near = dd <= max(float(les["diameter_mm"]) / 2, 3.0) + 1.5
+            hits[near[keep] & (hits < 0)] = li
+        diams = np.array([float(les["diameter_mm"]) for les in r["lesions"]])
+        by.setdefault(r["kind"], []).append((pp[keep], hits, len(r["lesions"]), diams))
+    out = {}
+    for k, items in by.items():
+        res = T.froc_points([it[:3] for it in items])
+        fp = np.sort(np.concatenate([it[0][it[1] < 0] for it in items]))[::-1]
+        thr = float(fp[len(items) - 1]) if len(fp) >= len(items) else 0.5
+        res["by_size"] = {
+            b: f"{v['found']}/{v['lesions']}"
+            for b, v in T.sensitivity_by_size([(it[0], it[1], it[3]) for it in items], thr).items()
+        }
+        out[k] = res
+    return out
+
+
+def score(state, config, rows, ch, device):
+    import torch
+
+    from models.nets import MiniVGG, NetConfig
+
+    m = MiniVGG(NetConfig(**config))
+    m.load_state_dict(state)
+    m.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for r in rows:
+            x = torch.from_numpy(np.ascontiguousarray(r["x"][:, ch])).float().to(device)
+            tta = 4 if r["body"] == "chest" else 1
+            views = [x, torch.flip(x, dims=(3,)), torch.flip(x, dims=(2,)), x.transpose(2, 3)][:tta]
+            p = sum(torch.softmax(m(v), 1)[:, 1] for v in views) / tta
+            out.append(p.float().cpu().numpy())
+    return out
+
+
+EVAL_ROWS, PROBS = [], {}
+
+
+def froc_task(key):
+    recipe, role, _ = key
+    rr = [r for r in EVAL_ROWS if r["role"] == role]
+    return froc(rr, PROBS[key], RECIPES[recipe][1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--studies", type=int, default=40)
+    ap.add_argument("--test-studies", type=int, default=6)
+    ap.add_argument("--per-cond", type=int, default=8)
+    ap.add_argument("--fine", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=16)
+    ap.add_argument("--gpu-jobs", type=int, default=6)
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--work", default="/tmp/sweep")
+    ap.add_argument("--rules", help="pickle of fit_rules_by_size(kinds, ('eval', 'test')) (default: fit them)")
+    args = ap.parse_args()
+    from models import train as T
+
+    RULES.update(
+        pickle.load(open(args.rules, "rb"))
+        if args.rules
+        else T.fit_rules_by_size(("head-cta", "head-mra", "chest-ct"), ("eval", "test"))
+    )
+    os.makedirs(args.work, exist_ok=True)
+    t0 = time.time()
+    tr, ev = plans(args)
+    say(f"plan: {len(tr)} training studies, {len(ev)} selection+eval studies")
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
+        rows = list(pool.map(study_rows, tr + ev, chunksize=1))
+    train_rows, eval_rows = rows[: len(tr)], rows[len(tr) :]
+    x = np.concatenate([r["x"] for r in train_rows])
+    y = np.concatenate([r["y"] for r in train_rows])
+    f = np.concatenate([r["fine"] for r in train_rows])
+    np.save(f"{args.work}/x.npy", x)
+    np.save(f"{args.work}/y.npy", y)
+    np.save(f"{args.work}/f.npy", f)
+    say(
+        f"phase A {time.time() - t0:.0f} s: {len(y)} training patches ({int(y.sum())} positive, "
+        f"{int(f.sum())} fine rows); "
+        f"eval candidates {sum(len(r['x']) for r in eval_rows)}"
+    )
+    del x, rows
+    recipes = args.recipes.split(",")
+    jobs = [(r, s, args.device, f"{args.work}/x.npy", args.epochs) for s in range(args.seeds) for r in recipes]
+    results = {}
+    t1 = time.time()
+    with ProcessPoolExecutor(args.gpu_jobs, mp_context=mp.get_context("spawn")) as pool:
+        for recipe, seed, state, config, secs in pool.map(train_one, jobs):
+            results.setdefault(recipe, {})[seed] = (state, config)
+            say(f"trained {recipe} seed {seed} in {secs:.0f} s ({time.time() - t0:.0f} s total)")
+            import torch
+
+            torch.save({f"{r}/{s}": v for r, d in results.items() for s, v in d.items()}, f"{OUT}/states.pt")
+    say(f"phase B {time.time() - t1:.0f} s")
+    global EVAL_ROWS, PROBS
+    EVAL_ROWS = eval_rows
+    PROBS = {}
+    for recipe in recipes:
+        ch, use_fine = RECIPES[recipe]
+        for role in ("select", "eval"):
+            rr = [r for r in eval_rows if r["role"] == role]
+            per_seed = [score(*results[recipe][s], rr, ch, args.device) for s in sorted(results[recipe])]
+            for s, probs in enumerate(per_seed):
+                PROBS[(recipe, role, f"seed{s}")] = probs
+            PROBS[(recipe, role, "ensemble")] = [np.mean([ps[i] for ps in per_seed], axis=0) for i in range(len(rr))]
+    say(f"scored {time.time() - t0:.0f} s")
+    summary = {}
+    keys = list(PROBS)
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
+        for key, res in zip(keys, pool.map(froc_task, keys), strict=True):
+            recipe, role, name = key
+            summary.setdefault(recipe, {}).setdefault(role, {})[name] = res
+            say(
+                f"{recipe:10s} {role:6s} {name:9s} "
+                + "  ".join(
+                    f"{k}: " + "/".join(f"{res[k][q]:.2f}" for q in ("0.5", "1", "2", "4")) for k in sorted(res)
+                )
+                + f"  cta@1fp by size {res.get('head-cta', {}).get('by_size')}"
+            )
+    json.dump(summary, open(f"{OUT}/summary.json", "w"), indent=1)
+    say(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
