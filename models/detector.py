@@ -243,11 +243,18 @@ class Detector:
     ) -> tuple[Candidates, np.ndarray]:
         """Every candidate with its probability (no threshold, no NMS): what ``evaluate`` sweeps."""
         settings = self.candidate_settings[body]
-        on_gpu = str(self.device) if self.device.type == "cuda" else None  # candidates in torch there
+        on_gpu = str(self.device) if self.device.type == "cuda" else None  # candidates and patches in torch there
         volume, cands = network_input_and_candidates(values, geometry.spacing, modality, body, settings, on_gpu)
         if len(cands) == 0:
             return cands, np.zeros(0, np.float32)
-        patches = extract_views(volume, geometry.spacing, cands.centres, self.patch_mm[body], self.views)
+        if on_gpu:
+            from models.patches_torch import extract_views_torch
+
+            patches = extract_views_torch(
+                volume, geometry.spacing, cands.centres, self.patch_mm[body], self.views, on_gpu
+            )
+        else:
+            patches = extract_views(volume, geometry.spacing, cands.centres, self.patch_mm[body], self.views)
         return cands, self.classify(patches, tta=self.tta[body])
 
     def detect(self, values: np.ndarray, geometry: VolumeGeometry | None, modality: str, body: str) -> Detection:

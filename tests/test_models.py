@@ -17,6 +17,7 @@ from models.detector import WEIGHTS_DIR, Detector, WeightsRefused, nms_3d
 from models.findings import VolumeGeometry
 from models.nets import MiniVGG, NetConfig
 from models.patches import extract_patches, extract_views, normalise
+from models.patches_torch import extract_views_torch
 from models.train import auc, froc_points, train_classifier
 
 SHIPPED = (WEIGHTS_DIR / "lesion.pt").exists()
@@ -385,3 +386,26 @@ def test_cuda_candidates_equal_cpu_candidates(body):
     gpu = find_candidates(normalise(vol, "CT"), spacing, body, device="cuda")
     assert len(cpu) > 5 and np.array_equal(cpu.centres, gpu.centres)
     assert np.allclose(cpu.scores, gpu.scores, rtol=1e-3, atol=1e-4)
+
+
+def test_torch_patches_equal_scipy_patches():
+    # the GPU path (models.patches_torch) samples the same points with grid_sample; here on the CPU
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(40, 50, 60)).astype(np.float32)
+    centres = rng.uniform(-5, 55, size=(50, 3))  # some near or beyond the edges
+    views = ("planes", "zoom", "mip")
+    cpu = extract_views(vol, (0.7, 0.5, 0.6), centres, 24.0, views)
+    gpu_path = extract_views_torch(vol, (0.7, 0.5, 0.6), centres, 24.0, views, "cpu")
+    assert cpu.shape == gpu_path.shape == (50, 9, 32, 32)
+    assert np.abs(cpu - gpu_path).max() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (this machine has no GPU)")
+def test_cuda_patches_equal_cpu_patches():
+    vol, centre = phantom((0.5, 0.5, 0.5), (64, 64, 64))
+    centres = centre[None] + np.random.default_rng(2).normal(0, 6, (64, 3))
+    views = ("planes", "zoom", "mip")
+    cpu = extract_views(normalise(vol, "CT"), (0.5,) * 3, centres, 24.0, views)
+    gpu = extract_views_torch(normalise(vol, "CT"), (0.5,) * 3, centres, 24.0, views, "cuda")
+    assert np.abs(cpu - gpu).max() < 1e-3

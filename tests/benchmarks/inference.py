@@ -3,7 +3,8 @@
 Run as a script (not collected by pytest): ``.venv/bin/python tests/benchmarks/inference.py [--device auto]``.
 The series is a simulated full-size head CTA (512×512×300, 0.5 mm); the time covers normalisation, candidates,
 patch extraction, the network, threshold and NMS (what ``Detector.detect`` does), after one warm-up run. On CUDA
-the candidates' filters run in torch too (``models.candidates_torch``).
+the candidates' filters and the patch sampling run in torch too (``models.candidates_torch``,
+``models.patches_torch``).
 Targets: < 1 s per series on a GPU, < 10 s on 2 CPU cores.
 """
 
@@ -61,7 +62,14 @@ def bench_series(detector: Detector, kind: str, slices: int) -> dict[str, float]
     cands = find_candidates(norm, volume.geometry.spacing, body, "CT", detector.candidate_settings[body], on_gpu)
     t_cand = time.perf_counter() - t0
     t0 = time.perf_counter()
-    patches = extract_views(norm, volume.geometry.spacing, cands.centres, detector.patch_mm[body], detector.views)
+    if on_gpu:
+        from models.patches_torch import extract_views_torch
+
+        patches = extract_views_torch(
+            norm, volume.geometry.spacing, cands.centres, detector.patch_mm[body], detector.views, on_gpu
+        )
+    else:
+        patches = extract_views(norm, volume.geometry.spacing, cands.centres, detector.patch_mm[body], detector.views)
     t_patch = time.perf_counter() - t0
     t0 = time.perf_counter()
     detector.classify(patches, tta=detector.tta[body])
