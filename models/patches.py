@@ -11,7 +11,7 @@ Every plane spans a fixed field of view in millimetres, whatever the voxel spaci
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import scipy.ndimage
@@ -134,15 +134,7 @@ def extract_patches(
     numpy.ndarray
         float32 (N, 3, size, size); samples outside the volume take the nearest edge value.
     """
-    centres = np.asarray(centres, dtype=np.float32).reshape(-1, 3)
-    out = np.empty((centres.shape[0], 3, size, size), dtype=np.float32)
-    vol = np.ascontiguousarray(volume, dtype=np.float32)
-    for start in range(0, centres.shape[0], chunk):
-        part = centres[start : start + chunk]
-        grid = sample_grid(part, spacing, patch_mm, size)
-        flat = scipy.ndimage.map_coordinates(vol, grid.reshape(3, -1), order=1, mode="nearest", prefilter=False)
-        out[start : start + len(part)] = flat.reshape(len(part), 3, size, size)
-    return out
+    return extract_views(volume, spacing, centres, patch_mm, ("planes",), size, chunk)
 
 
 #: The views a network may read, three channels each (axial, coronal, sagittal, as ``sample_grid``):
@@ -153,6 +145,31 @@ def extract_patches(
 VIEWS = ("planes", "zoom", "mip")
 MIP_SLAB_FRACTION = 0.125
 MIP_STEPS = 7
+
+
+def check_views(views: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``views`` is a non-empty list of names out of ``VIEWS``."""
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown or not views:
+        raise ValueError(f"unknown patch views {unknown or list(views)}: choose from {', '.join(VIEWS)}")
+
+
+def view_grids(
+    view: str, centres: np.ndarray, spacing: Sequence[float], patch_mm: float, size: int = PATCH_SIZE
+) -> Iterator[np.ndarray]:
+    """The sample grids (``sample_grid`` layout) of one view: one for ``planes`` and ``zoom``; for ``mip``,
+    ``MIP_STEPS`` parallel copies across a slab of ±``MIP_SLAB_FRACTION`` × ``patch_mm``, each plane moved along
+    its own normal (axial along k, coronal along j, sagittal along i) — the view is their maximum."""
+    if view != "mip":
+        yield sample_grid(centres, spacing, patch_mm / 2 if view == "zoom" else patch_mm, size)
+        return
+    base = sample_grid(centres, spacing, patch_mm, size)
+    normal_voxels = np.float32(1.0) / np.asarray(spacing, dtype=np.float32)  # mm → voxels along k, j, i
+    for t in np.linspace(-1.0, 1.0, MIP_STEPS, dtype=np.float32) * np.float32(MIP_SLAB_FRACTION * patch_mm):
+        grid = base.copy()
+        for channel in range(3):  # the channel's plane moves along axis == channel
+            grid[channel, :, channel] += t * normal_voxels[channel]
+        yield grid
 
 
 def extract_views(
@@ -176,46 +193,21 @@ def extract_views(
     Returns
     -------
     numpy.ndarray
-        float32 (N, 3 × len(views), size, size).
+        float32 (N, 3 × len(views), size, size); samples outside the volume take the nearest edge value.
     """
-    unknown = [v for v in views if v not in VIEWS]
-    if unknown or not views:
-        raise ValueError(f"unknown patch views {unknown or list(views)}: choose from {', '.join(VIEWS)}")
-    parts = []
-    for view in views:
-        if view == "planes":
-            parts.append(extract_patches(volume, spacing, centres, patch_mm, size, chunk))
-        elif view == "zoom":
-            parts.append(extract_patches(volume, spacing, centres, patch_mm / 2, size, chunk))
-        else:
-            parts.append(slab_mip(volume, spacing, centres, patch_mm, size, chunk))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-
-
-def slab_mip(
-    volume: np.ndarray,
-    spacing: Sequence[float],
-    centres: np.ndarray,
-    patch_mm: float,
-    size: int = PATCH_SIZE,
-    chunk: int = 2048,
-) -> np.ndarray:
-    """The ``mip`` view: each of the three planes' maximum over ``MIP_STEPS`` parallel planes across a slab of
-    ±``MIP_SLAB_FRACTION`` × ``patch_mm``, each plane moved along its own normal (axial along k, coronal along
-    j, sagittal along i). Shape and dtype as ``extract_patches``."""
+    check_views(views)
     centres = np.asarray(centres, dtype=np.float32).reshape(-1, 3)
-    out = np.full((centres.shape[0], 3, size, size), -np.inf, dtype=np.float32)
+    out = np.empty((centres.shape[0], 3 * len(views), size, size), dtype=np.float32)
     vol = np.ascontiguousarray(volume, dtype=np.float32)
-    steps = np.linspace(-1.0, 1.0, MIP_STEPS, dtype=np.float32) * np.float32(MIP_SLAB_FRACTION * patch_mm)
-    normal_voxels = np.float32(1.0) / np.asarray(spacing, dtype=np.float32)  # mm → voxels along k, j, i
     for start in range(0, centres.shape[0], chunk):
         part = centres[start : start + chunk]
-        base = sample_grid(part, spacing, patch_mm, size)
-        for t in steps:
-            grid = base.copy()
-            for channel in range(3):  # the channel's plane moves along axis == channel
-                grid[channel, :, channel] += t * normal_voxels[channel]
-            flat = scipy.ndimage.map_coordinates(vol, grid.reshape(3, -1), order=1, mode="nearest", prefilter=False)
-            view = out[start : start + len(part)]
-            np.maximum(view, flat.reshape(len(part), 3, size, size), out=view)
+        for v, view in enumerate(views):
+            target = out[start : start + len(part), 3 * v : 3 * v + 3]
+            for n, grid in enumerate(view_grids(view, part, spacing, patch_mm, size)):
+                flat = scipy.ndimage.map_coordinates(vol, grid.reshape(3, -1), order=1, mode="nearest", prefilter=False)
+                sample = flat.reshape(len(part), 3, size, size)
+                if n == 0:
+                    target[...] = sample
+                else:
+                    np.maximum(target, sample, out=target)
     return out

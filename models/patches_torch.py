@@ -1,7 +1,7 @@
 """Patch sampling of ``models.patches`` in torch, for a GPU: the same views, the same trilinear samples.
 
 ``scipy.ndimage.map_coordinates`` costs 0.5 s for a chest CT's 1,500 candidates on the CPU; ``grid_sample`` on a
-GPU takes milliseconds. Sample points come from ``models.patches.sample_grid`` (so the geometry is defined once);
+GPU takes milliseconds. Sample points come from ``models.patches.view_grids`` (so the geometry is defined once);
 ``border`` padding is scipy's ``nearest`` mode for linear interpolation, so the patches agree up to float
 rounding.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.patches import MIP_SLAB_FRACTION, MIP_STEPS, PATCH_SIZE, VIEWS, sample_grid
+from models.patches import PATCH_SIZE, check_views, view_grids
 
 
 def _sample(volume: torch.Tensor, grid: np.ndarray) -> torch.Tensor:
@@ -40,32 +40,19 @@ def extract_views_torch(
     chunk: int = 2048,
 ) -> np.ndarray:
     """``models.patches.extract_views`` on ``device``: float32 (N, 3 × len(views), size, size) on the CPU."""
-    unknown = [v for v in views if v not in VIEWS]
-    if unknown or not views:
-        raise ValueError(f"unknown patch views {unknown or list(views)}: choose from {', '.join(VIEWS)}")
+    check_views(views)
     centres = np.asarray(centres, dtype=np.float32).reshape(-1, 3)
     out = np.empty((len(centres), 3 * len(views), size, size), dtype=np.float32)
-    normal_voxels = np.float32(1.0) / np.asarray(spacing, dtype=np.float32)
-    steps = np.linspace(-1.0, 1.0, MIP_STEPS, dtype=np.float32) * np.float32(MIP_SLAB_FRACTION * patch_mm)
     with torch.inference_mode():
         vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(device)[None, None]
         for start in range(0, len(centres), chunk):
             part = centres[start : start + chunk]
             parts = []
             for view in views:
-                if view == "planes":
-                    parts.append(_sample(vol, sample_grid(part, spacing, patch_mm, size)))
-                elif view == "zoom":
-                    parts.append(_sample(vol, sample_grid(part, spacing, patch_mm / 2, size)))
-                else:
-                    base = sample_grid(part, spacing, patch_mm, size)
-                    best = None
-                    for t in steps:
-                        grid = base.copy()
-                        for channel in range(3):  # as models.patches.slab_mip
-                            grid[channel, :, channel] += t * normal_voxels[channel]
-                        sample = _sample(vol, grid)
-                        best = sample if best is None else torch.maximum(best, sample)
-                    parts.append(best)
+                best = None
+                for grid in view_grids(view, part, spacing, patch_mm, size):  # one grid, or a slab's (maximum)
+                    sample = _sample(vol, grid)
+                    best = sample if best is None else torch.maximum(best, sample)
+                parts.append(best)
             out[start : start + len(part)] = torch.cat(parts, dim=1).cpu().numpy()
     return out
