@@ -19,6 +19,7 @@ candidate are appended (``Candidates.fine`` counts them); a model card turns the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -99,6 +100,11 @@ def grow_box(mask: np.ndarray, grow: Sequence[int]) -> np.ndarray:
     return ndi.maximum_filter(np.asarray(mask, dtype=bool).view(np.uint8), size=tuple(2 * g + 1 for g in grow)) > 0
 
 
+def settings_for(body: str, fine_candidates: int = 0) -> CandidateSettings:
+    """``SETTINGS[body]`` with ``fine_candidates`` finest-scale extras (what a model card or a training asks)."""
+    return dataclasses.replace(SETTINGS[body], fine_candidates=int(fine_candidates))
+
+
 def find_candidates(
     volume: np.ndarray,
     spacing: Sequence[float],
@@ -137,7 +143,7 @@ def find_candidates(
     # volume is never changed (it once was clipped in place whenever no striding was needed)
     wsp = np.asarray(spacing, float) * np.asarray(st)
     with_bone = modality.upper() == "CT"
-    if device is not None and torch_device_wanted(device):
+    if device is not None and str(device) != "cpu":  # torch on the GPU; "cpu" keeps scipy
         from models.candidates_torch import find_peaks_torch
 
         idx, scores, sigmas, n_fine = find_peaks_torch(work, wsp, cfg, body, with_bone, device)
@@ -147,11 +153,6 @@ def find_candidates(
     log.debug("%s candidates: %d kept, %d fine-scale", body, len(idx) - n_fine, n_fine)
     diameters = (2.0 * np.sqrt(3.0) * sigmas).astype(np.float32)
     return Candidates(centres, scores.astype(np.float32), diameters, n_fine)
-
-
-def torch_device_wanted(device: str) -> bool:
-    """Whether ``find_candidates(device=…)`` should run in torch: any device but the CPU (``cpu`` keeps scipy)."""
-    return str(device) != "cpu"
 
 
 def find_peaks(

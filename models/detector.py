@@ -14,7 +14,6 @@ were trained on them.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -27,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.candidates import SETTINGS, Candidates, CandidateSettings, network_input_and_candidates
+from models.candidates import Candidates, CandidateSettings, network_input_and_candidates, settings_for
 from models.findings import Finding, VolumeGeometry
 from models.nets import MiniVGG, NetConfig
-from models.patches import PATCH_MM, VIEWS, extract_views
+from models.patches import PATCH_MM, check_views, extract_views
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +121,7 @@ class Detector:
         self.tta = {b: max(1, min(4, int(tta.get(b, 1) if isinstance(tta, dict) else tta))) for b in TASK_BODIES}
         #: the patch views every network reads (``models.patches.VIEWS``; cards before 1.3 name none: the planes)
         self.views: tuple[str, ...] = tuple(card.get("views", ("planes",)))
-        if not self.views or any(v not in VIEWS for v in self.views):
-            raise ValueError(f"model card names unknown patch views {list(self.views)}: known are {', '.join(VIEWS)}")
+        check_views(self.views)
         channels = {m.config.in_channels for m in self.models}
         if channels != {3 * len(self.views)}:
             raise ValueError(
@@ -133,7 +131,7 @@ class Detector:
         #: finest-scale extra candidates per body part (``models.candidates``), as the networks were trained
         fine = card.get("fine_candidates", {})
         self.candidate_settings: dict[str, CandidateSettings] = {
-            b: dataclasses.replace(SETTINGS[b], fine_candidates=int(fine.get(b, 0))) for b in TASK_BODIES
+            body: settings_for(body, fine.get(body, 0)) for body in TASK_BODIES
         }
 
     @classmethod

@@ -17,7 +17,6 @@ Everything is deterministic in ``seed`` (simulation, sampling, initialisation, b
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.candidates import SETTINGS, CandidateSettings, network_input_and_candidates
+from models.candidates import network_input_and_candidates, settings_for
 from models.findings import VolumeGeometry
 from models.nets import MiniVGG, NetConfig
 from models.patches import PATCH_MM, extract_patches, extract_views, normalise
@@ -174,12 +173,6 @@ def candidate_labels(study: Study, centres: np.ndarray) -> np.ndarray:
     return out
 
 
-def candidate_settings(body: str, fine_candidates: int = 0) -> CandidateSettings:
-    """``models.candidates.SETTINGS[body]`` with ``fine_candidates`` finest-scale extras in the head (none in the
-    chest: nodules are not small sacs on thick vessels)."""
-    return dataclasses.replace(SETTINGS[body], fine_candidates=fine_candidates if body == "head" else 0)
-
-
 def lesion_samples(
     study: Study,
     rng: np.random.Generator,
@@ -194,7 +187,7 @@ def lesion_samples(
     by the model itself (``train_classifier(mine=…)``), so the sample must hold them all. ``views`` are the patch
     views (``models.patches.VIEWS``), ``fine_candidates`` the head's finest-scale extra candidates.
     """
-    settings = candidate_settings(study.body, fine_candidates)
+    settings = settings_for(study.body, fine_candidates if study.body == "head" else 0)  # nodules: no small sacs
     geometry = study.geometry
     vol, cands = network_input_and_candidates(study.values, geometry.spacing, study.modality, study.body, settings)
     lab = candidate_labels(study, cands.centres)

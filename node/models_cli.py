@@ -147,13 +147,15 @@ def register(app: typer.Typer) -> None:
         """
         from models import train as T
         from models.detector import TTA, pick_device
-        from models.patches import PATCH_MM, VIEWS
+        from models.patches import PATCH_MM, check_views
         from node.simulate import GEOMETRY
 
         _threads(threads)
         view_list = tuple(v.strip() for v in views.split(",") if v.strip())
-        if not view_list or any(v not in VIEWS for v in view_list):
-            raise typer.BadParameter(f"{views!r}: name views out of {', '.join(VIEWS)}", param_hint="--views")
+        try:
+            check_views(view_list)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--views") from exc
         if fine_candidates < 0:
             raise typer.BadParameter("must be 0 or more", param_hint="--fine-candidates")
         if pretrained is not None and not pretrained.exists():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.candidates import SETTINGS, find_candidates, find_peaks
+from models.candidates import SETTINGS, find_candidates, find_peaks, settings_for
 from models.candidates_torch import find_peaks_torch
 from models.detector import WEIGHTS_DIR, Detector, WeightsRefused, nms_3d
 from models.findings import VolumeGeometry
@@ -328,7 +327,7 @@ def test_fine_candidates_are_appended_away_from_the_others():
     vol, _ = phantom((0.8, 0.8, 0.8), (48, 48, 48), aneurysm_mm=3.0)
     norm = normalise(vol, "CT")
     base = find_candidates(norm, (0.8,) * 3, "head")
-    settings = dataclasses.replace(SETTINGS["head"], fine_candidates=5)
+    settings = settings_for("head", 5)
     more = find_candidates(norm, (0.8,) * 3, "head", settings=settings)
     assert base.fine == 0 and 0 < more.fine <= 5 and len(more) == len(base) + more.fine
     assert np.array_equal(more.centres[: len(base)], base.centres)  # the usual candidates first, unchanged
@@ -368,7 +367,7 @@ def noisy_phantom(body: str) -> tuple[np.ndarray, tuple[float, float, float]]:
 def test_torch_candidates_equal_scipy_candidates(body, fine):
     # the GPU path (models.candidates_torch) runs the same filters in torch; here on the CPU, result for result
     vol, spacing = noisy_phantom(body)
-    cfg = dataclasses.replace(SETTINGS[body], fine_candidates=fine)
+    cfg = settings_for(body, fine)
     work = normalise(vol, "CT")
     cpu = find_peaks(work.copy(), np.asarray(spacing), cfg, body, True)
     gpu_path = find_peaks_torch(work.copy(), np.asarray(spacing), cfg, body, True, "cpu")

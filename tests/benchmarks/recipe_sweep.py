@@ -53,12 +53,12 @@ def study_rows(item):
 
     torch.set_num_threads(1)
     from models import train as T
-    from models.candidates import SETTINGS, network_input_and_candidates
+    from models.candidates import network_input_and_candidates, settings_for
     from models.patches import PATCH_MM, extract_views
 
     role, kind, cond, seed, size, n_les, fine_n = item
     st = T.harmonized(T.simulated(kind, cond, seed, size, n_les), T.rules_for(RULES, size))
-    cfg = dataclasses.replace(SETTINGS[st.body], fine_candidates=fine_n if st.body == "head" else 0)
+    cfg = settings_for(st.body, fine_n if st.body == "head" else 0)
     vol, c = network_input_and_candidates(st.values, st.geometry.spacing, st.modality, st.body, cfg)
     fine = np.zeros(len(c), bool)
     if c.fine:
