@@ -702,9 +702,13 @@ def evaluate_detector(
     """
     rows: dict[str, list] = {}
     if jobs > 1:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(jobs) as pool:
+        # a forked child cannot use CUDA once the parent has (the detector's networks are there): spawn then
+        on_cuda = getattr(getattr(detector, "device", None), "type", "cpu") == "cuda"
+        context = multiprocessing.get_context("spawn" if on_cuda else None)
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
             futures = [pool.submit(_score_study, detector, *item, rules, 1) for item in plan]
             for future in tqdm(futures, desc="evaluate", disable=not progress):
                 key, row = future.result()
