@@ -408,3 +408,16 @@ def test_cuda_patches_equal_cpu_patches():
     cpu = extract_views(normalise(vol, "CT"), (0.5,) * 3, centres, 24.0, views)
     gpu = extract_views_torch(normalise(vol, "CT"), (0.5,) * 3, centres, 24.0, views, "cuda")
     assert np.abs(cpu - gpu).max() < 1e-3
+
+
+def test_training_samples_carry_the_views_and_fine_candidates_asked_for():
+    # `harmonode train lesions --views planes,mip --fine-candidates 20`: what the network and the card will read
+    from models.train import lesion_samples, simulated
+
+    study = simulated("head-cta", "siemens-force-br40", 20_002, "eval", n_lesions=2)
+    x1, y1 = lesion_samples(study, np.random.default_rng(0))
+    x2, y2 = lesion_samples(study, np.random.default_rng(0), views=("planes", "mip"), fine_candidates=20)
+    assert x1.shape[1:] == (3, 32, 32) and x2.shape[1:] == (6, 32, 32)
+    assert y2.sum() >= y1.sum() >= 16  # 8 jittered copies of each lesion, plus candidates on them
+    assert 0 < len(y2) - len(y1) <= 20  # the fine-scale extras (positive where on a lesion)
+    assert np.all(x2[:, 3:] >= x2[:, :3] - 1e-2)  # a slab's maximum is at least its middle plane (float16)
