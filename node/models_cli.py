@@ -145,7 +145,8 @@ def register(app: typer.Typer) -> None:
         models/weights/lesion-b.pt --studies 72 --lesions-per-study 5`` (about 75 minutes); training writes a
         one-network card, so retraining replaces the ensemble until its card names the member again.
         ``--views planes,zoom,mip`` (over 3 seeds on a GPU: +0.06 CTA sensitivity at 4 FP per case, +0.04 on
-        nodules, none at 1 FP) and ``--fine-candidates`` are written into the card for the detector to read.
+        nodules, within seed noise at 1 FP) and ``--fine-candidates`` are written into the card for the detector
+        to read.
         """
         from models import train as T
         from models.detector import TTA, pick_device
