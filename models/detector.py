@@ -134,6 +134,11 @@ class Detector:
             body: settings_for(body, fine.get(body, 0)) for body in TASK_BODIES
         }
 
+    @property
+    def torch_device(self) -> str | None:
+        """Where candidates and patches are computed in torch: the CUDA device, or None (scipy on the CPU)."""
+        return str(self.device) if self.device.type == "cuda" else None
+
     @classmethod
     def load(cls, device: str = "auto", weights_dir: str | Path | None = None) -> Detector:
         """Load the shipped weights after checking their sha256 against the model card.
@@ -241,18 +246,12 @@ class Detector:
     ) -> tuple[Candidates, np.ndarray]:
         """Every candidate with its probability (no threshold, no NMS): what ``evaluate`` sweeps."""
         settings = self.candidate_settings[body]
-        on_gpu = str(self.device) if self.device.type == "cuda" else None  # candidates and patches in torch there
+        on_gpu = self.torch_device
         volume, cands = network_input_and_candidates(values, geometry.spacing, modality, body, settings, on_gpu)
         if len(cands) == 0:
             return cands, np.zeros(0, np.float32)
-        if on_gpu:
-            from models.patches_torch import extract_views_torch
-
-            patches = extract_views_torch(
-                volume, geometry.spacing, cands.centres, self.patch_mm[body], self.views, on_gpu
-            )
-        else:
-            patches = extract_views(volume, geometry.spacing, cands.centres, self.patch_mm[body], self.views)
+        spacing, mm = geometry.spacing, self.patch_mm[body]
+        patches = extract_views(volume, spacing, cands.centres, mm, self.views, device=on_gpu)
         return cands, self.classify(patches, tta=self.tta[body])
 
     def detect(self, values: np.ndarray, geometry: VolumeGeometry | None, modality: str, body: str) -> Detection:

@@ -180,6 +180,7 @@ def extract_views(
     views: Sequence[str] = ("planes",),
     size: int = PATCH_SIZE,
     chunk: int = 2048,
+    device: str | None = None,
 ) -> np.ndarray:
     """Patches of several views around ``centres``, concatenated along the channels (``VIEWS``).
 
@@ -189,6 +190,9 @@ def extract_views(
         As ``extract_patches``; ``patch_mm`` is the field of view of ``planes`` and ``mip``.
     views
         Names out of ``VIEWS``, in channel order.
+    device
+        None or ``cpu``: ``map_coordinates`` on the CPU. A torch device (``cuda``): the same samples with
+        ``grid_sample`` there (``models.patches_torch``), equal up to float rounding.
 
     Returns
     -------
@@ -196,6 +200,10 @@ def extract_views(
         float32 (N, 3 × len(views), size, size); samples outside the volume take the nearest edge value.
     """
     check_views(views)
+    if device is not None and str(device) != "cpu":
+        from models.patches_torch import extract_views_torch
+
+        return extract_views_torch(volume, spacing, centres, patch_mm, views, str(device), size, chunk)
     centres = np.asarray(centres, dtype=np.float32).reshape(-1, 3)
     out = np.empty((centres.shape[0], 3 * len(views), size, size), dtype=np.float32)
     vol = np.ascontiguousarray(volume, dtype=np.float32)

@@ -58,18 +58,12 @@ def bench_series(detector: Detector, kind: str, slices: int) -> dict[str, float]
     norm = normalise(volume.values, "CT")
     t_norm = time.perf_counter() - t0
     t0 = time.perf_counter()
-    on_gpu = str(detector.device) if detector.device.type == "cuda" else None  # as Detector.score does
+    on_gpu = detector.torch_device  # as Detector.score does
     cands = find_candidates(norm, volume.geometry.spacing, body, "CT", detector.candidate_settings[body], on_gpu)
     t_cand = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if on_gpu:
-        from models.patches_torch import extract_views_torch
-
-        patches = extract_views_torch(
-            norm, volume.geometry.spacing, cands.centres, detector.patch_mm[body], detector.views, on_gpu
-        )
-    else:
-        patches = extract_views(norm, volume.geometry.spacing, cands.centres, detector.patch_mm[body], detector.views)
+    spacing, mm = volume.geometry.spacing, detector.patch_mm[body]
+    patches = extract_views(norm, spacing, cands.centres, mm, detector.views, device=on_gpu)
     t_patch = time.perf_counter() - t0
     t0 = time.perf_counter()
     detector.classify(patches, tta=detector.tta[body])
