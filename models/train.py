@@ -630,16 +630,26 @@ def _score_study(
 ) -> tuple[str, tuple]:
     """One study's row for ``evaluate_detector``: (key, (finding scores, hits, lesions, probs, labels, found,
     lesion diameters))."""
-    from models.detector import nms_3d
-
     if threads:
         torch.set_num_threads(threads)
     study = harmonized(simulated(kind, cond, seed, size), rules_for(rules, size))
     cands, probs = detector.score(study.values, study.geometry, study.modality, study.body)
     labels = candidate_labels(study, cands.centres)
     mm = study.geometry.index_to_patient(cands.centres) if len(cands) else np.zeros((0, 3))
-    keep = nms_3d(mm, probs, np.maximum(cands.diameters_mm, 6.0 if study.body == "head" else 10.0))
+    keep, hits, with_candidate = findings_on_lesions(mm, probs, cands.diameters_mm, study.body, study.truth["lesions"])
     lesions = study.truth["lesions"]
+    diameters = np.array([float(les["diameter_mm"]) for les in lesions])
+    return f"{kind}/{cond}", (probs[keep], hits, len(lesions), probs, labels, with_candidate, diameters)
+
+
+def findings_on_lesions(
+    mm: np.ndarray, probs: np.ndarray, diameters_mm: np.ndarray, body: str, lesions: Sequence[dict[str, Any]]
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The FROC's view of one study: (candidates kept by 3D NMS, best first; which lesion each kept one hits or
+    -1; how many lesions have any candidate at all). A hit lies within max(d/2, 3) + 1.5 mm of the lesion."""
+    from models.detector import nms_3d
+
+    keep = nms_3d(mm, probs, np.maximum(diameters_mm, 6.0 if body == "head" else 10.0))
     hits = np.full(len(keep), -1)
     with_candidate = 0
     for li, les in enumerate(lesions):
@@ -647,8 +657,7 @@ def _score_study(
         near = d <= max(float(les["diameter_mm"]) / 2, 3.0) + 1.5
         hits[near[keep] & (hits < 0)] = li
         with_candidate += int(near.any())
-    diameters = np.array([float(les["diameter_mm"]) for les in lesions])
-    return f"{kind}/{cond}", (probs[keep], hits, len(lesions), probs, labels, with_candidate, diameters)
+    return keep, hits, with_candidate
 
 
 #: Lesion size bins (mm) for sensitivity by size: the small aneurysms are where a detector earns its keep

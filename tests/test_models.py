@@ -421,3 +421,18 @@ def test_training_samples_carry_the_views_and_fine_candidates_asked_for():
     assert y2.sum() >= y1.sum() >= 16  # 8 jittered copies of each lesion, plus candidates on them
     assert 0 < len(y2) - len(y1) <= 20  # the fine-scale extras (positive where on a lesion)
     assert np.all(x2[:, 3:] >= x2[:, :3] - 1e-2)  # a slab's maximum is at least its middle plane (float16)
+
+
+def test_findings_are_matched_to_lesions_after_nms():
+    from models.train import findings_on_lesions
+
+    mm = np.array([[0.0, 0, 0], [2.0, 0, 0], [50.0, 0, 0], [0.0, 30, 0]])  # two on lesion 0, one far, one on 1
+    probs = np.array([0.9, 0.8, 0.7, 0.1])
+    lesions = [
+        {"center_mm": [1.0, 0, 0], "diameter_mm": 3.0},
+        {"center_mm": [0.0, 34, 0], "diameter_mm": 2.0},  # 4 mm away: within max(1, 3) + 1.5
+        {"center_mm": [0.0, 0, 90], "diameter_mm": 5.0},  # no candidate near
+    ]
+    keep, hits, with_candidate = findings_on_lesions(mm, probs, np.full(4, 3.0), "head", lesions)
+    assert list(keep) == [0, 2, 3]  # the 0.8 two millimetres from the 0.9 is suppressed (6 mm head radius)
+    assert list(hits) == [0, -1, 1] and with_candidate == 2

@@ -148,18 +148,12 @@ def train_one(job):
 
 def froc(rows, probs, use_fine):
     from models import train as T
-    from models.detector import nms_3d
 
     by = {}
     for r, p in zip(rows, probs, strict=True):
         sel = np.ones(len(p), bool) if use_fine else ~r["fine"]
         mm, pp, diam = r["mm"][sel], p[sel], r["diam"][sel]
-        keep = nms_3d(mm, pp, np.maximum(diam, 6.0 if r["body"] == "head" else 10.0))
-        hits = np.full(len(keep), -1)
-        for li, les in enumerate(r["lesions"]):
-            dd = np.linalg.norm(mm - np.asarray(les["center_mm"]), axis=1)
-            near = dd <= max(float(les["diameter_mm"]) / 2, 3.0) + 1.5
-            hits[near[keep] & (hits < 0)] = li
+        keep, hits, _ = T.findings_on_lesions(mm, pp, diam, r["body"], r["lesions"])
         diams = np.array([float(les["diameter_mm"]) for les in r["lesions"]])
         by.setdefault(r["kind"], []).append((pp[keep], hits, len(r["lesions"]), diams))
     out = {}
