@@ -306,6 +306,14 @@ def augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return xb.transpose(2, 3) if f[2] < 0.5 else xb
 
 
+def fits_on_device(device: str, nbytes: int) -> bool:
+    """Whether ``nbytes`` of training data can live on a CUDA ``device`` (a quarter of its free memory at most)."""
+    if not str(device).startswith("cuda"):
+        return False
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return nbytes <= free // 4
+
+
 def train_classifier(
     model: MiniVGG,
     x: np.ndarray,
@@ -334,6 +342,8 @@ def train_classifier(
     rng = np.random.default_rng(seed)
     model.to(device).train()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    if fits_on_device(device, x.nbytes):
+        xt = xt.to(device)  # the patches stay on the GPU: no host gather and copy per batch
     pos_idx, neg_idx = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     n_neg = min(len(neg_idx), mine * len(pos_idx)) if mine else len(neg_idx)
     hard = rng.permutation(neg_idx)[: n_neg // 2] if mine else neg_idx
@@ -362,7 +372,7 @@ def train_classifier(
         total = 0.0
         for start in range(0, len(perm), batch):
             sel = perm[start : start + batch]
-            xb, yb = xt[sel].float().to(device), yt[sel].to(device)
+            xb, yb = xt[sel.to(xt.device)].float().to(device), yt[sel].to(device)
             if flips:
                 xb = augment(xb, gen)
             loss = loss_fn(model(xb), yb)

@@ -8,9 +8,13 @@ Phase A (a pool of CPU processes): network a's training studies (``harmonode tra
 subjects per kind with 4 lesions at size eval + 6 per kind at size test), a selection set (8 studies per
 held-out condition, subjects 55000+) and the model card's held-out set (the same plan as ``harmonode
 evaluate``, subjects 52000+); every candidate (with the head's 100 fine-scale extras flagged) cut in all nine
-channels. Phase B (processes sharing the GPU): one network per recipe and seed, network a's recipe
-(``train_classifier``: landmark trunk, 16 epochs, 5 mined negatives per positive, flips). Phase C: FROC per
-kind on both sets, each network and the mean of each recipe's seeds.
+channels, plus jittered negatives at the head's normal vessel landmarks (``--landmark-negatives``, flagged).
+``--head-studies`` and ``--lesions`` set the training data's size (network b: 72 and 5); ``--phase-a-device
+cuda`` finds candidates and cuts patches on the GPU (spawned workers). Phase B (processes sharing the GPU):
+one network per recipe and seed, network a's recipe (``train_classifier``: landmark trunk, 16 epochs, 5 mined
+negatives per positive, flips). A recipe is views (base, zoom, mip, all) with optional ``+fine`` (fine
+candidates) and ``+lm`` (landmark negatives). Phase C: FROC per kind on both sets, each network, the mean of
+each recipe's seeds, that mean with the shipped pair, and all recipes pooled.
 """
 
 import argparse
@@ -38,14 +42,34 @@ def say(*a):
 
 RULES: dict = {}
 ALL = ("planes", "zoom", "mip")
-RECIPES = {  # name: (channels, fine)
-    "base": ([0, 1, 2], False),
-    "zoom": ([0, 1, 2, 3, 4, 5], False),
-    "mip": ([0, 1, 2, 6, 7, 8], False),
-    "all": (list(range(9)), False),
-    "zoom+fine": ([0, 1, 2, 3, 4, 5], True),
-    "all+fine": (list(range(9)), True),
+CHANNELS = {"base": [0, 1, 2], "zoom": [0, 1, 2, 3, 4, 5], "mip": [0, 1, 2, 6, 7, 8], "all": list(range(9))}
+RECIPES = {  # name: (channels, fine candidates, landmark negatives)
+    f"{views}{fine}{lm}": (ch, bool(fine), bool(lm))
+    for views, ch in CHANNELS.items()
+    for fine in ("", "+fine")
+    for lm in ("", "+lm")
 }
+#: The head's vessel landmarks (the simulator's names start so): normal branch points and bends, where the
+#: shipped networks' top false positives sit. ``--landmark-negatives`` adds jittered negatives there.
+VESSEL_LANDMARKS = ("ica_", "mca_", "ophthalmic_", "pcomm_", "a1_", "sca_", "pica_", "basilar_", "vertebro", "acomm_")
+
+
+def init_worker(rules):
+    """Pool initializer: spawned workers get the rules (forked ones have them already)."""
+    RULES.update(rules)
+
+
+def landmark_negatives(st, rng, copies):
+    """Voxel indices of ``copies`` jittered points (1 mm) at each vessel landmark clear of every lesion."""
+    lms = [lm for lm in st.truth["landmarks"] if lm["name"].startswith(VESSEL_LANDMARKS)]
+    if not lms or not copies:
+        return np.zeros((0, 3))
+    pts = np.repeat(np.array([lm["center_mm"] for lm in lms], float), copies, axis=0)
+    pts += rng.normal(0, 1.0, size=pts.shape)
+    keep = np.ones(len(pts), bool)
+    for les in st.truth["lesions"]:
+        keep &= np.linalg.norm(pts - np.asarray(les["center_mm"]), axis=1) > float(les["diameter_mm"]) / 2 + 4.0
+    return st.geometry.patient_to_index(pts[keep])
 
 
 def study_rows(item):
@@ -56,10 +80,10 @@ def study_rows(item):
     from models.candidates import network_input_and_candidates, settings_for
     from models.patches import PATCH_MM, extract_views
 
-    role, kind, cond, seed, size, n_les, fine_n = item
+    role, kind, cond, seed, size, n_les, fine_n, lm_copies, device = item
     st = T.harmonized(T.simulated(kind, cond, seed, size, n_les), T.rules_for(RULES, size))
     cfg = settings_for(st.body, fine_n if st.body == "head" else 0)
-    vol, c = network_input_and_candidates(st.values, st.geometry.spacing, st.modality, st.body, cfg)
+    vol, c = network_input_and_candidates(st.values, st.geometry.spacing, st.modality, st.body, cfg, device)
     fine = np.zeros(len(c), bool)
     if c.fine:
         fine[-c.fine :] = True
@@ -70,12 +94,14 @@ def study_rows(item):
         jit = [ce + rng.normal(0, min(1.5, d / 4), size=(8, 3)) for ce, d in truth]
         jit_idx = st.geometry.patient_to_index(np.concatenate(jit)) if jit else np.zeros((0, 3))
         pos, neg = lab == 1, lab == 0
-        idx = np.concatenate([c.centres[pos], jit_idx, c.centres[neg]])
-        y = np.concatenate([np.ones(pos.sum() + len(jit_idx), np.int64), np.zeros(neg.sum(), np.int64)])
-        f = np.concatenate([fine[pos], np.zeros(len(jit_idx), bool), fine[neg]])
-        x = extract_views(vol, st.geometry.spacing, idx, PATCH_MM[st.body], ALL).astype(np.float16)
-        return dict(x=x, y=y, fine=f)
-    x = extract_views(vol, st.geometry.spacing, c.centres, PATCH_MM[st.body], ALL).astype(np.float16)
+        lm_idx = landmark_negatives(st, rng, lm_copies) if st.body == "head" else np.zeros((0, 3))
+        idx = np.concatenate([c.centres[pos], jit_idx, c.centres[neg], lm_idx])
+        y = np.concatenate([np.ones(pos.sum() + len(jit_idx), np.int64), np.zeros(neg.sum() + len(lm_idx), np.int64)])
+        f = np.concatenate([fine[pos], np.zeros(len(jit_idx), bool), fine[neg], np.zeros(len(lm_idx), bool)])
+        lm = np.concatenate([np.zeros(len(idx) - len(lm_idx), bool), np.ones(len(lm_idx), bool)])
+        x = extract_views(vol, st.geometry.spacing, idx, PATCH_MM[st.body], ALL, device=device).astype(np.float16)
+        return dict(x=x, y=y, fine=f, lm=lm)
+    x = extract_views(vol, st.geometry.spacing, c.centres, PATCH_MM[st.body], ALL, device=device).astype(np.float16)
     mm = st.geometry.index_to_patient(c.centres) if len(c) else np.zeros((0, 3))
     return dict(
         role=role,
@@ -95,12 +121,17 @@ def plans(args):
     from models import train as T
 
     kinds = ("head-cta", "head-mra", "chest-ct")
+    extra = (args.fine, args.landmark_negatives, args.phase_a_device)
+    per_kind = {"head-cta": args.head_studies or args.studies, "head-mra": args.head_studies or args.studies}
     tr = [
-        ("train", k, c, s, z, 4, args.fine)
-        for k, c, s, z in T.study_plan(kinds, T.TRAIN_CONDITIONS, args.studies, 20000, "eval")
+        ("train", k, c, s, z, args.lesions, *extra)
+        for ki, kind in enumerate(kinds)
+        for k, c, s, z in T.study_plan(
+            (kind,), T.TRAIN_CONDITIONS, per_kind.get(kind, args.studies), 20000 + 1000 * ki, "eval"
+        )
     ]
     tr += [
-        ("train", k, c, s, z, 4, args.fine)
+        ("train", k, c, s, z, args.lesions, *extra)
         for k, c, s, z in T.study_plan(kinds, T.TRAIN_CONDITIONS, args.test_studies, 20500, "test")
     ]
     ev = []
@@ -108,7 +139,7 @@ def plans(args):
         for ki, kind in enumerate(kinds):
             n = args.per_cond * len(T.HELD_OUT_CONDITIONS[kind])
             ev += [
-                (role, k, c, s, z, None, args.fine)
+                (role, k, c, s, z, None, *extra)
                 for k, c, s, z in T.study_plan((kind,), T.HELD_OUT_CONDITIONS, n, base + 1000 * ki, "eval")
             ]
     return tr, ev
@@ -121,11 +152,12 @@ def train_one(job):
     torch.set_num_threads(2)
     from models import train as T
 
-    ch, use_fine = RECIPES[recipe]
+    ch, use_fine, use_lm = RECIPES[recipe]
     d = np.load(data, mmap_mode="r")
     y = np.load(data.replace("x.npy", "y.npy"))
     f = np.load(data.replace("x.npy", "f.npy"))
-    rows = np.flatnonzero(~f) if not use_fine else np.arange(len(y))
+    lm = np.load(data.replace("x.npy", "lm.npy"))
+    rows = np.flatnonzero((use_fine | ~f) & (use_lm | ~lm))
     x = np.ascontiguousarray(d[rows][:, ch])
     y = y[rows]
     model, _ = T.load_checkpoint("models/weights/landmarks.pt")
@@ -194,12 +226,16 @@ EVAL_ROWS, PROBS = [], {}
 def froc_task(key):
     recipe, role, _ = key
     rr = [r for r in EVAL_ROWS if r["role"] == role]
-    return froc(rr, PROBS[key], RECIPES[recipe][1])
+    return froc(rr, PROBS[key], RECIPES.get(recipe, ([], False, False))[1])
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--studies", type=int, default=40)
+    ap.add_argument("--studies", type=int, default=40, help="training subjects per kind")
+    ap.add_argument("--head-studies", type=int, help="training subjects per head kind (default: --studies)")
+    ap.add_argument("--lesions", type=int, default=4, help="lesions per training subject")
+    ap.add_argument("--landmark-negatives", type=int, default=3, help="jittered negatives per vessel landmark")
+    ap.add_argument("--phase-a-device", default="cpu", help="candidates and patches on this device (cuda: GPU)")
     ap.add_argument("--test-studies", type=int, default=6)
     ap.add_argument("--per-cond", type=int, default=8)
     ap.add_argument("--fine", type=int, default=100)
@@ -223,18 +259,19 @@ def main():
     t0 = time.time()
     tr, ev = plans(args)
     say(f"plan: {len(tr)} training studies, {len(ev)} selection+eval studies")
-    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
+    context = mp.get_context("fork" if args.phase_a_device == "cpu" else "spawn")  # CUDA needs spawned workers
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=init_worker, initargs=(RULES,)) as pool:
         rows = list(pool.map(study_rows, tr + ev, chunksize=1))
     train_rows, eval_rows = rows[: len(tr)], rows[len(tr) :]
     x = np.concatenate([r["x"] for r in train_rows])
     y = np.concatenate([r["y"] for r in train_rows])
     f = np.concatenate([r["fine"] for r in train_rows])
-    np.save(f"{args.work}/x.npy", x)
-    np.save(f"{args.work}/y.npy", y)
-    np.save(f"{args.work}/f.npy", f)
+    lm = np.concatenate([r["lm"] for r in train_rows])
+    for name, arr in (("x", x), ("y", y), ("f", f), ("lm", lm)):
+        np.save(f"{args.work}/{name}.npy", arr)
     say(
         f"phase A {time.time() - t0:.0f} s: {len(y)} training patches ({int(y.sum())} positive, "
-        f"{int(f.sum())} fine rows); "
+        f"{int(f.sum())} fine rows, {int(lm.sum())} landmark negatives); "
         f"eval candidates {sum(len(r['x']) for r in eval_rows)}"
     )
     del x, rows
@@ -253,14 +290,28 @@ def main():
     global EVAL_ROWS, PROBS
     EVAL_ROWS = eval_rows
     PROBS = {}
-    for recipe in recipes:
-        ch, use_fine = RECIPES[recipe]
-        for role in ("select", "eval"):
-            rr = [r for r in eval_rows if r["role"] == role]
+    shipped = [T.load_checkpoint(f"models/weights/{n}")[0] for n in ("lesion.pt", "lesion-b.pt")]
+    shipped = [(m.state_dict(), dataclasses.asdict(m.config)) for m in shipped]
+
+    def mean(prob_lists):
+        return [np.mean([ps[i] for ps in prob_lists], axis=0) for i in range(len(prob_lists[0]))]
+
+    for role in ("select", "eval"):
+        rr = [r for r in eval_rows if r["role"] == role]
+        pair = [score(*net, rr, CHANNELS["base"], args.device) for net in shipped]
+        PROBS[("shipped", role, "ensemble")] = mean(pair)
+        pooled = []
+        for recipe in recipes:
+            ch = RECIPES[recipe][0]
             per_seed = [score(*results[recipe][s], rr, ch, args.device) for s in sorted(results[recipe])]
             for s, probs in enumerate(per_seed):
                 PROBS[(recipe, role, f"seed{s}")] = probs
-            PROBS[(recipe, role, "ensemble")] = [np.mean([ps[i] for ps in per_seed], axis=0) for i in range(len(rr))]
+            PROBS[(recipe, role, "ensemble")] = mean(per_seed)
+            PROBS[(recipe, role, "+shipped")] = mean(per_seed + pair)
+            pooled += per_seed
+        if len(recipes) > 1:
+            PROBS[("pooled", role, "ensemble")] = mean(pooled)
+            PROBS[("pooled", role, "+shipped")] = mean(pooled + pair)
     say(f"scored {time.time() - t0:.0f} s")
     summary = {}
     keys = list(PROBS)
