@@ -499,25 +499,34 @@ def train_lesions(
     views: Sequence[str] = ("planes",),
     fine_candidates: int = 0,
     device: str = "cpu",
+    head_studies: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the landmark trunk to lesion vs normal (aneurysm and nodule patches in one binary task).
 
-    Training studies are ``studies`` per kind at ``size`` plus ``test_size_studies`` per kind at the coarse
-    "test" size (so the model still reads small series), simulated subjects numbered from ``subjects_from``
-    (default ``SEEDS["lesions"]``; another base gives another network disjoint subjects); every normal candidate
-    is kept and the hard ones are mined during training. Writes the checkpoint to ``out`` and returns metrics:
-    held-out candidate-patch AUC of the transferred model and, with ``compare_scratch``, of the same network
-    trained from scratch on the same patches for the same epochs (all the data, and a 20 % subset: the seed's
-    few-examples regime). ``views`` (``models.patches.VIEWS``) are what the network reads, three channels each;
-    ``fine_candidates`` adds the head's finest-scale extra candidates to training, validation and calibration
-    (the card then asks the detector for them). ``device``: where the network trains (``cuda`` on a GPU).
+    Training studies are ``studies`` per kind at ``size`` (``head_studies`` per head kind when given) plus
+    ``test_size_studies`` per kind at the coarse "test" size (so the model still reads small series), simulated
+    subjects numbered from ``subjects_from`` (default ``SEEDS["lesions"]``; another base gives another network
+    disjoint subjects); every normal candidate is kept and the hard ones are mined during training. Writes the
+    checkpoint to ``out`` and returns metrics: held-out candidate-patch AUC of the transferred model and, with
+    ``compare_scratch``, of the same network trained from scratch on the same patches for the same epochs (all the
+    data, and a 20 % subset: the seed's few-examples regime). ``views`` (``models.patches.VIEWS``) are what the
+    network reads, three channels each; ``fine_candidates`` adds the head's finest-scale extra candidates to
+    training, validation and calibration (the card then asks the detector for them). ``device``: where the network
+    trains (``cuda`` on a GPU).
     """
     t0 = time.process_time()
     base = SEEDS["lesions"] if subjects_from is None else subjects_from
     check_subjects_from(base)
     kinds = ("head-cta", "head-mra", "chest-ct")
     rules = fit_rules_by_size(kinds, (size, "test")) if harmonize else None
-    train_plan = study_plan(kinds, TRAIN_CONDITIONS, studies, base, size)
+    per_kind = {kind: head_studies if head_studies and KIND_BODY[kind] == "head" else studies for kind in kinds}
+    if max(per_kind.values()) > 500:
+        raise ValueError("at most 500 training studies per kind: subjects from base + 500 are the test-size ones")
+    train_plan = [
+        item
+        for ki, kind in enumerate(kinds)
+        for item in study_plan((kind,), TRAIN_CONDITIONS, per_kind[kind], base + 1000 * ki, size)
+    ]
     if test_size_studies:
         train_plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, base + 500, "test")
     test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
@@ -553,6 +562,7 @@ def train_lesions(
         "n_test_patches": int(len(yv)),
         "n_test_positive": int(yv.sum()),
         "train_studies": len(train_plan),
+        "studies_per_kind": per_kind,
         "size": size,
         "test_size_studies_per_kind": test_size_studies,
         "hard_negative_ratio": mine,

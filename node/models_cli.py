@@ -107,7 +107,10 @@ def register(app: typer.Typer) -> None:
         / "landmarks.pt",
         out: Annotated[Path, typer.Option(help="Checkpoint to write (its card goes next to it).")] = WEIGHTS
         / "lesion.pt",
-        studies: Annotated[int, typer.Option(help="Training studies per kind at --size.")] = 40,
+        studies: Annotated[int, typer.Option(help="Training studies per kind at --size (at most 500).")] = 40,
+        head_studies: Annotated[
+            int | None, typer.Option(help="Training studies per head kind (CTA, MRA) instead of --studies.")
+        ] = None,
         test_size_studies: Annotated[int, typer.Option(help="Extra training studies per kind at size test.")] = 6,
         size: Annotated[str, typer.Option(help="Simulated size of the training studies (test, eval, full).")] = "eval",
         epochs: Annotated[int, typer.Option()] = 16,
@@ -161,6 +164,11 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(str(exc), param_hint="--views") from exc
         if fine_candidates < 0:
             raise typer.BadParameter("must be 0 or more", param_hint="--fine-candidates")
+        for hint, count in (("--studies", studies), ("--head-studies", head_studies or 1)):
+            if not 1 <= count <= 500:
+                raise typer.BadParameter(
+                    "must be 1 to 500 (subjects from 500 on are the test-size studies)", param_hint=hint
+                )
         if pretrained is not None and not pretrained.exists():
             raise typer.BadParameter(f"{pretrained} does not exist; run `harmonode train landmarks` first")
         if subjects_from is not None:
@@ -172,7 +180,7 @@ def register(app: typer.Typer) -> None:
             out, pretrained, studies=studies, epochs=epochs, seed=seed, harmonize=harmonize,
             compare_scratch=compare_scratch, size=size, test_size_studies=test_size_studies, mine=mine, width=width,
             lesions_per_study=lesions_per_study, rescan=rescan, subjects_from=subjects_from, views=view_list,
-            fine_candidates=fine_candidates, device=str(pick_device(device)),
+            fine_candidates=fine_candidates, device=str(pick_device(device)), head_studies=head_studies,
         )  # fmt: skip
         landmark = {}
         if pretrained is not None:
@@ -195,7 +203,9 @@ def register(app: typer.Typer) -> None:
             "training": {
                 "command": (
                     f"harmonode train landmarks --studies 8 --epochs 12 --seed {seed} && harmonode train lesions "
-                    f"--studies {studies} --test-size-studies {test_size_studies} --size {size} --epochs {epochs} "
+                    f"--studies {studies}"
+                    + (f" --head-studies {head_studies}" if head_studies else "")
+                    + f" --test-size-studies {test_size_studies} --size {size} --epochs {epochs} "
                     f"--mine {mine} --seed {seed}"
                     + (f" --lesions-per-study {lesions_per_study}" if lesions_per_study else "")
                     + (" --rescan" if rescan else "")
@@ -204,7 +214,7 @@ def register(app: typer.Typer) -> None:
                     + (f" --fine-candidates {fine_candidates}" if fine_candidates else "")
                 ),
                 "data": (
-                    f"harmonode simulate (head-cta, head-mra, chest-ct): {studies} studies per kind at size={size} "
+                    f"harmonode simulate: {metrics['studies_per_kind']} studies at size={size} "
                     f"(node.simulate.GEOMETRY) + {test_size_studies} per kind at size=test; landmarks at size=test"
                 ),
                 "size": size,
@@ -214,7 +224,7 @@ def register(app: typer.Typer) -> None:
                     )
                     for kind in ("head-cta", "head-mra", "chest-ct")
                 },
-                "studies_per_kind": studies,
+                "studies_per_kind": metrics["studies_per_kind"],
                 "test_size_studies_per_kind": test_size_studies,
                 "hard_negatives": f"{mine} negatives per positive each epoch, half the highest-scored by the model",
                 "rescan_augmentation": (
