@@ -148,7 +148,7 @@ def test_shipped_weights_find_the_aneurysm_on_a_small_simulated_study():
 def test_chest_patches_are_read_as_the_mean_of_four_views():
     detector = Detector.load(device="cpu")
     assert detector.tta == {"head": 1, "chest": 4}
-    x = np.random.default_rng(5).normal(0, 1, (16, 3, 32, 32)).astype(np.float32)
+    x = np.random.default_rng(5).normal(0, 1, (16, 3 * len(detector.views), 32, 32)).astype(np.float32)
     views = [x, x[..., ::-1], x[..., ::-1, :], x.transpose(0, 1, 3, 2)]
     expected = np.mean([detector.classify(np.ascontiguousarray(v)) for v in views], axis=0)
     assert np.allclose(detector.classify(x, tta=4), expected, atol=1e-5)
@@ -160,8 +160,9 @@ def test_chest_patches_are_read_as_the_mean_of_four_views():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (this machine has no GPU)")
 def test_cuda_mixed_precision_agrees_with_cpu():
     """The GPU path (fp16 autocast) scores the same patches as the CPU path, within fp16 rounding."""
-    x = np.random.default_rng(3).normal(0, 1, (512, 3, 32, 32)).astype(np.float32)
-    cpu = Detector.load(device="cpu").classify(x)
+    cpu_detector = Detector.load(device="cpu")
+    x = np.random.default_rng(3).normal(0, 1, (512, 3 * len(cpu_detector.views), 32, 32)).astype(np.float32)
+    cpu = cpu_detector.classify(x)
     gpu = Detector.load(device="cuda").classify(x)
     assert np.max(np.abs(cpu - gpu)) < 0.02
 
@@ -175,7 +176,8 @@ def flip_one_bit(path: Path) -> None:
 
 def copy_shipped_weights(folder: Path) -> None:
     """The shipped card and every network it names, copied to ``folder``."""
-    for name in ("lesion.pt", "lesion.json", "lesion-b.pt"):
+    card = json.loads((WEIGHTS_DIR / "lesion.json").read_text())
+    for name in ("lesion.pt", "lesion.json", *(m["file"] for m in card.get("members", []))):
         shutil.copy(WEIGHTS_DIR / name, folder / name)
 
 
@@ -199,10 +201,11 @@ def test_tampered_weights_are_refused(tmp_path: Path):
 def test_every_ensemble_member_is_checked_and_averaged(tmp_path: Path):
     copy_shipped_weights(tmp_path)
     detector = Detector.load(device="cpu", weights_dir=tmp_path)
-    assert len(detector.models) == 2  # the shipped card names a second network
-    x = np.random.default_rng(0).normal(0.0, 0.5, size=(16, 3, 32, 32)).astype(np.float32)
+    assert len(detector.models) == 3  # the shipped card names two further networks
+    channels = 3 * len(detector.views)
+    x = np.random.default_rng(0).normal(0.0, 0.5, size=(16, channels, 32, 32)).astype(np.float32)
     single = [Detector(m, detector.card, torch.device("cpu")).classify(x) for m in detector.models]
-    np.testing.assert_allclose(detector.classify(x), (single[0] + single[1]) / 2, atol=1e-5)
+    np.testing.assert_allclose(detector.classify(x), np.mean(single, axis=0), atol=1e-5)
     flip_one_bit(tmp_path / "lesion-b.pt")
     assert_refused(tmp_path, "lesion-b.pt have sha256")
     (tmp_path / "lesion-b.pt").unlink()
