@@ -480,6 +480,26 @@ def check_subjects_from(base: int) -> None:
             )
 
 
+def lesion_training_plan(
+    studies: int, base: int, size: str = "eval", test_size_studies: int = 6, head_studies: int | None = None
+) -> list[tuple[str, str, int, str]]:
+    """The lesion networks' training studies: ``studies`` per kind at ``size`` (``head_studies`` per head kind
+    when given), kind k from subject ``base`` + 1000 k, then ``test_size_studies`` per kind at size test from
+    ``base`` + 500 (+ 1000 k). More than 500 per kind would reach those test-size subjects and is refused."""
+    kinds = ("head-cta", "head-mra", "chest-ct")
+    per_kind = {kind: head_studies if head_studies and KIND_BODY[kind] == "head" else studies for kind in kinds}
+    if max(per_kind.values()) > 500:
+        raise ValueError("at most 500 training studies per kind: subjects from base + 500 are the test-size ones")
+    plan = [
+        item
+        for ki, kind in enumerate(kinds)
+        for item in study_plan((kind,), TRAIN_CONDITIONS, per_kind[kind], base + 1000 * ki, size)
+    ]
+    if test_size_studies:
+        plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, base + 500, "test")
+    return plan
+
+
 def train_lesions(
     out: Path,
     pretrained: Path | None,
@@ -518,17 +538,9 @@ def train_lesions(
     base = SEEDS["lesions"] if subjects_from is None else subjects_from
     check_subjects_from(base)
     kinds = ("head-cta", "head-mra", "chest-ct")
+    train_plan = lesion_training_plan(studies, base, size, test_size_studies, head_studies)
+    per_kind = {kind: sum(1 for k, *_, z in train_plan if k == kind and z == size) for kind in kinds}
     rules = fit_rules_by_size(kinds, (size, "test")) if harmonize else None
-    per_kind = {kind: head_studies if head_studies and KIND_BODY[kind] == "head" else studies for kind in kinds}
-    if max(per_kind.values()) > 500:
-        raise ValueError("at most 500 training studies per kind: subjects from base + 500 are the test-size ones")
-    train_plan = [
-        item
-        for ki, kind in enumerate(kinds)
-        for item in study_plan((kind,), TRAIN_CONDITIONS, per_kind[kind], base + 1000 * ki, size)
-    ]
-    if test_size_studies:
-        train_plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, base + 500, "test")
     test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
     inputs = {"views": tuple(views), "fine_candidates": fine_candidates}
     n_lesions = lesions_per_study or None

@@ -52,6 +52,14 @@ def test_an_unknown_patch_view_is_refused(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_more_training_subjects_than_the_range_holds_are_refused(tmp_path):
+    # subjects base+500 on are the test-size training studies: a plan reaching them would train on duplicates
+    r = harmonode("train", "lesions", "--head-studies", "600", "--out", str(tmp_path / "x.pt"))
+    said = " ".join(r.stderr.replace("│", " ").split())
+    assert r.returncode == 2 and "--head-studies" in said and "1 to 500" in said
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_status_without_data_says_what_to_do(tmp_path):
     cfg = tmp_path / "n.toml"
     cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "nothing"}"\n')

@@ -439,3 +439,18 @@ def test_findings_are_matched_to_lesions_after_nms():
     keep, hits, with_candidate = findings_on_lesions(mm, probs, np.full(4, 3.0), "head", lesions)
     assert list(keep) == [0, 2, 3]  # the 0.8 two millimetres from the 0.9 is suppressed (6 mm head radius)
     assert list(hits) == [0, -1, 1] and with_candidate == 2
+
+
+def test_the_head_kinds_can_train_on_more_subjects_than_the_chest():
+    from models.train import lesion_training_plan
+
+    plan = lesion_training_plan(40, 20000, "eval", test_size_studies=2, head_studies=400)
+    eval_size = [(kind, seed) for kind, _, seed, size in plan if size == "eval"]
+    counts = {k: sum(1 for kind, _ in eval_size if kind == k) for k in ("head-cta", "head-mra", "chest-ct")}
+    assert counts == {"head-cta": 400, "head-mra": 400, "chest-ct": 40}
+    assert max(s for k, s in eval_size if k == "head-mra") == 21399  # kind k from base + 1000 k
+    test_seeds = {seed for _, _, seed, size in plan if size == "test"}
+    assert test_seeds == {20500, 20501, 21500, 21501, 22500, 22501}
+    assert not test_seeds & {seed for _, seed in eval_size}  # no subject twice
+    with pytest.raises(ValueError, match="at most 500"):
+        lesion_training_plan(40, 20000, head_studies=501)

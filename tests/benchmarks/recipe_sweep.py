@@ -122,17 +122,11 @@ def plans(args):
 
     kinds = ("head-cta", "head-mra", "chest-ct")
     extra = (args.fine, args.landmark_negatives, args.phase_a_device)
-    per_kind = {"head-cta": args.head_studies or args.studies, "head-mra": args.head_studies or args.studies}
     tr = [
         ("train", k, c, s, z, args.lesions, *extra)
-        for ki, kind in enumerate(kinds)
-        for k, c, s, z in T.study_plan(
-            (kind,), T.TRAIN_CONDITIONS, per_kind.get(kind, args.studies), 20000 + 1000 * ki, "eval"
+        for k, c, s, z in T.lesion_training_plan(
+            args.studies, T.SEEDS["lesions"], "eval", args.test_studies, args.head_studies
         )
-    ]
-    tr += [
-        ("train", k, c, s, z, args.lesions, *extra)
-        for k, c, s, z in T.study_plan(kinds, T.TRAIN_CONDITIONS, args.test_studies, 20500, "test")
     ]
     ev = []
     for role, base in (("select", 55000), ("eval", 52000)):
