@@ -105,8 +105,11 @@ class Detector:
         members = [model] if isinstance(model, MiniVGG) else list(model)
         if not members:
             raise ValueError("a detector needs at least one network")
+        # on the CPU, channels-last convolutions read the 9-channel patches 1.5-3x faster (measured on 2 cores)
+        layout = torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
         #: the networks whose probabilities are averaged (one, or an ensemble named by the card)
-        self.models = [m.to(device).eval() for m in members]
+        self.models = [m.to(device, memory_format=layout).eval() for m in members]
+        self.layout = layout
         self.model = self.models[0]
         self.card = card
         self.device = device
@@ -224,11 +227,13 @@ class Detector:
 
     # -- inference ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def classify(self, patches: np.ndarray, batch: int = 1024, tta: int = 1) -> np.ndarray:
+    def classify(self, patches: np.ndarray, batch: int | None = None, tta: int = 1) -> np.ndarray:
         """Lesion probability of each (N, channels, 32, 32) patch (float32 N), averaged over ``tta`` flips/turns and
-        over the ensemble's networks."""
+        over the ensemble's networks. ``batch``: patches per forward pass (default 1024 on a GPU, 256 on the CPU,
+        where larger batches fall out of cache)."""
         out = np.empty(len(patches), dtype=np.float32)
         cuda = self.device.type == "cuda"
+        batch = batch or (1024 if cuda else 256)
         for start in range(0, len(patches), batch):
             x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch])).to(self.device)
             views = [x, torch.flip(x, dims=(3,)), torch.flip(x, dims=(2,)), x.transpose(2, 3)][: max(1, tta)]
@@ -236,7 +241,7 @@ class Detector:
             for model in self.models:
                 for view in views:
                     with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-                        logits = model(view)
+                        logits = model(view.contiguous(memory_format=self.layout))
                     prob += torch.softmax(logits.float(), dim=1)[:, 1]
             out[start : start + len(x)] = (prob / (len(views) * len(self.models))).cpu().numpy()
         return out
