@@ -125,7 +125,7 @@ def plans(args):
     tr = [
         ("train", k, c, s, z, args.lesions, *extra)
         for k, c, s, z in T.lesion_training_plan(
-            args.studies, T.SEEDS["lesions"], "eval", args.test_studies, args.head_studies
+            args.studies, args.subjects_from, "eval", args.test_studies, args.head_studies
         )
     ]
     ev = []
@@ -140,7 +140,7 @@ def plans(args):
 
 
 def train_one(job):
-    recipe, seed, device, data, epochs = job
+    recipe, seed, device, data, epochs, pretrained = job
     import torch
 
     torch.set_num_threads(2)
@@ -154,7 +154,7 @@ def train_one(job):
     rows = np.flatnonzero((use_fine | ~f) & (use_lm | ~lm))
     x = np.ascontiguousarray(d[rows][:, ch])
     y = y[rows]
-    model, _ = T.load_checkpoint("models/weights/landmarks.pt")
+    model, _ = T.load_checkpoint(pretrained)
     model.replace_head(2)
     if len(ch) > 3:
         model.widen_input(len(ch))
@@ -228,6 +228,8 @@ def main():
     ap.add_argument("--studies", type=int, default=40, help="training subjects per kind")
     ap.add_argument("--head-studies", type=int, help="training subjects per head kind (default: --studies)")
     ap.add_argument("--lesions", type=int, default=4, help="lesions per training subject")
+    ap.add_argument("--subjects-from", type=int, default=20000, help="first training subject (as train lesions)")
+    ap.add_argument("--pretrained", default="models/weights/landmarks.pt", help="landmark trunk to start from")
     ap.add_argument("--landmark-negatives", type=int, default=3, help="jittered negatives per vessel landmark")
     ap.add_argument("--phase-a-device", default="cpu", help="candidates and patches on this device (cuda: GPU)")
     ap.add_argument("--test-studies", type=int, default=6)
@@ -243,6 +245,8 @@ def main():
     ap.add_argument("--rules", help="pickle of fit_rules_by_size(kinds, ('eval', 'test')) (default: fit them)")
     args = ap.parse_args()
     from models import train as T
+
+    T.check_subjects_from(args.subjects_from)  # never train on the rules', landmarks' or evaluation's subjects
 
     RULES.update(
         pickle.load(open(args.rules, "rb"))
@@ -270,7 +274,8 @@ def main():
     )
     del x, rows
     recipes = args.recipes.split(",")
-    jobs = [(r, s, args.device, f"{args.work}/x.npy", args.epochs) for s in range(args.seeds) for r in recipes]
+    data = f"{args.work}/x.npy"
+    jobs = [(r, s, args.device, data, args.epochs, args.pretrained) for s in range(args.seeds) for r in recipes]
     results = {}
     t1 = time.time()
     with ProcessPoolExecutor(args.gpu_jobs, mp_context=mp.get_context("spawn")) as pool:
