@@ -480,6 +480,12 @@ def check_subjects_from(base: int) -> None:
             )
 
 
+def studies_per_kind(studies: int, head_studies: int | None = None) -> dict[str, int]:
+    """Training studies per kind: ``studies``, or ``head_studies`` for the head kinds when given."""
+    kinds = ("head-cta", "head-mra", "chest-ct")
+    return {kind: head_studies if head_studies and KIND_BODY[kind] == "head" else studies for kind in kinds}
+
+
 def lesion_training_plan(
     studies: int, base: int, size: str = "eval", test_size_studies: int = 6, head_studies: int | None = None
 ) -> list[tuple[str, str, int, str]]:
@@ -487,7 +493,7 @@ def lesion_training_plan(
     when given), kind k from subject ``base`` + 1000 k, then ``test_size_studies`` per kind at size test from
     ``base`` + 500 (+ 1000 k). More than 500 per kind would reach those test-size subjects and is refused."""
     kinds = ("head-cta", "head-mra", "chest-ct")
-    per_kind = {kind: head_studies if head_studies and KIND_BODY[kind] == "head" else studies for kind in kinds}
+    per_kind = studies_per_kind(studies, head_studies)
     if max(per_kind.values()) > 500:
         raise ValueError("at most 500 training studies per kind: subjects from base + 500 are the test-size ones")
     plan = [
@@ -539,7 +545,7 @@ def train_lesions(
     check_subjects_from(base)
     kinds = ("head-cta", "head-mra", "chest-ct")
     train_plan = lesion_training_plan(studies, base, size, test_size_studies, head_studies)
-    per_kind = {kind: sum(1 for k, *_, z in train_plan if k == kind and z == size) for kind in kinds}
+    per_kind = studies_per_kind(studies, head_studies)
     rules = fit_rules_by_size(kinds, (size, "test")) if harmonize else None
     test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
     inputs = {"views": tuple(views), "fine_candidates": fine_candidates}

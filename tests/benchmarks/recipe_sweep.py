@@ -14,7 +14,7 @@ cuda`` finds candidates and cuts patches on the GPU (spawned workers). Phase B (
 one network per recipe and seed, network a's recipe (``train_classifier``: landmark trunk, 16 epochs, 5 mined
 negatives per positive, flips). A recipe is views (base, zoom, mip, all) with optional ``+fine`` (fine
 candidates) and ``+lm`` (landmark negatives). Phase C: FROC per kind on both sets, each network, the mean of
-each recipe's seeds, that mean with the shipped pair, and all recipes pooled.
+each recipe's seeds, that mean with the shipped networks, and all recipes pooled.
 """
 
 import argparse
@@ -289,16 +289,19 @@ def main():
     global EVAL_ROWS, PROBS
     EVAL_ROWS = eval_rows
     PROBS = {}
-    shipped = [T.load_checkpoint(f"models/weights/{n}")[0] for n in ("lesion.pt", "lesion-b.pt")]
+    card = json.load(open("models/weights/lesion.json"))  # the shipped networks, read with the card's views
+    files = ["lesion.pt", *(m["file"] for m in card.get("members", []))]
+    shipped = [T.load_checkpoint(f"models/weights/{n}")[0] for n in files]
     shipped = [(m.state_dict(), dataclasses.asdict(m.config)) for m in shipped]
+    shipped_channels = [3 * ALL.index(v) + c for v in card.get("views", ["planes"]) for c in range(3)]
 
     def mean(prob_lists):
         return [np.mean([ps[i] for ps in prob_lists], axis=0) for i in range(len(prob_lists[0]))]
 
     for role in ("select", "eval"):
         rr = [r for r in eval_rows if r["role"] == role]
-        pair = [score(*net, rr, CHANNELS["base"], args.device) for net in shipped]
-        PROBS[("shipped", role, "ensemble")] = mean(pair)
+        ours = [score(*net, rr, shipped_channels, args.device) for net in shipped]
+        PROBS[("shipped", role, "ensemble")] = mean(ours)
         pooled = []
         for recipe in recipes:
             ch = RECIPES[recipe][0]
@@ -306,11 +309,11 @@ def main():
             for s, probs in enumerate(per_seed):
                 PROBS[(recipe, role, f"seed{s}")] = probs
             PROBS[(recipe, role, "ensemble")] = mean(per_seed)
-            PROBS[(recipe, role, "+shipped")] = mean(per_seed + pair)
+            PROBS[(recipe, role, "+shipped")] = mean(per_seed + ours)
             pooled += per_seed
         if len(recipes) > 1:
             PROBS[("pooled", role, "ensemble")] = mean(pooled)
-            PROBS[("pooled", role, "+shipped")] = mean(pooled + pair)
+            PROBS[("pooled", role, "+shipped")] = mean(pooled + ours)
     say(f"scored {time.time() - t0:.0f} s")
     summary = {}
     keys = list(PROBS)
