@@ -141,8 +141,11 @@ def extract_patches(
 #: ``planes`` the seed's planes through the point over the body part's field of view; ``zoom`` the same planes over
 #: half that field (twice the resolution: a 2 mm sac spans five pixels instead of three); ``mip`` each plane's
 #: maximum over a slab ±``MIP_SLAB_FRACTION`` × field thick (a sac just beside the plane, off its parent
-#: artery, still shows).
-VIEWS = ("planes", "zoom", "mip")
+#: artery, still shows); ``wide`` the planes over twice the field (the context: the whole ICA T or siphon bend
+#: around a point, where card 1.3's false positives sit).
+VIEWS = ("planes", "zoom", "mip", "wide")
+#: Field of view of each view relative to the body part's ``PATCH_MM``.
+VIEW_SCALE = {"planes": 1.0, "zoom": 0.5, "mip": 1.0, "wide": 2.0}
 MIP_SLAB_FRACTION = 0.125
 MIP_STEPS = 7
 
@@ -161,7 +164,7 @@ def view_grids(
     ``MIP_STEPS`` parallel copies across a slab of ±``MIP_SLAB_FRACTION`` × ``patch_mm``, each plane moved along
     its own normal (axial along k, coronal along j, sagittal along i) — the view is their maximum."""
     if view != "mip":
-        yield sample_grid(centres, spacing, patch_mm / 2 if view == "zoom" else patch_mm, size)
+        yield sample_grid(centres, spacing, patch_mm * VIEW_SCALE[view], size)
         return
     base = sample_grid(centres, spacing, patch_mm, size)
     normal_voxels = np.float32(1.0) / np.asarray(spacing, dtype=np.float32)  # mm → voxels along k, j, i

@@ -132,7 +132,9 @@ def register(app: typer.Typer) -> None:
         ] = False,
         views: Annotated[
             str,
-            typer.Option(help="Patch views the network reads, comma-separated, 3 channels each: planes, zoom, mip."),
+            typer.Option(
+                help="Patch views the network reads, comma-separated, 3 channels each: planes, zoom, mip, wide."
+            ),
         ] = "planes",
         fine_candidates: Annotated[
             int, typer.Option(help="Head: extra finest-scale candidates per series for small sacs (0: none).")

@@ -48,7 +48,7 @@ def test_training_on_the_evaluation_subjects_is_refused(tmp_path):
 def test_an_unknown_patch_view_is_refused(tmp_path):
     r = harmonode("train", "lesions", "--views", "planes,slab", "--out", str(tmp_path / "x.pt"))
     said = " ".join(r.stderr.replace("│", " ").split())
-    assert r.returncode == 2 and "planes, zoom, mip" in said
+    assert r.returncode == 2 and "planes, zoom, mip, wide" in said
     assert not (tmp_path / "x.pt").exists()
 
 

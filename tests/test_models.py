@@ -293,11 +293,12 @@ def test_views_add_three_channels_each_on_the_same_axes():
     vol, centre = phantom((0.5, 0.5, 0.5), (64, 64, 64))
     norm = normalise(vol, "CT")
     spacing = (0.5, 0.5, 0.5)
-    out = extract_views(norm, spacing, centre[None], 24.0, ("planes", "zoom", "mip"))
-    assert out.shape == (1, 9, 32, 32)
+    out = extract_views(norm, spacing, centre[None], 24.0, ("planes", "zoom", "mip", "wide"))
+    assert out.shape == (1, 12, 32, 32)
     assert np.array_equal(out[:, :3], extract_patches(norm, spacing, centre[None], 24.0))
     assert np.array_equal(out[:, 3:6], extract_patches(norm, spacing, centre[None], 12.0))
-    assert np.all(out[:, 6:] >= out[:, :3] - 1e-6)  # a slab's maximum includes the plane through the point
+    assert np.all(out[:, 6:9] >= out[:, :3] - 1e-6)  # a slab's maximum includes the plane through the point
+    assert np.array_equal(out[:, 9:], extract_patches(norm, spacing, centre[None], 48.0))
     with pytest.raises(ValueError, match="unknown patch views"):
         extract_views(norm, spacing, centre[None], 24.0, ("planes", "mpr"))
 
@@ -395,10 +396,10 @@ def test_torch_patches_equal_scipy_patches():
     rng = np.random.default_rng(0)
     vol = rng.normal(size=(40, 50, 60)).astype(np.float32)
     centres = rng.uniform(-5, 55, size=(50, 3))  # some near or beyond the edges
-    views = ("planes", "zoom", "mip")
+    views = ("planes", "zoom", "mip", "wide")
     cpu = extract_views(vol, (0.7, 0.5, 0.6), centres, 24.0, views)
     gpu_path = extract_views_torch(vol, (0.7, 0.5, 0.6), centres, 24.0, views, "cpu")
-    assert cpu.shape == gpu_path.shape == (50, 9, 32, 32)
+    assert cpu.shape == gpu_path.shape == (50, 12, 32, 32)
     assert np.abs(cpu - gpu_path).max() < 1e-4
 
 

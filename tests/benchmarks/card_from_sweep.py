@@ -26,7 +26,14 @@ from models.nets import MiniVGG, NetConfig
 from models.patches import VIEWS
 from node.models_cli import write_card
 
-RECIPE_VIEWS = {"base": ["planes"], "zoom": ["planes", "zoom"], "mip": ["planes", "mip"], "all": list(VIEWS)}
+RECIPE_VIEWS = {  # as recipe_sweep.CHANNELS
+    "base": ["planes"],
+    "zoom": ["planes", "zoom"],
+    "mip": ["planes", "mip"],
+    "all": ["planes", "zoom", "mip"],
+    "wide": ["planes", "wide"],
+    "every": list(VIEWS),
+}
 
 
 def main() -> None:

@@ -4,17 +4,17 @@ Run on demand, not by pytest: ``python tests/benchmarks/recipe_sweep.py [--rules
 16-core machine with one H100/H200; hours on 2 CPU cores). Results go to ``$OUT`` (default /tmp/sweep_out):
 ``log.txt``, ``summary.json`` and ``states.pt`` (every network's weights, ``recipe/seed``).
 
-Phase A (a pool of CPU processes): network a's training studies (``harmonode train lesions`` defaults: 40
-subjects per kind with 4 lesions at size eval + 6 per kind at size test), a selection set (8 studies per
-held-out condition, subjects 55000+) and the model card's held-out set (the same plan as ``harmonode
-evaluate``, subjects 52000+); every candidate (with the head's 100 fine-scale extras flagged) cut in all nine
-channels, plus jittered negatives at the head's normal vessel landmarks (``--landmark-negatives``, flagged).
-``--head-studies`` and ``--lesions`` set the training data's size (network b: 72 and 5); ``--phase-a-device
-cuda`` finds candidates and cuts patches on the GPU (spawned workers). Phase B (processes sharing the GPU):
-one network per recipe and seed, network a's recipe (``train_classifier``: landmark trunk, 16 epochs, 5 mined
-negatives per positive, flips). A recipe is views (base, zoom, mip, all) with optional ``+fine`` (fine
-candidates) and ``+lm`` (landmark negatives). Phase C: FROC per kind on both sets, each network, the mean of
-each recipe's seeds, that mean with the shipped networks, and all recipes pooled.
+Phase A (a pool of CPU processes): network a's training studies (``harmonode train lesions`` defaults: 40 subjects
+per kind with 4 lesions at size eval + 6 per kind at size test), a selection set (8 studies per held-out condition,
+subjects 55000+) and the model card's held-out set (the same plan as ``harmonode evaluate``, subjects 52000+); every
+candidate (with the head's 100 fine-scale extras flagged) cut in all twelve channels, plus jittered negatives at the
+head's normal vessel landmarks (``--landmark-negatives``, flagged). ``--head-studies`` and ``--lesions`` set the
+training data's size (network b: 72 and 5); ``--phase-a-device cuda`` finds candidates and cuts patches on the GPU
+(spawned workers). Phase B (processes sharing the GPU): one network per recipe and seed, network a's recipe
+(``train_classifier``: landmark trunk, 16 epochs, 5 mined negatives per positive, flips). A recipe is views (base,
+zoom, mip, all = the three, wide = planes + wide, every = all four) with optional ``+fine`` (fine candidates) and
+``+lm`` (landmark negatives). Phase C: FROC per kind on both sets, each network, the mean of each recipe's seeds,
+that mean with the shipped networks, and all recipes pooled.
 """
 
 import argparse
@@ -41,8 +41,15 @@ def say(*a):
 
 
 RULES: dict = {}
-ALL = ("planes", "zoom", "mip")
-CHANNELS = {"base": [0, 1, 2], "zoom": [0, 1, 2, 3, 4, 5], "mip": [0, 1, 2, 6, 7, 8], "all": list(range(9))}
+ALL = ("planes", "zoom", "mip", "wide")  # the cached channels: 3 per view, in this order
+CHANNELS = {
+    "base": [0, 1, 2],
+    "zoom": [0, 1, 2, 3, 4, 5],
+    "mip": [0, 1, 2, 6, 7, 8],
+    "all": list(range(9)),
+    "wide": [0, 1, 2, 9, 10, 11],
+    "every": list(range(12)),
+}
 RECIPES = {  # name: (channels, fine candidates, landmark negatives)
     f"{views}{fine}{lm}": (ch, bool(fine), bool(lm))
     for views, ch in CHANNELS.items()
