@@ -19,21 +19,12 @@ import string
 from pathlib import Path
 
 import torch
+from recipe_sweep import RECIPE_VIEWS  # this folder is on sys.path when the script runs
 
 from models import train as T
 from models.detector import sha256_of
 from models.nets import MiniVGG, NetConfig
-from models.patches import VIEWS
 from node.models_cli import write_card
-
-RECIPE_VIEWS = {  # as recipe_sweep.CHANNELS
-    "base": ["planes"],
-    "zoom": ["planes", "zoom"],
-    "mip": ["planes", "mip"],
-    "all": ["planes", "zoom", "mip"],
-    "wide": ["planes", "wide"],
-    "every": list(VIEWS),
-}
 
 
 def main() -> None:
@@ -54,7 +45,7 @@ def main() -> None:
     base, fine, lm = args.recipe.partition("+")[0], "+fine" in args.recipe, "+lm" in args.recipe
     if fine or lm or base not in RECIPE_VIEWS:
         raise SystemExit(f"recipe {args.recipe!r}: only views recipes ({', '.join(RECIPE_VIEWS)}) can be shipped")
-    views = RECIPE_VIEWS[base]
+    views = list(RECIPE_VIEWS[base])
     states = torch.load(args.states, weights_only=False)
     seeds = sorted(int(k.split("/")[1]) for k in states if k.split("/")[0] == args.recipe)
     if not seeds:

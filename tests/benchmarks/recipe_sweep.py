@@ -29,27 +29,38 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 OUT = os.environ.get("OUT", "/tmp/sweep_out")
-os.makedirs(OUT, exist_ok=True)
-LOG = open(os.path.join(OUT, "log.txt"), "a")
+_LOG: list = []  # the log file, opened on the first line said (importing this module writes nothing)
 
 
 def say(*a):
     msg = " ".join(str(x) for x in a)
     print(msg, flush=True)
-    LOG.write(msg + "\n")
-    LOG.flush()
+    if not _LOG:
+        os.makedirs(OUT, exist_ok=True)
+        _LOG.append(open(os.path.join(OUT, "log.txt"), "a"))
+    _LOG[0].write(msg + "\n")
+    _LOG[0].flush()
 
 
 RULES: dict = {}
 ALL = ("planes", "zoom", "mip", "wide")  # the cached channels: 3 per view, in this order
-CHANNELS = {
-    "base": [0, 1, 2],
-    "zoom": [0, 1, 2, 3, 4, 5],
-    "mip": [0, 1, 2, 6, 7, 8],
-    "all": list(range(9)),
-    "wide": [0, 1, 2, 9, 10, 11],
-    "every": list(range(12)),
+#: The views each recipe's networks read (``card_from_sweep.py`` writes them into the card).
+RECIPE_VIEWS = {
+    "base": ("planes",),
+    "zoom": ("planes", "zoom"),
+    "mip": ("planes", "mip"),
+    "all": ("planes", "zoom", "mip"),
+    "wide": ("planes", "wide"),
+    "every": ALL,
 }
+
+
+def channels_of(views):
+    """The cached channels holding ``views`` (3 per view, in ``ALL``'s order)."""
+    return [3 * ALL.index(v) + c for v in views for c in range(3)]
+
+
+CHANNELS = {name: channels_of(views) for name, views in RECIPE_VIEWS.items()}
 RECIPES = {  # name: (channels, fine candidates, landmark negatives)
     f"{views}{fine}{lm}": (ch, bool(fine), bool(lm))
     for views, ch in CHANNELS.items()
@@ -300,7 +311,7 @@ def main():
     files = ["lesion.pt", *(m["file"] for m in card.get("members", []))]
     shipped = [T.load_checkpoint(f"models/weights/{n}")[0] for n in files]
     shipped = [(m.state_dict(), dataclasses.asdict(m.config)) for m in shipped]
-    shipped_channels = [3 * ALL.index(v) + c for v in card.get("views", ["planes"]) for c in range(3)]
+    shipped_channels = channels_of(card.get("views", ["planes"]))
 
     def mean(prob_lists):
         return [np.mean([ps[i] for ps in prob_lists], axis=0) for i in range(len(prob_lists[0]))]
