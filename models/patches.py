@@ -5,7 +5,8 @@ same axes, so flips and turns of the patch apply to every view alike.
 
 Every plane spans a fixed field of view in millimetres, whatever the voxel spacing, so a 0.5 mm head CTA and a
 1.75 mm test series give the network the same anatomy at the same scale. Sampling is one
-``scipy.ndimage.map_coordinates`` call per chunk of points (trilinear), no Python loop over voxels.
+``scipy.ndimage.map_coordinates`` call per chunk of points (trilinear), no Python loop over voxels; the detector
+samples the same points with torch's ``grid_sample`` (``models.patches_torch``: 2.3x faster on two CPU cores).
 """
 
 from __future__ import annotations
@@ -194,8 +195,9 @@ def extract_views(
     views
         Names out of ``VIEWS``, in channel order.
     device
-        None or ``cpu``: ``map_coordinates`` on the CPU. A torch device (``cuda``): the same samples with
-        ``grid_sample`` there (``models.patches_torch``), equal up to float rounding.
+        None: ``map_coordinates`` (the reference: one core). A torch device (``cpu``, ``cuda``): the same samples
+        with ``grid_sample`` there (``models.patches_torch``; on the CPU spread over the torch threads), equal up
+        to float rounding — what the detector uses.
 
     Returns
     -------
@@ -203,7 +205,7 @@ def extract_views(
         float32 (N, 3 × len(views), size, size); samples outside the volume take the nearest edge value.
     """
     check_views(views)
-    if device is not None and str(device) != "cpu":
+    if device is not None:
         from models.patches_torch import extract_views_torch
 
         return extract_views_torch(volume, spacing, centres, patch_mm, views, str(device), size, chunk)

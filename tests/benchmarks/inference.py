@@ -2,9 +2,9 @@
 
 Run as a script (not collected by pytest): ``.venv/bin/python tests/benchmarks/inference.py [--device auto]``.
 The series is a simulated full-size head CTA (512×512×300, 0.5 mm); the time covers normalisation, candidates,
-patch extraction, the network, threshold and NMS (what ``Detector.detect`` does), after one warm-up run. On CUDA
-the candidates' filters and the patch sampling run in torch too (``models.candidates_torch``,
-``models.patches_torch``).
+patch extraction, the network, threshold and NMS (what ``Detector.detect`` does), after one warm-up run. Patches
+are sampled in torch (``models.patches_torch``) on either device; on CUDA the candidates' filters run in torch too
+(``models.candidates_torch``).
 Targets: < 1 s per series on a GPU, < 10 s on 2 CPU cores.
 """
 
@@ -63,7 +63,7 @@ def bench_series(detector: Detector, kind: str, slices: int) -> dict[str, float]
     t_cand = time.perf_counter() - t0
     t0 = time.perf_counter()
     spacing, mm = volume.geometry.spacing, detector.patch_mm[body]
-    patches = extract_views(norm, spacing, cands.centres, mm, detector.views, device=on_gpu)
+    patches = extract_views(norm, spacing, cands.centres, mm, detector.views, device=str(detector.device))
     t_patch = time.perf_counter() - t0
     t0 = time.perf_counter()
     detector.classify(patches, tta=detector.tta[body])
