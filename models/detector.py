@@ -43,6 +43,11 @@ MAX_ANISOTROPY = 4.0  # largest / smallest voxel side
 #: Test-time augmentation per body part for new model cards. Measured on v1.1.0 (held-out, 1 FP per case):
 #: nodules 0.64 → 0.71 with 4 views, aneurysms 0.60 → 0.57 (CTA) and 0.69 → 0.61 (MRA), so the head keeps 1.
 TTA = {"head": 1, "chest": 4}
+#: A patch is read in its further flips only when its first reading (no flip, every network) reaches this
+#: probability. Measured with card 1.3 on 64 held-out chest CTs (96,000 candidates): 3.7 % of the patches are
+#: read again; the highest full (4-flip) probability among the others is 0.24, below the chest threshold (0.41),
+#: and the FROC at 0.5/1/2/4 FP is unchanged on both 32-study sets. The chest network time drops 3.5x.
+TTA_FLOOR = 0.02
 
 
 class WeightsRefused(RuntimeError):
@@ -139,7 +144,8 @@ class Detector:
 
     @property
     def torch_device(self) -> str | None:
-        """Where candidates and patches are computed in torch: the CUDA device, or None (scipy on the CPU)."""
+        """Where candidates are found in torch: the CUDA device, or None (scipy on the CPU). Patches are always
+        sampled in torch, on the detector's device."""
         return str(self.device) if self.device.type == "cuda" else None
 
     @classmethod
@@ -226,11 +232,29 @@ class Detector:
         return task, ""
 
     # -- inference ------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def classify(self, patches: np.ndarray, batch: int | None = None, tta: int = 1) -> np.ndarray:
+    def classify(
+        self, patches: np.ndarray, batch: int | None = None, tta: int = 1, floor: float = TTA_FLOOR
+    ) -> np.ndarray:
         """Lesion probability of each (N, channels, 32, 32) patch (float32 N), averaged over ``tta`` flips/turns and
         over the ensemble's networks. ``batch``: patches per forward pass (default 1024 on a GPU, 256 on the CPU,
-        where larger batches fall out of cache)."""
+        where larger batches fall out of cache).
+
+        With ``tta`` > 1 every patch is first read once (no flip) by every network; only the patches whose first
+        probability reaches ``floor`` are read with all ``tta`` flips, and get exactly the probability a full
+        reading gives. The others keep their first probability: far below any threshold (``TTA_FLOOR``).
+        ``floor=0`` reads every patch fully.
+        """
+        if tta <= 1 or floor <= 0:
+            return self._read(patches, batch, tta)
+        first = self._read(patches, batch, 1)
+        again = np.flatnonzero(first >= floor)
+        if len(again):
+            first[again] = self._read(patches[again], batch, tta)
+        return first
+
+    @torch.inference_mode()
+    def _read(self, patches: np.ndarray, batch: int | None, tta: int) -> np.ndarray:
+        """``classify`` with every patch read in all ``tta`` flips."""
         out = np.empty(len(patches), dtype=np.float32)
         cuda = self.device.type == "cuda"
         batch = batch or (1024 if cuda else 256)
@@ -256,7 +280,7 @@ class Detector:
         if len(cands) == 0:
             return cands, np.zeros(0, np.float32)
         spacing, mm = geometry.spacing, self.patch_mm[body]
-        patches = extract_views(volume, spacing, cands.centres, mm, self.views, device=on_gpu)
+        patches = extract_views(volume, spacing, cands.centres, mm, self.views, device=str(self.device))
         return cands, self.classify(patches, tta=self.tta[body])
 
     def detect(self, values: np.ndarray, geometry: VolumeGeometry | None, modality: str, body: str) -> Detection:

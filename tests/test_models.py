@@ -151,8 +151,25 @@ def test_chest_patches_are_read_as_the_mean_of_four_views():
     x = np.random.default_rng(5).normal(0, 1, (16, 3 * len(detector.views), 32, 32)).astype(np.float32)
     views = [x, x[..., ::-1], x[..., ::-1, :], x.transpose(0, 1, 3, 2)]
     expected = np.mean([detector.classify(np.ascontiguousarray(v)) for v in views], axis=0)
-    assert np.allclose(detector.classify(x, tta=4), expected, atol=1e-5)
-    assert not np.allclose(detector.classify(x, tta=4), detector.classify(x), atol=1e-4)
+    assert np.allclose(detector.classify(x, tta=4, floor=0), expected, atol=1e-5)
+    assert not np.allclose(detector.classify(x, tta=4, floor=0), detector.classify(x), atol=1e-4)
+
+
+@needs_weights
+def test_only_patches_above_the_floor_are_read_in_every_flip():
+    # the flip cascade: a full reading where the first one reaches the floor, the first reading elsewhere
+    detector = Detector.load(device="cpu")
+    rng = np.random.default_rng(6)
+    x = rng.normal(0, 1, (64, 3 * len(detector.views), 32, 32)).astype(np.float32)
+    x *= rng.uniform(0.2, 3.0, (64, 1, 1, 1)).astype(np.float32)  # a spread of probabilities
+    first, full = detector.classify(x), detector.classify(x, tta=4, floor=0)
+    floor = float(np.median(first))
+    above = first >= floor
+    assert 0 < above.sum() < len(x)
+    assert not np.allclose(first, full, atol=1e-4)
+    cascade = detector.classify(x, tta=4, floor=floor)
+    np.testing.assert_allclose(cascade[above], full[above], atol=1e-6)
+    np.testing.assert_array_equal(cascade[~above], first[~above])
 
 
 @needs_weights
@@ -391,16 +408,26 @@ def test_cuda_candidates_equal_cpu_candidates(body):
     assert np.allclose(cpu.scores, gpu.scores, rtol=1e-3, atol=1e-4)
 
 
-def test_torch_patches_equal_scipy_patches():
-    # the GPU path (models.patches_torch) samples the same points with grid_sample; here on the CPU
+@pytest.mark.parametrize("threads", [1, 2])
+def test_torch_patches_equal_scipy_patches(threads):
+    # the detector's path (models.patches_torch) samples the same points with grid_sample; on the CPU its chunks
+    # of candidates go to several threads, which must each fill their own rows
+    from models.patches_torch import CPU_CHUNK
+
     rng = np.random.default_rng(0)
     vol = rng.normal(size=(40, 50, 60)).astype(np.float32)
-    centres = rng.uniform(-5, 55, size=(50, 3))  # some near or beyond the edges
+    n = 2 * CPU_CHUNK + 17  # three chunks, the last one short
+    centres = rng.uniform(-5, 55, size=(n, 3))  # some near or beyond the edges
     views = ("planes", "zoom", "mip", "wide")
-    cpu = extract_views(vol, (0.7, 0.5, 0.6), centres, 24.0, views)
-    gpu_path = extract_views_torch(vol, (0.7, 0.5, 0.6), centres, 24.0, views, "cpu")
-    assert cpu.shape == gpu_path.shape == (50, 12, 32, 32)
-    assert np.abs(cpu - gpu_path).max() < 1e-4
+    reference = extract_views(vol, (0.7, 0.5, 0.6), centres, 24.0, views)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = extract_views(vol, (0.7, 0.5, 0.6), centres, 24.0, views, device="cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert reference.shape == fast.shape == (n, 12, 32, 32)
+    assert np.abs(reference - fast).max() < 1e-4
 
 
 @pytest.mark.gpu
