@@ -200,7 +200,9 @@ def lesion_samples(
     jit_idx = study.geometry.patient_to_index(np.concatenate(jit)) if jit else np.zeros((0, 3))
     idx = np.concatenate([pos, jit_idx, cands.centres[neg]])
     y = np.concatenate([np.ones(len(pos) + len(jit_idx), np.int64), np.zeros(len(neg), np.int64)])
-    return extract_views(vol, study.geometry.spacing, idx, PATCH_MM[study.body], views).astype(np.float16), y
+    patches = extract_views(vol, study.geometry.spacing, idx, PATCH_MM[study.body], views, device="cpu")  # as the
+    # detector samples them (torch grid_sample)
+    return patches.astype(np.float16), y
 
 
 #: Ranges of the random scanner a CT study is rescanned through (``rescanned``): extra in-plane blur (mm), edge
