@@ -170,21 +170,27 @@ def find_peaks(
         resp *= np.float32(-(sigma**2))  # scale-normalised, bright blobs positive
         return resp
 
-    # scipy.ndimage releases the GIL: the scales run side by side (same result, combined in order)
+    def where_allowed() -> np.ndarray:
+        if body == "chest":
+            mask = lung_mask(work, wsp)
+        else:
+            mask = ndi.maximum_filter(work, size=3) > cfg.min_value  # on or next to the vessel tree
+        if bone.any():  # CT: nothing in or near bone (skull base, ribs, spine): its edges would flood the budget
+            mask &= ~grow_box(bone, bone_grow(cfg, wsp))
+        return mask
+
+    # scipy.ndimage releases the GIL: the scales and the mask run side by side (same result, combined in order)
     finest = None
     with ThreadPoolExecutor(max(1, min(len(cfg.sigmas_mm), os.cpu_count() or 1))) as pool:
-        for sigma, resp in zip(cfg.sigmas_mm, pool.map(log_response, cfg.sigmas_mm), strict=True):
+        responses = pool.map(log_response, cfg.sigmas_mm)
+        allowed = pool.submit(where_allowed)  # reads ``work``, which is clipped above and no longer changes
+        for sigma, resp in zip(cfg.sigmas_mm, responses, strict=True):
             if finest is None and cfg.fine_candidates:
                 finest = resp.copy()
             better = resp > best
-            best[better] = resp[better]
-            best_sigma[better] = sigma
-    if body == "chest":
-        mask = lung_mask(work, wsp)
-    else:
-        mask = ndi.maximum_filter(work, size=3) > cfg.min_value  # on or next to the vessel tree
-    if bone.any():  # CT: nothing in or near bone (skull base, ribs, spine): its edges would flood the budget
-        mask &= ~grow_box(bone, bone_grow(cfg, wsp))
+            np.copyto(best_sigma, np.float32(sigma), where=better)
+            np.maximum(best, resp, out=best)
+        mask = allowed.result()
     footprint = peak_footprint(cfg, wsp)
     peaks = (best == ndi.maximum_filter(best, size=footprint)) & mask & (best > 0) & (work > cfg.min_value)
     idx = np.argwhere(peaks)
