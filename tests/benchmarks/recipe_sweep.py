@@ -13,8 +13,10 @@ training data's size (network b: 72 and 5); ``--phase-a-device cuda`` finds cand
 (spawned workers). Phase B (processes sharing the GPU): one network per recipe and seed, network a's recipe
 (``train_classifier``: landmark trunk, 16 epochs, 5 mined negatives per positive, flips). A recipe is views (base,
 zoom, mip, all = the three, wide = planes + wide, every = all four) with optional ``+fine`` (fine candidates) and
-``+lm`` (landmark negatives). Phase C: FROC per kind on both sets, each network, the mean of each recipe's seeds,
-that mean with the shipped networks, and all recipes pooled.
+``+lm`` (landmark negatives) and ``+rs`` (with ``--rescan``: every training CT study also rescanned through a
+random kernel and dose, ``models.train.rescanned``; the held-out low-dose and sharp scanners are noisier than the
+training ones even after harmonization). Phase C: FROC per kind on both sets, each network, the mean of each
+recipe's seeds, that mean with the shipped networks, and all recipes pooled.
 """
 
 import argparse
@@ -61,11 +63,12 @@ def channels_of(views):
 
 
 CHANNELS = {name: channels_of(views) for name, views in RECIPE_VIEWS.items()}
-RECIPES = {  # name: (channels, fine candidates, landmark negatives)
-    f"{views}{fine}{lm}": (ch, bool(fine), bool(lm))
+RECIPES = {  # name: (channels, fine candidates, landmark negatives, rescanned CT studies)
+    f"{views}{fine}{lm}{rs}": (ch, bool(fine), bool(lm), bool(rs))
     for views, ch in CHANNELS.items()
     for fine in ("", "+fine")
     for lm in ("", "+lm")
+    for rs in ("", "+rs")
 }
 #: The head's vessel landmarks (the simulator's names start so): normal branch points and bends, where the
 #: shipped networks' top false positives sit. ``--landmark-negatives`` adds jittered negatives there.
@@ -90,6 +93,31 @@ def landmark_negatives(st, rng, copies):
     return st.geometry.patient_to_index(pts[keep])
 
 
+def training_rows(st, cfg, rng, lm_copies, device, rescanned=False):
+    """One training study's patches (all twelve channels) and labels, flagged: fine candidates, landmark
+    negatives, and whether the study was rescanned (``--rescan``)."""
+    from models import train as T
+    from models.candidates import network_input_and_candidates
+    from models.patches import PATCH_MM, extract_views
+
+    vol, c = network_input_and_candidates(st.values, st.geometry.spacing, st.modality, st.body, cfg, device)
+    fine = np.zeros(len(c), bool)
+    if c.fine:
+        fine[-c.fine :] = True
+    lab = T.candidate_labels(st, c.centres)
+    truth = [(np.asarray(les["center_mm"]), float(les["diameter_mm"])) for les in st.truth["lesions"]]
+    jit = [ce + rng.normal(0, min(1.5, d / 4), size=(8, 3)) for ce, d in truth]
+    jit_idx = st.geometry.patient_to_index(np.concatenate(jit)) if jit else np.zeros((0, 3))
+    pos, neg = lab == 1, lab == 0
+    lm_idx = landmark_negatives(st, rng, lm_copies) if st.body == "head" else np.zeros((0, 3))
+    idx = np.concatenate([c.centres[pos], jit_idx, c.centres[neg], lm_idx])
+    y = np.concatenate([np.ones(pos.sum() + len(jit_idx), np.int64), np.zeros(neg.sum() + len(lm_idx), np.int64)])
+    f = np.concatenate([fine[pos], np.zeros(len(jit_idx), bool), fine[neg], np.zeros(len(lm_idx), bool)])
+    lm = np.concatenate([np.zeros(len(idx) - len(lm_idx), bool), np.ones(len(lm_idx), bool)])
+    x = extract_views(vol, st.geometry.spacing, idx, PATCH_MM[st.body], ALL, device=device).astype(np.float16)
+    return dict(x=x, y=y, fine=f, lm=lm, rs=np.full(len(y), rescanned))
+
+
 def study_rows(item):
     import torch
 
@@ -98,27 +126,20 @@ def study_rows(item):
     from models.candidates import network_input_and_candidates, settings_for
     from models.patches import PATCH_MM, extract_views
 
-    role, kind, cond, seed, size, n_les, fine_n, lm_copies, device = item
+    role, kind, cond, seed, size, n_les, fine_n, lm_copies, rescan, device = item
     st = T.harmonized(T.simulated(kind, cond, seed, size, n_les), T.rules_for(RULES, size))
     cfg = settings_for(st.body, fine_n if st.body == "head" else 0)
+    if role == "train":
+        rng = np.random.default_rng(seed)
+        parts = [training_rows(st, cfg, rng, lm_copies, device)]
+        if rescan and st.modality == "CT":  # the same subject once more, through a random kernel and dose
+            parts.append(training_rows(T.rescanned(st, rng), cfg, rng, lm_copies, device, rescanned=True))
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     vol, c = network_input_and_candidates(st.values, st.geometry.spacing, st.modality, st.body, cfg, device)
     fine = np.zeros(len(c), bool)
     if c.fine:
         fine[-c.fine :] = True
     lab = T.candidate_labels(st, c.centres)
-    if role == "train":
-        rng = np.random.default_rng(seed)
-        truth = [(np.asarray(les["center_mm"]), float(les["diameter_mm"])) for les in st.truth["lesions"]]
-        jit = [ce + rng.normal(0, min(1.5, d / 4), size=(8, 3)) for ce, d in truth]
-        jit_idx = st.geometry.patient_to_index(np.concatenate(jit)) if jit else np.zeros((0, 3))
-        pos, neg = lab == 1, lab == 0
-        lm_idx = landmark_negatives(st, rng, lm_copies) if st.body == "head" else np.zeros((0, 3))
-        idx = np.concatenate([c.centres[pos], jit_idx, c.centres[neg], lm_idx])
-        y = np.concatenate([np.ones(pos.sum() + len(jit_idx), np.int64), np.zeros(neg.sum() + len(lm_idx), np.int64)])
-        f = np.concatenate([fine[pos], np.zeros(len(jit_idx), bool), fine[neg], np.zeros(len(lm_idx), bool)])
-        lm = np.concatenate([np.zeros(len(idx) - len(lm_idx), bool), np.ones(len(lm_idx), bool)])
-        x = extract_views(vol, st.geometry.spacing, idx, PATCH_MM[st.body], ALL, device=device).astype(np.float16)
-        return dict(x=x, y=y, fine=f, lm=lm)
     x = extract_views(vol, st.geometry.spacing, c.centres, PATCH_MM[st.body], ALL, device=device).astype(np.float16)
     mm = st.geometry.index_to_patient(c.centres) if len(c) else np.zeros((0, 3))
     return dict(
@@ -139,7 +160,7 @@ def plans(args):
     from models import train as T
 
     kinds = ("head-cta", "head-mra", "chest-ct")
-    extra = (args.fine, args.landmark_negatives, args.phase_a_device)
+    extra = (args.fine, args.landmark_negatives, args.rescan, args.phase_a_device)
     tr = [
         ("train", k, c, s, z, args.lesions, *extra)
         for k, c, s, z in T.lesion_training_plan(
@@ -164,12 +185,13 @@ def train_one(job):
     torch.set_num_threads(2)
     from models import train as T
 
-    ch, use_fine, use_lm = RECIPES[recipe]
+    ch, use_fine, use_lm, use_rs = RECIPES[recipe]
     d = np.load(data, mmap_mode="r")
     y = np.load(data.replace("x.npy", "y.npy"))
     f = np.load(data.replace("x.npy", "f.npy"))
     lm = np.load(data.replace("x.npy", "lm.npy"))
-    rows = np.flatnonzero((use_fine | ~f) & (use_lm | ~lm))
+    rs = np.load(data.replace("x.npy", "rs.npy"))
+    rows = np.flatnonzero((use_fine | ~f) & (use_lm | ~lm) & (use_rs | ~rs))
     x = np.ascontiguousarray(d[rows][:, ch])
     y = y[rows]
     model, _ = T.load_checkpoint(pretrained)
@@ -238,7 +260,7 @@ EVAL_ROWS, PROBS = [], {}
 def froc_task(key):
     recipe, role, _ = key
     rr = [r for r in EVAL_ROWS if r["role"] == role]
-    return froc(rr, PROBS[key], RECIPES.get(recipe, ([], False, False))[1])
+    return froc(rr, PROBS[key], RECIPES.get(recipe, ([], False, False, False))[1])
 
 
 def main():
@@ -249,6 +271,9 @@ def main():
     ap.add_argument("--subjects-from", type=int, default=20000, help="first training subject (as train lesions)")
     ap.add_argument("--pretrained", default="models/weights/landmarks.pt", help="landmark trunk to start from")
     ap.add_argument("--landmark-negatives", type=int, default=3, help="jittered negatives per vessel landmark")
+    ap.add_argument(
+        "--rescan", action="store_true", help="each training CT study also rescanned (recipes +rs train on both)"
+    )
     ap.add_argument("--phase-a-device", default="cpu", help="candidates and patches on this device (cuda: GPU)")
     ap.add_argument("--test-studies", type=int, default=6)
     ap.add_argument("--per-cond", type=int, default=8)
@@ -283,11 +308,12 @@ def main():
     y = np.concatenate([r["y"] for r in train_rows])
     f = np.concatenate([r["fine"] for r in train_rows])
     lm = np.concatenate([r["lm"] for r in train_rows])
-    for name, arr in (("x", x), ("y", y), ("f", f), ("lm", lm)):
+    rs = np.concatenate([r["rs"] for r in train_rows])
+    for name, arr in (("x", x), ("y", y), ("f", f), ("lm", lm), ("rs", rs)):
         np.save(f"{args.work}/{name}.npy", arr)
     say(
         f"phase A {time.time() - t0:.0f} s: {len(y)} training patches ({int(y.sum())} positive, "
-        f"{int(f.sum())} fine rows, {int(lm.sum())} landmark negatives); "
+        f"{int(f.sum())} fine rows, {int(lm.sum())} landmark negatives, {int(rs.sum())} rescanned); "
         f"eval candidates {sum(len(r['x']) for r in eval_rows)}"
     )
     del x, rows
