@@ -37,6 +37,7 @@ from models.patches import PATCH_MM, extract_patches, extract_views, normalise
 log = logging.getLogger(__name__)
 
 KIND_BODY = {"head-cta": "head", "head-mra": "head", "chest-ct": "chest"}
+KINDS = tuple(KIND_BODY)  # every kind a lesion network reads, in the order of its training plan
 #: Conditions whose labeled studies train the models; the others are held out (their rules see no labels).
 TRAIN_CONDITIONS = {
     "head-cta": ("ge-revolution-standard", "siemens-force-br40", "canon-aquilion-fc43"),
@@ -200,8 +201,8 @@ def lesion_samples(
     jit_idx = study.geometry.patient_to_index(np.concatenate(jit)) if jit else np.zeros((0, 3))
     idx = np.concatenate([pos, jit_idx, cands.centres[neg]])
     y = np.concatenate([np.ones(len(pos) + len(jit_idx), np.int64), np.zeros(len(neg), np.int64)])
-    patches = extract_views(vol, study.geometry.spacing, idx, PATCH_MM[study.body], views, device="cpu")  # as the
-    # detector samples them (torch grid_sample)
+    # sampled as the detector samples them (torch grid_sample)
+    patches = extract_views(vol, study.geometry.spacing, idx, PATCH_MM[study.body], views, device="cpu")
     return patches.astype(np.float16), y
 
 
@@ -432,11 +433,10 @@ def train_landmarks(
 ) -> dict[str, Any]:
     """Pretrain on landmark classification; writes ``out`` and returns metrics (held-out top-1)."""
     t0 = time.process_time()
-    kinds = ("head-cta", "head-mra", "chest-ct")
-    rules = fit_rules_by_size(kinds, ("test",)) if harmonize else None  # the whole head and chest: every landmark
+    rules = fit_rules_by_size(KINDS, ("test",)) if harmonize else None  # the whole head and chest: every landmark
     names = landmark_names()
-    train_plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["landmarks"])
-    test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, max(2, studies // 4), SEEDS["eval"] + 500)
+    train_plan = study_plan(KINDS, TRAIN_CONDITIONS, studies, SEEDS["landmarks"])
+    test_plan = study_plan(KINDS, HELD_OUT_CONDITIONS, max(2, studies // 4), SEEDS["eval"] + 500)
     x, y = collect("landmarks", train_plan, rules, names, seed)
     xv, yv = collect("landmarks", test_plan, rules, names, seed + 1)
     model = MiniVGG(NetConfig(n_classes=len(names), width=width))
@@ -484,8 +484,7 @@ def check_subjects_from(base: int) -> None:
 
 def studies_per_kind(studies: int, head_studies: int | None = None) -> dict[str, int]:
     """Training studies per kind: ``studies``, or ``head_studies`` for the head kinds when given."""
-    kinds = ("head-cta", "head-mra", "chest-ct")
-    return {kind: head_studies if head_studies and KIND_BODY[kind] == "head" else studies for kind in kinds}
+    return {kind: head_studies if head_studies and KIND_BODY[kind] == "head" else studies for kind in KINDS}
 
 
 def lesion_training_plan(
@@ -494,17 +493,16 @@ def lesion_training_plan(
     """The lesion networks' training studies: ``studies`` per kind at ``size`` (``head_studies`` per head kind
     when given), kind k from subject ``base`` + 1000 k, then ``test_size_studies`` per kind at size test from
     ``base`` + 500 (+ 1000 k). More than 500 per kind would reach those test-size subjects and is refused."""
-    kinds = ("head-cta", "head-mra", "chest-ct")
     per_kind = studies_per_kind(studies, head_studies)
     if max(per_kind.values()) > 500:
         raise ValueError("at most 500 training studies per kind: subjects from base + 500 are the test-size ones")
     plan = [
         item
-        for ki, kind in enumerate(kinds)
+        for ki, kind in enumerate(KINDS)
         for item in study_plan((kind,), TRAIN_CONDITIONS, per_kind[kind], base + 1000 * ki, size)
     ]
     if test_size_studies:
-        plan += study_plan(kinds, TRAIN_CONDITIONS, test_size_studies, base + 500, "test")
+        plan += study_plan(KINDS, TRAIN_CONDITIONS, test_size_studies, base + 500, "test")
     return plan
 
 
@@ -545,11 +543,10 @@ def train_lesions(
     t0 = time.process_time()
     base = SEEDS["lesions"] if subjects_from is None else subjects_from
     check_subjects_from(base)
-    kinds = ("head-cta", "head-mra", "chest-ct")
     train_plan = lesion_training_plan(studies, base, size, test_size_studies, head_studies)
     per_kind = studies_per_kind(studies, head_studies)
-    rules = fit_rules_by_size(kinds, (size, "test")) if harmonize else None
-    test_plan = study_plan(kinds, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
+    rules = fit_rules_by_size(KINDS, (size, "test")) if harmonize else None
+    test_plan = study_plan(KINDS, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
     inputs = {"views": tuple(views), "fine_candidates": fine_candidates}
     n_lesions = lesions_per_study or None
     x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=n_lesions, rescan=rescan, **inputs)
@@ -625,8 +622,7 @@ def calibrate_thresholds(
         "fine_candidates": {"head": fine_candidates} if fine_candidates else {},
     }
     detector = Detector(model, card, torch.device("cpu"))
-    kinds = ("head-cta", "head-mra", "chest-ct")
-    plan = study_plan(kinds, TRAIN_CONDITIONS, studies, SEEDS["eval"] + 8000 + seed, size)
+    plan = study_plan(KINDS, TRAIN_CONDITIONS, studies, SEEDS["eval"] + 8000 + seed, size)
     per_kind = evaluate_detector(detector, plan, rules, progress=False)["per_kind"]
     head = min(per_kind["head-cta"]["threshold_at_1fp"], per_kind["head-mra"]["threshold_at_1fp"])
     return {"head": round(float(head), 4), "chest": round(float(per_kind["chest-ct"]["threshold_at_1fp"]), 4)}

@@ -224,7 +224,7 @@ def register(app: typer.Typer) -> None:
                     kind: dict(
                         zip(("slices", "matrix", "pixel_mm", "slice_mm"), GEOMETRY[(kind, size)][:4], strict=True)
                     )
-                    for kind in ("head-cta", "head-mra", "chest-ct")
+                    for kind in T.KINDS
                 },
                 "studies_per_kind": metrics["studies_per_kind"],
                 "test_size_studies_per_kind": test_size_studies,
@@ -273,7 +273,7 @@ def register(app: typer.Typer) -> None:
         except (FileNotFoundError, WeightsRefused) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
-        kinds = ("head-cta", "head-mra", "chest-ct")
+        kinds = T.KINDS
         plan = [
             item
             for ki, kind in enumerate(kinds)
