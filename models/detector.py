@@ -50,6 +50,12 @@ TTA = {"head": 1, "chest": 4}
 TTA_FLOOR = 0.02
 
 
+def flipped(x: torch.Tensor, tta: int) -> list[torch.Tensor]:
+    """The first ``tta`` (1–4) readings of a batch of patches (B, C, H, W): as they are, mirrored left-right,
+    mirrored up-down, transposed — every view's channels alike."""
+    return [x, torch.flip(x, dims=(3,)), torch.flip(x, dims=(2,)), x.transpose(2, 3)][: max(1, tta)]
+
+
 class WeightsRefused(RuntimeError):
     """Weights whose checksum does not match their model card (or no card at all)."""
 
@@ -260,7 +266,7 @@ class Detector:
         batch = batch or (1024 if cuda else 256)
         for start in range(0, len(patches), batch):
             x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch])).to(self.device)
-            views = [x, torch.flip(x, dims=(3,)), torch.flip(x, dims=(2,)), x.transpose(2, 3)][: max(1, tta)]
+            views = flipped(x, tta)
             prob = torch.zeros(len(x), device=self.device)
             for model in self.models:
                 for view in views:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import models.train as T
 from models.candidates import network_input_and_candidates
-from models.detector import TTA_FLOOR, Detector
+from models.detector import TTA_FLOOR, Detector, flipped
 from models.patches import extract_views
 
 FLOORS = (0.005, 0.01, 0.02, 0.05, 0.1)
@@ -37,8 +37,9 @@ def every_reading(item: tuple[str, str, int, str], rules: dict) -> tuple:
     settings = detector.candidate_settings[study.body]
     spacing = study.geometry.spacing
     vol, cands = network_input_and_candidates(study.values, spacing, study.modality, study.body, settings, None)
-    x = torch.from_numpy(extract_views(vol, spacing, cands.centres, detector.patch_mm[study.body], detector.views))
-    flips = [x, torch.flip(x, dims=(3,)), torch.flip(x, dims=(2,)), x.transpose(2, 3)]
+    mm = detector.patch_mm[study.body]
+    x = torch.from_numpy(extract_views(vol, spacing, cands.centres, mm, detector.views, device="cpu"))
+    flips = flipped(x, 4)
     reads = np.zeros((len(x), len(detector.models), len(flips)), np.float32)
     with torch.inference_mode():
         for m, model in enumerate(detector.models):

@@ -238,6 +238,7 @@ def froc(rows, probs, use_fine):
 def score(state, config, rows, ch, device):
     import torch
 
+    from models.detector import flipped
     from models.nets import MiniVGG, NetConfig
 
     m = MiniVGG(NetConfig(**config))
@@ -248,7 +249,7 @@ def score(state, config, rows, ch, device):
         for r in rows:
             x = torch.from_numpy(np.ascontiguousarray(r["x"][:, ch])).float().to(device)
             tta = 4 if r["body"] == "chest" else 1
-            views = [x, torch.flip(x, dims=(3,)), torch.flip(x, dims=(2,)), x.transpose(2, 3)][:tta]
+            views = flipped(x, tta)
             p = sum(torch.softmax(m(v), 1)[:, 1] for v in views) / tta
             out.append(p.float().cpu().numpy())
     return out
