@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
 FP_RATES = ("0.5", "1", "2", "4")
+#: First held-out subject of ``harmonode evaluate`` (``SEEDS["eval"]`` + 2000): the model card's studies.
+EVAL_SUBJECTS_FROM = 52_000
 
 
 def _threads(threads: int) -> None:
@@ -262,28 +264,40 @@ def register(app: typer.Typer) -> None:
         update_card: Annotated[bool, typer.Option(help="Store the results in the model card.")] = False,
         threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
         jobs: Annotated[int, typer.Option(help="Studies scored in parallel processes.")] = 1,
+        subjects_from: Annotated[
+            int,
+            typer.Option(
+                help="First held-out subject (kind k from here + 1000 k). Another base in the evaluation range"
+                " (50000-59999) draws other studies of the same held-out conditions."
+            ),
+        ] = EVAL_SUBJECTS_FROM,
     ) -> None:
         """FROC (sensitivity at 0.5/1/2/4 FP per case) and patch AUC on held-out conditions, with/without rules."""
         from models import train as T
         from models.detector import CARD_NAME, Detector, WeightsRefused
 
+        kinds = T.KINDS
+        per_kind = {kind: studies * len(T.HELD_OUT_CONDITIONS[kind]) for kind in kinds}
+        first, last = T.SEEDS["eval"], T.SEEDS["eval"] + 9_999
+        top = max(subjects_from + 1000 * ki + per_kind[kind] - 1 for ki, kind in enumerate(kinds))
+        if subjects_from < first or top > last:
+            typer.echo(
+                f"error: --subjects-from {subjects_from} with --studies {studies} uses subjects {subjects_from}-{top};"
+                f" held-out subjects must lie in {first}-{last} (no network trains there). Try --subjects-from"
+                f" {EVAL_SUBJECTS_FROM} (the card's studies) or 52500.",
+                err=True,
+            )
+            raise typer.Exit(2)
         _threads(threads)
         try:
             detector = Detector.load(device="auto", weights_dir=weights_dir)
         except (FileNotFoundError, WeightsRefused) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
-        kinds = T.KINDS
         plan = [
             item
             for ki, kind in enumerate(kinds)
-            for item in T.study_plan(
-                (kind,),
-                T.HELD_OUT_CONDITIONS,
-                studies * len(T.HELD_OUT_CONDITIONS[kind]),
-                T.SEEDS["eval"] + 2000 + 1000 * ki,
-                size,
-            )  # fmt: skip
+            for item in T.study_plan((kind,), T.HELD_OUT_CONDITIONS, per_kind[kind], subjects_from + 1000 * ki, size)
         ]
         rules = T.fit_rules_by_size(kinds, (size,), progress=not as_json)
         results = {"harmonized": T.evaluate_detector(detector, plan, rules, progress=not as_json, jobs=jobs)}
@@ -296,8 +310,11 @@ def register(app: typer.Typer) -> None:
             card_path = weights_dir / CARD_NAME
             card = json.loads(card_path.read_text())
             card["evaluation"] = {
-                "command": f"harmonode evaluate --studies {studies} --size {size} --update-card",
+                "command": f"harmonode evaluate --studies {studies} --size {size}"
+                + (f" --subjects-from {subjects_from}" if subjects_from != EVAL_SUBJECTS_FROM else "")
+                + " --update-card",
                 "held_out_studies_per_condition": studies,
+                "subjects_from": subjects_from,
                 "size": size,
                 **out,
             }

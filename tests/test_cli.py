@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
@@ -58,6 +59,36 @@ def test_more_training_subjects_than_the_range_holds_are_refused(tmp_path):
     said = " ".join(r.stderr.replace("│", " ").split())
     assert r.returncode == 2 and "--head-studies" in said and "1 to 500" in said
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_evaluating_outside_the_held_out_subjects_is_refused(tmp_path):
+    # subjects 57990 + 2000 + 32 reach past the evaluation range into subjects nothing promises are unseen
+    r = harmonode("evaluate", "--subjects-from", "57990", "--plot", str(tmp_path / "froc.png"))
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "50000-59999" in said and "--subjects-from 52000" in said
+    assert not (tmp_path / "froc.png").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_json_on_a_fresh_draw_of_held_out_studies(tmp_path):
+    # the shipped card on one small study per held-out condition, subjects other than the card's: the --json
+    # shape the issue names (sensitivity at 0.5/1/2/4 FP, auc, per_condition), a plot, the card untouched
+    card = (ROOT / "models" / "weights" / "lesion.json").read_bytes()
+    plot = tmp_path / "froc.png"
+    args = ("--studies", "1", "--size", "test", "--no-raw", "--subjects-from", "52500", "--plot", str(plot))
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "evaluate", *args, "--json", "--jobs", "2", "--threads", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["cases"] == 10 and out["lesions"] > 0 and out["without_harmonization"] is None
+    sens = [out["sensitivity_at_fp"][k] for k in ("0.5", "1", "2", "4")]
+    assert all(0 <= a <= b <= 1 for a, b in zip(sens, sens[1:], strict=False)) and sens[-1] > 0
+    assert 0.5 < out["auc"] <= 1
+    assert len(out["per_condition"]) == 10 and set(out["per_kind"]) == {"head-cta", "head-mra", "chest-ct"}
+    assert plot.stat().st_size > 1000
+    assert (ROOT / "models" / "weights" / "lesion.json").read_bytes() == card
 
 
 def test_status_without_data_says_what_to_do(tmp_path):
