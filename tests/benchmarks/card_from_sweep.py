@@ -7,7 +7,8 @@ thresholds are calibrated on validation studies of the training conditions with 
 (``models.train.calibrate_thresholds``, a few minutes on 2 CPU cores); the card keeps the previous card's
 fields that still hold (task, patch size, flips, conditions, the transfer-vs-scratch measurement) and says how
 the networks were trained (``--sweep-command``, ``--data``, ``--trained-on``). Then run ``harmonode evaluate
---update-card`` to store the held-out FROC in it. Card 1.3.0 was made so (README → Detection).
+--update-card`` to store the held-out FROC in it. Cards 1.3.0 (``--recipe all``) and 1.4.0 (``--recipe all+rs``,
+from a sweep run with ``--rescan``) were made so (README → Detection).
 """
 
 import argparse
@@ -103,6 +104,12 @@ def main() -> None:
         "epochs": args.epochs,
         "views": views,
         "trained_on": args.trained_on,
+        "rescan_augmentation": (
+            f"every CT training study also rescanned through a random kernel and dose {T.RESCAN}"
+            " (models.train.rescanned; recipe_sweep.py --rescan)"
+            if "+rs" in args.recipe
+            else None
+        ),
         "landmark_pretraining": landmarks.get("metrics", {}),
     })  # fmt: skip
     card["training"] = training
