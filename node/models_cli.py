@@ -63,10 +63,13 @@ def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     rates = [float(r) for r in FP_RATES]
+    colours = {}  # one colour per task, solid with the rules, dashed without: each pair reads as one
     for label, res in results.items():
         for kind, r in res["per_kind"].items():
-            style = "-" if label == "harmonized" else "--"
-            ax.plot(rates, [r["sensitivity_at_fp"][k] for k in FP_RATES], style, marker="o", label=f"{kind} ({label})")
+            colour = colours.setdefault(kind, f"C{len(colours)}")
+            style, marker = ("-", "o") if label == "harmonized" else ("--", "x")
+            sens = [r["sensitivity_at_fp"][k] for k in FP_RATES]
+            ax.plot(rates, sens, style, color=colour, marker=marker, label=f"{kind} ({label})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(rates, FP_RATES)
     ax.set_ylim(0, 1.02)
