@@ -210,6 +210,10 @@ def lesion_samples(
 #: boost, kernel cut-off (cycles/mm) and added pixel noise (HU). They span soft to sharp kernels and routine to
 #: low dose around the training scanners, without copying any held-out condition.
 RESCAN = {"blur_mm": (0.0, 0.45), "boost": (0.0, 1.2), "cutoff": (0.9, 1.5), "noise_hu": (4.0, 45.0)}
+#: How a model card names the rescan augmentation (``training.rescan_augmentation``).
+RESCAN_NOTE = (
+    f"every CT training study also rescanned through a random kernel and dose {RESCAN} (models.train.rescanned)"
+)
 
 
 def rescanned(study: Study, rng: np.random.Generator) -> Study:

@@ -235,12 +235,7 @@ def register(app: typer.Typer) -> None:
                 "studies_per_kind": metrics["studies_per_kind"],
                 "test_size_studies_per_kind": test_size_studies,
                 "hard_negatives": f"{mine} negatives per positive each epoch, half the highest-scored by the model",
-                "rescan_augmentation": (
-                    f"every CT training study also rescanned through a random kernel and dose {T.RESCAN}"
-                    " (models.train.rescanned)"
-                    if rescan
-                    else None
-                ),
+                "rescan_augmentation": T.RESCAN_NOTE if rescan else None,
                 "seeds_from": T.SEEDS,
                 "train_conditions": T.TRAIN_CONDITIONS,
                 "held_out_conditions": T.HELD_OUT_CONDITIONS,

@@ -104,12 +104,7 @@ def main() -> None:
         "epochs": args.epochs,
         "views": views,
         "trained_on": args.trained_on,
-        "rescan_augmentation": (
-            f"every CT training study also rescanned through a random kernel and dose {T.RESCAN}"
-            " (models.train.rescanned; recipe_sweep.py --rescan)"
-            if "+rs" in args.recipe
-            else None
-        ),
+        "rescan_augmentation": T.RESCAN_NOTE if "+rs" in args.recipe else None,
         "landmark_pretraining": landmarks.get("metrics", {}),
     })  # fmt: skip
     card["training"] = training

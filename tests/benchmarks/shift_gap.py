@@ -53,6 +53,29 @@ def at_1fp(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def held_out_figures(detector: Detector, rules: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """The held-out scanners' figures: sensitivity at 1 FP, with ``--smooth`` and ``--noise`` when asked."""
+    n = args.studies
+    held_out = T.study_plan(("head-cta",), T.HELD_OUT_CONDITIONS, n * 4, T.SEEDS["eval"] + 2000, "eval")
+    held_out += T.study_plan(("head-mra",), T.HELD_OUT_CONDITIONS, n * 2, T.SEEDS["eval"] + 3000, "eval")
+    out: dict[str, Any] = {"held_out_scanners": at_1fp(T.evaluate_detector(detector, held_out, rules, jobs=args.jobs))}
+    cta = [item for item in held_out if item[0] == "head-cta"]
+    for sigma in args.smooth:
+        smoothed = SmoothedDetector(detector.models, detector.card, detector.device)
+        smoothed.sigma_mm = sigma
+        out[f"held_out_cta_smoothed_{sigma:g}mm"] = at_1fp(T.evaluate_detector(smoothed, cta, rules, jobs=args.jobs))
+    if args.noise:
+        conditions = T.TRAIN_CONDITIONS["head-cta"] + T.HELD_OUT_CONDITIONS["head-cta"]
+        out["soft_tissue_noise_hu"] = {
+            c: [
+                round(soft_tissue_noise(st.values, st.geometry.spacing), 1)
+                for st in (T.harmonized(T.simulated("head-cta", c, s, "eval"), rules["eval"]) for s in (57100, 57101))
+            ]
+            for c in conditions
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=8, help="studies per condition")
@@ -71,30 +94,12 @@ def main() -> None:
     n = args.studies
     training = T.study_plan(("head-cta",), T.TRAIN_CONDITIONS, n * 4, args.training_from, "eval")
     training += T.study_plan(("head-mra",), T.TRAIN_CONDITIONS, n * 2, args.training_from + 500, "eval")
-    held_out = T.study_plan(("head-cta",), T.HELD_OUT_CONDITIONS, n * 4, T.SEEDS["eval"] + 2000, "eval")
-    held_out += T.study_plan(("head-mra",), T.HELD_OUT_CONDITIONS, n * 2, T.SEEDS["eval"] + 3000, "eval")
     out: dict[str, Any] = {
         "model": detector.version,
         "training_scanners": at_1fp(T.evaluate_detector(detector, training, rules, jobs=args.jobs)),
     }
-    if args.training_only:
-        print(json.dumps(out, indent=2))  # noqa: T201 - a benchmark script reports on stdout
-        return
-    out["held_out_scanners"] = at_1fp(T.evaluate_detector(detector, held_out, rules, jobs=args.jobs))
-    cta = [item for item in held_out if item[0] == "head-cta"]
-    for sigma in args.smooth:
-        smoothed = SmoothedDetector(detector.models, detector.card, detector.device)
-        smoothed.sigma_mm = sigma
-        out[f"held_out_cta_smoothed_{sigma:g}mm"] = at_1fp(T.evaluate_detector(smoothed, cta, rules, jobs=args.jobs))
-    if args.noise:
-        conditions = T.TRAIN_CONDITIONS["head-cta"] + T.HELD_OUT_CONDITIONS["head-cta"]
-        out["soft_tissue_noise_hu"] = {
-            c: [
-                round(soft_tissue_noise(st.values, st.geometry.spacing), 1)
-                for st in (T.harmonized(T.simulated("head-cta", c, s, "eval"), rules["eval"]) for s in (57100, 57101))
-            ]
-            for c in conditions
-        }
+    if not args.training_only:
+        out.update(held_out_figures(detector, rules, args))
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=2))  # noqa: T201 - a benchmark script reports on stdout
 
