@@ -633,28 +633,59 @@ def calibrate_thresholds(
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------------
+#: How ``evaluate`` counts a finding as a hit (written into the model card's evaluation).
+HIT_RULE = (
+    "a finding (after 3D NMS) hits every lesion whose centre lies within max(d/2, 3) + 1.5 mm of it; one finding on"
+    " two overlapping sacs finds both (the LUNA16 convention); a lesion counts once, by its best finding"
+)
+
+
+def hit_matrix(hits: np.ndarray, n_lesions: int) -> np.ndarray:
+    """Which lesions each finding hits, as a (findings, lesions) boolean matrix.
+
+    ``hits`` is that matrix already, or one lesion index per finding (-1: none), the short form for findings that
+    each hit at most one lesion.
+    """
+    hits = np.asarray(hits)
+    if hits.ndim == 2:
+        return hits.astype(bool)
+    out = np.zeros((len(hits), n_lesions), bool)
+    on = hits >= 0
+    out[np.flatnonzero(on), hits[on].astype(np.intp)] = True
+    return out
+
+
+def unmatched(hits: np.ndarray) -> np.ndarray:
+    """Per finding, True where it hits no lesion (a false positive); ``hits`` as ``hit_matrix`` takes it."""
+    hits = np.asarray(hits)
+    return ~hits.astype(bool).any(axis=1) if hits.ndim == 2 else hits < 0
+
+
 def froc_points(
     per_study: list[tuple[np.ndarray, np.ndarray, int]], fp_rates: Sequence[float] = (0.5, 1, 2, 4)
 ) -> dict[str, float]:
     """Sensitivity at each false-positive rate per case.
 
-    ``per_study``: (scores of the findings, which lesion each finding hits or -1, number of lesions) per study,
-    findings already NMS-suppressed. A lesion counts once (its best finding); extra hits on it are not FPs.
+    ``per_study``: (scores of the findings, which lesions each finding hits (``hit_matrix``), number of lesions) per
+    study, findings already NMS-suppressed. A lesion counts once (its best finding); extra hits on it are not FPs;
+    a finding within reach of two lesions finds both (as the LUNA16 evaluation counts a CAD mark inside two
+    nodules).
     """
     n_cases = len(per_study)
     n_lesions = sum(n for _, _, n in per_study)
-    events = []  # (score, is_tp, lesion id)
-    for si, (scores, hits, _) in enumerate(per_study):
-        for s, h in zip(scores, hits, strict=True):
-            events.append((float(s), h >= 0, (si, int(h))))
+    events = []  # (score, lesion ids the finding hits; empty: a false positive)
+    for si, (scores, hits, n) in enumerate(per_study):
+        matrix = hit_matrix(hits, n)
+        for s, row in zip(scores, matrix, strict=True):
+            events.append((float(s), [(si, int(li)) for li in np.flatnonzero(row)]))
     events.sort(key=lambda e: -e[0])
     seen: set[tuple[int, int]] = set()
     tps, fps, curve = 0, 0, [(0.0, 0.0)]
-    for _, is_tp, lid in events:
-        if is_tp:
-            if lid not in seen:
-                seen.add(lid)
-                tps += 1
+    for _, lesion_ids in events:
+        if lesion_ids:
+            fresh = [lid for lid in lesion_ids if lid not in seen]
+            seen.update(fresh)
+            tps += len(fresh)
         else:
             fps += 1
         curve.append((fps / max(n_cases, 1), tps / max(n_lesions, 1)))
@@ -685,17 +716,18 @@ def _score_study(
 def findings_on_lesions(
     mm: np.ndarray, probs: np.ndarray, diameters_mm: np.ndarray, body: str, lesions: Sequence[dict[str, Any]]
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """The FROC's view of one study: (candidates kept by 3D NMS, best first; which lesion each kept one hits or
-    -1; how many lesions have any candidate at all). A hit lies within max(d/2, 3) + 1.5 mm of the lesion."""
+    """The FROC's view of one study: (candidates kept by 3D NMS, best first; which lesions each kept one hits, a
+    (kept, lesions) boolean matrix; how many lesions have any candidate at all). A hit lies within max(d/2, 3) +
+    1.5 mm of the lesion centre; one finding can hit two lesions whose reaches overlap."""
     from models.detector import nms_3d
 
     keep = nms_3d(mm, probs, np.maximum(diameters_mm, 6.0 if body == "head" else 10.0))
-    hits = np.full(len(keep), -1)
+    hits = np.zeros((len(keep), len(lesions)), bool)
     with_candidate = 0
     for li, les in enumerate(lesions):
         d = np.linalg.norm(mm - np.asarray(les["center_mm"]), axis=1)
         near = d <= max(float(les["diameter_mm"]) / 2, 3.0) + 1.5
-        hits[near[keep] & (hits < 0)] = li
+        hits[:, li] = near[keep]
         with_candidate += int(near.any())
     return keep, hits, with_candidate
 
@@ -709,15 +741,14 @@ def sensitivity_by_size(
 ) -> dict[str, dict[str, Any]]:
     """Lesions found at ``threshold`` per diameter bin (``SIZE_BINS_MM``); empty bins are left out.
 
-    ``per_study``: (scores of the kept findings, which lesion each hits or -1, diameters of the study's lesions).
-    A lesion is found when any finding on it scores at least ``threshold``.
+    ``per_study``: (scores of the kept findings, which lesions each hits (``hit_matrix``), diameters of the study's
+    lesions). A lesion is found when any finding on it scores at least ``threshold``.
     """
     found, sizes = [], []
     for scores, hits, diameters in per_study:
-        best = np.full(len(diameters), -np.inf)
-        for score, hit in zip(scores, hits, strict=True):
-            if hit >= 0:
-                best[hit] = max(best[hit], float(score))
+        matrix = hit_matrix(hits, len(diameters))
+        on = np.where(matrix, np.asarray(scores, float)[:, None], -np.inf)
+        best = on.max(axis=0) if len(on) else np.full(len(diameters), -np.inf)
         found.append(best >= threshold)
         sizes.append(np.asarray(diameters, dtype=float))
     hit_all = np.concatenate(found) if found else np.zeros(0, bool)
@@ -770,7 +801,7 @@ def evaluate_detector(
     def summary(items: list) -> dict[str, Any]:
         s = np.concatenate([it[3] for it in items])
         lab = np.concatenate([it[4] for it in items])
-        fp = np.sort(np.concatenate([it[0][it[1] < 0] for it in items]))[::-1]
+        fp = np.sort(np.concatenate([it[0][unmatched(it[1])] for it in items]))[::-1]
         threshold = float(fp[len(items) - 1]) if len(fp) >= len(items) else 0.5
         return {
             "sensitivity_at_fp": froc_points([it[:3] for it in items]),

@@ -315,6 +315,7 @@ def register(app: typer.Typer) -> None:
                 "held_out_studies_per_condition": studies,
                 "subjects_from": subjects_from,
                 "size": size,
+                "hit_rule": T.HIT_RULE,
                 **out,
             }
             card_path.write_text(json.dumps(card, indent=2) + "\n")

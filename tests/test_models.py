@@ -466,7 +466,25 @@ def test_findings_are_matched_to_lesions_after_nms():
     ]
     keep, hits, with_candidate = findings_on_lesions(mm, probs, np.full(4, 3.0), "head", lesions)
     assert list(keep) == [0, 2, 3]  # the 0.8 two millimetres from the 0.9 is suppressed (6 mm head radius)
-    assert list(hits) == [0, -1, 1] and with_candidate == 2
+    assert hits.tolist() == [[True, False, False], [False, False, False], [False, True, False]]
+    assert with_candidate == 2
+
+
+def test_one_finding_within_reach_of_two_lesions_finds_both():
+    from models.train import findings_on_lesions, sensitivity_by_size
+
+    # two aneurysms whose centres are 2 mm apart (a pcomm origin beside an ICA terminus): one mark covers both,
+    # as the LUNA16 evaluation counts a CAD mark inside two nodules; a far false positive scores in between
+    mm = np.array([[1.0, 0, 0], [40.0, 0, 0]])
+    lesions = [{"center_mm": [0.0, 0, 0], "diameter_mm": 6.0}, {"center_mm": [2.0, 0, 0], "diameter_mm": 2.5}]
+    keep, hits, with_candidate = findings_on_lesions(mm, np.array([0.9, 0.5]), np.full(2, 3.0), "head", lesions)
+    assert list(keep) == [0, 1] and hits.tolist() == [[True, True], [False, False]] and with_candidate == 2
+    study = (np.array([0.9, 0.5]), hits, 2)
+    assert froc_points([study], fp_rates=(0.5, 1)) == {"0.5": 1.0, "1": 1.0}
+    assert sensitivity_by_size([(study[0], hits, np.array([6.0, 2.5]))], threshold=0.8) == {
+        "<3 mm": {"lesions": 1, "found": 1, "sensitivity": 1.0},
+        "5-10 mm": {"lesions": 1, "found": 1, "sensitivity": 1.0},
+    }
 
 
 def test_the_head_kinds_can_train_on_more_subjects_than_the_chest():

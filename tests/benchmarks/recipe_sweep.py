@@ -225,7 +225,7 @@ def froc(rows, probs, use_fine):
     out = {}
     for k, items in by.items():
         res = T.froc_points([it[:3] for it in items])
-        fp = np.sort(np.concatenate([it[0][it[1] < 0] for it in items]))[::-1]
+        fp = np.sort(np.concatenate([it[0][T.unmatched(it[1])] for it in items]))[::-1]
         thr = float(fp[len(items) - 1]) if len(fp) >= len(items) else 0.5
         res["by_size"] = {
             b: f"{v['found']}/{v['lesions']}"
