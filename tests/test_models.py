@@ -357,6 +357,17 @@ def test_fine_candidates_are_appended_away_from_the_others():
     assert np.all(gap > 1.5)
 
 
+@needs_weights
+def test_the_shipped_cards_figures_were_counted_by_todays_rule():
+    import json
+
+    from models.detector import CARD_NAME
+    from models.train import HIT_RULE
+
+    evaluation = json.loads((WEIGHTS_DIR / CARD_NAME).read_text())["evaluation"]
+    assert evaluation["hit_rule"] == HIT_RULE, "the hit rule changed: run harmonode evaluate --update-card"
+
+
 def test_the_card_names_the_views_its_networks_read():
     card = {"version": "test", "threshold": 0.5, "views": ["planes", "mip"], "fine_candidates": {"head": 20}}
     detector = Detector(MiniVGG(NetConfig(in_channels=6)), card, torch.device("cpu"))
