@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -640,6 +640,27 @@ HIT_RULE = (
 )
 
 
+def hit_reach(diameter_mm: float) -> float:
+    """How far (mm) from a lesion's centre a finding still hits it (``HIT_RULE``)."""
+    return max(diameter_mm / 2, 3.0) + 1.5
+
+
+def within_lesion(diameter_mm: float) -> float:
+    """The sac-tight reach: inside the lesion's own sphere (d/2), as challenges that want a mark on the sac count."""
+    return diameter_mm / 2
+
+
+def lesion_hits(
+    points_mm: np.ndarray, lesions: Sequence[dict[str, Any]], reach: Callable[[float], float] = hit_reach
+) -> np.ndarray:
+    """(points, lesions) boolean matrix: which lesions each point lies within ``reach(diameter)`` of."""
+    out = np.zeros((len(points_mm), len(lesions)), bool)
+    for li, les in enumerate(lesions):
+        d = np.linalg.norm(np.asarray(points_mm, float).reshape(-1, 3) - np.asarray(les["center_mm"]), axis=1)
+        out[:, li] = d <= reach(float(les["diameter_mm"]))
+    return out
+
+
 def hit_matrix(hits: np.ndarray, n_lesions: int) -> np.ndarray:
     """Which lesions each finding hits, as a (findings, lesions) boolean matrix.
 
@@ -700,7 +721,7 @@ def _score_study(
     detector: Any, kind: str, cond: str, seed: int, size: str, rules: dict | None, threads: int = 0
 ) -> tuple[str, tuple]:
     """One study's row for ``evaluate_detector``: (key, (finding scores, hits, lesions, probs, labels, found,
-    lesion diameters))."""
+    lesion diameters, hits within the lesions' own spheres))."""
     if threads:
         torch.set_num_threads(threads)
     study = harmonized(simulated(kind, cond, seed, size), rules_for(rules, size))
@@ -710,7 +731,8 @@ def _score_study(
     keep, hits, with_candidate = findings_on_lesions(mm, probs, cands.diameters_mm, study.body, study.truth["lesions"])
     lesions = study.truth["lesions"]
     diameters = np.array([float(les["diameter_mm"]) for les in lesions])
-    return f"{kind}/{cond}", (probs[keep], hits, len(lesions), probs, labels, with_candidate, diameters)
+    inside = lesion_hits(mm[keep], lesions, within_lesion)
+    return f"{kind}/{cond}", (probs[keep], hits, len(lesions), probs, labels, with_candidate, diameters, inside)
 
 
 def findings_on_lesions(
@@ -722,14 +744,8 @@ def findings_on_lesions(
     from models.detector import nms_3d
 
     keep = nms_3d(mm, probs, np.maximum(diameters_mm, 6.0 if body == "head" else 10.0))
-    hits = np.zeros((len(keep), len(lesions)), bool)
-    with_candidate = 0
-    for li, les in enumerate(lesions):
-        d = np.linalg.norm(mm - np.asarray(les["center_mm"]), axis=1)
-        near = d <= max(float(les["diameter_mm"]) / 2, 3.0) + 1.5
-        hits[:, li] = near[keep]
-        with_candidate += int(near.any())
-    return keep, hits, with_candidate
+    near = lesion_hits(mm, lesions)
+    return keep, near[keep], int(near.any(axis=0).sum())
 
 
 #: Lesion size bins (mm) for sensitivity by size: the small aneurysms are where a detector earns its keep
@@ -805,6 +821,8 @@ def evaluate_detector(
         threshold = float(fp[len(items) - 1]) if len(fp) >= len(items) else 0.5
         return {
             "sensitivity_at_fp": froc_points([it[:3] for it in items]),
+            # the same FROC with a hit only inside the lesion's own sphere (d/2): the sac-tight reading
+            "sensitivity_at_fp_within_lesion": froc_points([(it[0], it[7], it[2]) for it in items]),
             "auc": auc(s, lab),
             "cases": len(items),
             "lesions": int(sum(it[2] for it in items)),

@@ -36,18 +36,23 @@ def write_card(weights: Path, card: dict[str, Any]) -> Path:
 
 
 def _table(result: dict[str, Any], title: str) -> str:
-    head = f"{'':44s} {'cases':>5s} {'les':>4s} " + " ".join(f"FP{r:>4s}" for r in FP_RATES) + "    AUC  cand.rec"
-    lines = [title, head]
+    head = f"{'':44s} {'cases':>5s} {'les':>4s} " + " ".join(f"FP{r:>4s}" for r in FP_RATES)
+    lines = [title, head + "    AUC  cand.rec  in-sac FP1"]
 
     def row(name: str, r: dict[str, Any]) -> str:
         sens = " ".join(f"{r['sensitivity_at_fp'][k]:6.2f}" for k in FP_RATES)
-        return f"{name:44s} {r['cases']:5d} {r['lesions']:4d} {sens} {r['auc']:6.3f} {r['candidate_recall']:8.3f}"
+        tight = r["sensitivity_at_fp_within_lesion"]["1"]
+        return (
+            f"{name:44s} {r['cases']:5d} {r['lesions']:4d} {sens} {r['auc']:6.3f} {r['candidate_recall']:8.3f}"
+            f" {tight:11.2f}"
+        )
 
     lines.append(row("overall", result))
     for name, r in result.get("per_kind", {}).items():
         lines.append(row(name, r))
     for name, r in result["per_condition"].items():
         lines.append(row("  " + name, r))
+    lines.append("in-sac: sensitivity at 1 FP per case counting a finding only inside the lesion's own sphere (d/2)")
     lines.append("found at 1 FP per case, by lesion diameter:")
     for name, r in result.get("per_kind", {}).items():
         bins = r.get("sensitivity_at_1fp_by_size", {})

@@ -490,6 +490,12 @@ def test_one_finding_within_reach_of_two_lesions_finds_both():
     lesions = [{"center_mm": [0.0, 0, 0], "diameter_mm": 6.0}, {"center_mm": [2.0, 0, 0], "diameter_mm": 2.5}]
     keep, hits, with_candidate = findings_on_lesions(mm, np.array([0.9, 0.5]), np.full(2, 3.0), "head", lesions)
     assert list(keep) == [0, 1] and hits.tolist() == [[True, True], [False, False]] and with_candidate == 2
+    from models.train import lesion_hits, within_lesion
+
+    assert lesion_hits(mm[keep], lesions, within_lesion).tolist() == [[True, True], [False, False]]  # in both sacs
+    beside = np.array([[5.0, 0, 0]])  # 3 mm from the small sac's centre: within its 4.5 mm reach, in neither sac
+    assert lesion_hits(beside, lesions).tolist() == [[False, True]]
+    assert lesion_hits(beside, lesions, within_lesion).tolist() == [[False, False]]
     study = (np.array([0.9, 0.5]), hits, 2)
     assert froc_points([study], fp_rates=(0.5, 1)) == {"0.5": 1.0, "1": 1.0}
     assert sensitivity_by_size([(study[0], hits, np.array([6.0, 2.5]))], threshold=0.8) == {
