@@ -661,25 +661,18 @@ def lesion_hits(
     return out
 
 
-def hit_matrix(hits: np.ndarray, n_lesions: int) -> np.ndarray:
-    """Which lesions each finding hits, as a (findings, lesions) boolean matrix.
-
-    ``hits`` is that matrix already, or one lesion index per finding (-1: none), the short form for findings that
-    each hit at most one lesion.
-    """
-    hits = np.asarray(hits)
-    if hits.ndim == 2:
-        return hits.astype(bool)
-    out = np.zeros((len(hits), n_lesions), bool)
-    on = hits >= 0
-    out[np.flatnonzero(on), hits[on].astype(np.intp)] = True
-    return out
-
-
 def unmatched(hits: np.ndarray) -> np.ndarray:
-    """Per finding, True where it hits no lesion (a false positive); ``hits`` as ``hit_matrix`` takes it."""
-    hits = np.asarray(hits)
-    return ~hits.astype(bool).any(axis=1) if hits.ndim == 2 else hits < 0
+    """Per finding, True where it hits no lesion (a false positive); ``hits`` as ``findings_on_lesions`` gives it."""
+    return ~np.asarray(hits, bool).any(axis=1)
+
+
+def threshold_at_1fp(per_study: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The probability above which there is on average one false positive per case (0.5 when there are fewer).
+
+    ``per_study``: (scores of the kept findings, which lesions each hits) per study.
+    """
+    fp = np.sort(np.concatenate([np.asarray(scores)[unmatched(hits)] for scores, hits in per_study]))[::-1]
+    return float(fp[len(per_study) - 1]) if len(fp) >= len(per_study) else 0.5
 
 
 def froc_points(
@@ -687,17 +680,16 @@ def froc_points(
 ) -> dict[str, float]:
     """Sensitivity at each false-positive rate per case.
 
-    ``per_study``: (scores of the findings, which lesions each finding hits (``hit_matrix``), number of lesions) per
-    study, findings already NMS-suppressed. A lesion counts once (its best finding); extra hits on it are not FPs;
-    a finding within reach of two lesions finds both (as the LUNA16 evaluation counts a CAD mark inside two
-    nodules).
+    ``per_study``: (scores of the findings, which lesions each finding hits as ``findings_on_lesions`` gives it,
+    number of lesions) per study, findings already NMS-suppressed. A lesion counts once (its best finding); extra
+    hits on it are not FPs; a finding within reach of two lesions finds both (as the LUNA16 evaluation counts a CAD
+    mark inside two nodules).
     """
     n_cases = len(per_study)
     n_lesions = sum(n for _, _, n in per_study)
     events = []  # (score, lesion ids the finding hits; empty: a false positive)
-    for si, (scores, hits, n) in enumerate(per_study):
-        matrix = hit_matrix(hits, n)
-        for s, row in zip(scores, matrix, strict=True):
+    for si, (scores, hits, _) in enumerate(per_study):
+        for s, row in zip(scores, np.asarray(hits, bool), strict=True):
             events.append((float(s), [(si, int(li)) for li in np.flatnonzero(row)]))
     events.sort(key=lambda e: -e[0])
     seen: set[tuple[int, int]] = set()
@@ -757,13 +749,12 @@ def sensitivity_by_size(
 ) -> dict[str, dict[str, Any]]:
     """Lesions found at ``threshold`` per diameter bin (``SIZE_BINS_MM``); empty bins are left out.
 
-    ``per_study``: (scores of the kept findings, which lesions each hits (``hit_matrix``), diameters of the study's
-    lesions). A lesion is found when any finding on it scores at least ``threshold``.
+    ``per_study``: (scores of the kept findings, which lesions each hits as ``findings_on_lesions`` gives it,
+    diameters of the study's lesions). A lesion is found when any finding on it scores at least ``threshold``.
     """
     found, sizes = [], []
     for scores, hits, diameters in per_study:
-        matrix = hit_matrix(hits, len(diameters))
-        on = np.where(matrix, np.asarray(scores, float)[:, None], -np.inf)
+        on = np.where(np.asarray(hits, bool), np.asarray(scores, float)[:, None], -np.inf)
         best = on.max(axis=0) if len(on) else np.full(len(diameters), -np.inf)
         found.append(best >= threshold)
         sizes.append(np.asarray(diameters, dtype=float))
@@ -817,8 +808,7 @@ def evaluate_detector(
     def summary(items: list) -> dict[str, Any]:
         s = np.concatenate([it[3] for it in items])
         lab = np.concatenate([it[4] for it in items])
-        fp = np.sort(np.concatenate([it[0][unmatched(it[1])] for it in items]))[::-1]
-        threshold = float(fp[len(items) - 1]) if len(fp) >= len(items) else 0.5
+        threshold = threshold_at_1fp([it[:2] for it in items])
         return {
             "sensitivity_at_fp": froc_points([it[:3] for it in items]),
             # the same FROC with a hit only inside the lesion's own sphere (d/2): the sac-tight reading
@@ -827,7 +817,6 @@ def evaluate_detector(
             "cases": len(items),
             "lesions": int(sum(it[2] for it in items)),
             "candidate_recall": float(sum(it[5] for it in items) / max(1, sum(it[2] for it in items))),
-            # the probability above which there is on average one false positive per case
             "threshold_at_1fp": threshold,
             "sensitivity_at_1fp_by_size": sensitivity_by_size([(it[0], it[1], it[6]) for it in items], threshold),
         }

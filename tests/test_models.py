@@ -103,7 +103,7 @@ def test_nms_keeps_the_best_of_a_cluster():
 
 def test_froc_and_auc_bookkeeping():
     # case 1: lesion found at 0.9, an FP at 0.8; case 2: an FP at 0.95, lesion found at 0.3
-    studies = [(np.array([0.9, 0.8]), np.array([0, -1]), 1), (np.array([0.95, 0.3]), np.array([-1, 0]), 1)]
+    studies = [(np.array([0.9, 0.8]), np.array([[1], [0]]), 1), (np.array([0.95, 0.3]), np.array([[0], [1]]), 1)]
     sens = froc_points(studies)
     assert sens["0.5"] == 0.5 and sens["1"] == 1.0 and sens["4"] == 1.0
     assert auc(np.array([0.9, 0.8, 0.1]), np.array([1, 0, 0])) == 1.0
@@ -115,8 +115,8 @@ def test_sensitivity_by_lesion_size():
 
     # study 1: a 2 mm lesion found at 0.9 and a 12 mm one only at 0.4; study 2: a 4 mm lesion with no finding
     studies = [
-        (np.array([0.9, 0.4, 0.95]), np.array([0, 1, -1]), np.array([2.0, 12.0])),
-        (np.array([0.7]), np.array([-1]), np.array([4.0])),
+        (np.array([0.9, 0.4, 0.95]), np.array([[1, 0], [0, 1], [0, 0]]), np.array([2.0, 12.0])),
+        (np.array([0.7]), np.array([[0]]), np.array([4.0])),
     ]
     bins = sensitivity_by_size(studies, threshold=0.5)
     assert bins == {

@@ -225,8 +225,7 @@ def froc(rows, probs, use_fine):
     out = {}
     for k, items in by.items():
         res = T.froc_points([it[:3] for it in items])
-        fp = np.sort(np.concatenate([it[0][T.unmatched(it[1])] for it in items]))[::-1]
-        thr = float(fp[len(items) - 1]) if len(fp) >= len(items) else 0.5
+        thr = T.threshold_at_1fp([it[:2] for it in items])
         res["by_size"] = {
             b: f"{v['found']}/{v['lesions']}"
             for b, v in T.sensitivity_by_size([(it[0], it[1], it[3]) for it in items], thr).items()
