@@ -80,8 +80,8 @@ def simulated(kind: str, condition: str, seed: int, size: str = "test", n_lesion
 
     ``n_lesions`` fixes how many lesions the subject has (default: the simulator's 1–3 aneurysms, 1–4 nodules).
     """
-    from node.simulate import simulate_study
-    from node.volume import build_volume
+    from models.volume import build_volume
+    from simulator.studies import simulate_study
 
     sim = simulate_study(kind, condition, seed, size, n_lesions=n_lesions)  # type: ignore[arg-type]
     vol = build_volume(sim.datasets)
@@ -221,13 +221,13 @@ def rescanned(study: Study, rng: np.random.Generator) -> Study:
 
     Harmonization matches intensities, not noise or sharpness, and those are where held-out low-dose and
     sharp-kernel series differ most from the training scanners. The harmonized volume goes through the
-    simulator's own reconstruction model (``node.scanner.scan_ct``: kernel MTF, ramp-shaped noise) with a condition
+    simulator's own reconstruction model (``simulator.scanner.scan_ct``: kernel MTF, ramp-shaped noise) with a condition
     drawn from ``RESCAN``, so candidates and patches are found on a noisier, softer or sharper series. MR studies
     are returned unchanged.
     """
     if study.modality != "CT":
         return study
-    from node.scanner import ScannerCondition, scan_ct
+    from simulator.scanner import ScannerCondition, scan_ct
 
     def draw(key: str) -> float:
         return float(rng.uniform(*RESCAN[key]))

@@ -40,7 +40,7 @@ def analyze_series_job(node: Node, job: Job) -> None:
 
 
 def _is_image_series(node: Node, series_uid: str) -> bool:
-    from node.volume import IMAGE_SOP_CLASSES
+    from models.volume import IMAGE_SOP_CLASSES
 
     rows = node.index.query("SELECT DISTINCT sop_class_uid FROM instances WHERE series_instance_uid=?", (series_uid,))
     return any(r["sop_class_uid"] in IMAGE_SOP_CLASSES for r in rows)

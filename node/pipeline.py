@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from models.findings import Finding
-from node.volume import Volume, VolumeRefused, build_volume, load_datasets
+from models.volume import Volume, VolumeRefused, build_volume, load_datasets
 
 if TYPE_CHECKING:
     from node.app import Node

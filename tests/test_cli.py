@@ -94,7 +94,7 @@ def test_evaluate_json_on_a_fresh_draw_of_held_out_studies(tmp_path):
 
 
 def test_the_evaluate_table_shows_the_in_sac_reading():
-    from node.models_cli import _table
+    from node.cli.models import _table
 
     fp = {"0.5": 0.5, "1": 0.75, "2": 0.8, "4": 0.9}
     r = {"sensitivity_at_fp": fp, "sensitivity_at_fp_within_lesion": {**fp, "1": 0.625}, "cases": 4, "lesions": 8}

@@ -129,8 +129,8 @@ def test_sensitivity_by_lesion_size():
 
 @needs_weights
 def test_shipped_weights_find_the_aneurysm_on_a_small_simulated_study():
-    from node.simulate import simulate_study
-    from node.volume import build_volume
+    from models.volume import build_volume
+    from simulator.studies import simulate_study
 
     # the "eval" size (0.85 × 1 mm) the thresholds are calibrated at; tests/test_pipeline.py reads a "test" one
     study = simulate_study("head-cta", "ge-revolution-standard", 7, "eval", lesion_diameters_mm=[9.0])

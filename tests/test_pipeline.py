@@ -16,8 +16,8 @@ from pydicom import dcmread
 from conftest import make_config
 from node.app import Node
 from node.config import Destination
-from node.simulate import simulate_study, write_study
 from peers import dciodvfy_errors, run_tool, running_orthanc, wait_until
+from simulator.studies import simulate_study, write_study
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 

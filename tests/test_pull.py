@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from conftest import make_config
 from node.app import Node
 from node.cli import app
+from node.cli.qr import find_studies, pull_studies, pull_study, reprocess_study
 from node.config import Destination
-from node.qr_cli import find_studies, pull_studies, pull_study, reprocess_study
 from peers import free_port, running_orthanc, wait_until
 from storage.queue import ANALYZE_SERIES
 

@@ -15,7 +15,7 @@ from node.cli import app
 from rules.registry import RuleRegistry
 from storage.index import Index
 
-simulate = pytest.importorskip("node.simulate")
+simulate = pytest.importorskip("simulator.studies")
 
 CT_CONDITIONS = ("ge-revolution-standard", "ge-optima-bone-lowdose", "siemens-force-br40")
 runner = CliRunner()

@@ -224,7 +224,7 @@ def _held_out_jsd(simulate, conditions, fit_seeds, test_seeds, kind, spec, optio
 
 
 def test_simulated_ct_and_mra_held_out() -> None:
-    simulate = pytest.importorskip("node.simulate")
+    simulate = pytest.importorskip("simulator.studies")
     base = simulate.CONDITIONS["ge-revolution-standard"]
     # conditions that differ from the reference by the vendor calibration of the bright range (and kVp)
     calibration = {

@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 from node.app import Node
 from node.cli import app
+from node.cli.rules import parse_pacs_query
 from node.config import load_config
-from node.rules_cli import parse_pacs_query
 from peers import free_port, running_orthanc
 from storage.index import Index
 
-simulate = pytest.importorskip("node.simulate")
+simulate = pytest.importorskip("simulator.studies")
 
 CONDITIONS = ("ge-revolution-standard", "ge-optima-bone-lowdose")
 IN_RANGE, OUT_OF_RANGE = "20260315", "20250101"

@@ -12,9 +12,10 @@ import scipy.ndimage
 from typer.testing import CliRunner
 
 from models.findings import VolumeGeometry
-from node import phantom
 from node.cli import app
-from node.simulate import (
+from peers import dciodvfy_errors, wait_until
+from simulator import phantom
+from simulator.studies import (
     CONDITIONS,
     ScannerCondition,
     SimulationError,
@@ -23,7 +24,6 @@ from node.simulate import (
     simulate_study,
     write_study,
 )
-from peers import dciodvfy_errors, wait_until
 
 MATERIAL = phantom.MATERIAL_INDEX
 

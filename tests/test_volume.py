@@ -7,8 +7,8 @@ import copy
 import numpy as np
 import pytest
 
-from node.simulate import simulate_study
-from node.volume import VolumeRefused, build_volume
+from models.volume import VolumeRefused, build_volume
+from simulator.studies import simulate_study
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from recipe_sweep import RECIPE_VIEWS  # this folder is on sys.path when the scr
 from models import train as T
 from models.detector import sha256_of
 from models.nets import MiniVGG, NetConfig
-from node.models_cli import write_card
+from node.cli.models import write_card
 
 
 def main() -> None:

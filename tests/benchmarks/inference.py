@@ -42,8 +42,8 @@ def bench_series(detector: Detector, kind: str, slices: int) -> dict[str, float]
     """Seconds for ``detect`` on one full-size simulated series (stages timed separately)."""
     from models.candidates import find_candidates
     from models.patches import extract_views, normalise
-    from node.simulate import simulate_study
-    from node.volume import build_volume
+    from models.volume import build_volume
+    from simulator.studies import simulate_study
 
     t0 = time.perf_counter()
     study = simulate_study(kind, "ge-revolution-standard", 1, "full", slices=slices)  # type: ignore[arg-type]

@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import make_config  # noqa: E402
 from node.app import Node  # noqa: E402
 from node.config import Destination  # noqa: E402
-from node.simulate import send_files, simulate_study, write_study  # noqa: E402
 from peers import running_orthanc, wait_until  # noqa: E402
+from simulator.studies import send_files, simulate_study, write_study  # noqa: E402
 
 
 def main() -> None:

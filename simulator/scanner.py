@@ -4,7 +4,7 @@ A condition is a manufacturer, model, reconstruction kernel and dose (CT: kVp, m
 and sequence (TOF-MRA). Its effects, in order: kVp and vendor calibration bend the high range (contrast, bone);
 the kernel acts as an in-plane MTF (soft blurs, sharp boosts edges and rings at its cut-off); CT noise has a
 ramp-shaped (non-white) spectrum shaped by the same kernel and a std ∝ 1/sqrt(mAs); MRA gets an intensity
-scale, a smooth bias field and Rician noise. ``node.simulate`` puts anatomy through it and writes DICOM.
+scale, a smooth bias field and Rician noise. ``simulator.studies`` puts anatomy through it and writes DICOM.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 
-from node import phantom
+from simulator import phantom
 
 log = logging.getLogger(__name__)
 

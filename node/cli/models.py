@@ -167,7 +167,7 @@ def register(app: typer.Typer) -> None:
         from models import train as T
         from models.detector import TTA, pick_device
         from models.patches import PATCH_MM, check_views
-        from node.simulate import GEOMETRY
+        from simulator.studies import GEOMETRY
 
         _threads(threads)
         view_list = tuple(v.strip() for v in views.split(",") if v.strip())
@@ -228,7 +228,7 @@ def register(app: typer.Typer) -> None:
                 ),
                 "data": (
                     f"harmonode simulate: {metrics['studies_per_kind']} studies at size={size} "
-                    f"(node.simulate.GEOMETRY) + {test_size_studies} per kind at size=test; landmarks at size=test"
+                    f"(simulator.studies.GEOMETRY) + {test_size_studies} per kind at size=test; landmarks at size=test"
                 ),
                 "size": size,
                 "geometry": {

@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from node import simulate
-from node.simulate import CONDITIONS, KINDS, ScannerCondition, SimulationError
+from simulator import studies as simulate
+from simulator.studies import CONDITIONS, KINDS, ScannerCondition, SimulationError
 
 log = logging.getLogger(__name__)
 

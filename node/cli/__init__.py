@@ -99,7 +99,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts and monitoring.")] = False,
 ) -> None:
     """Show studies, series (state, instances, condition, rule, findings) and jobs."""
-    from node.status import collect_status, format_status
+    from node.cli.status import collect_status, format_status
 
     cfg = _config(config)
     if not (cfg.data_path / "index.sqlite").exists():
@@ -138,7 +138,7 @@ def demo(
 
     About a minute on 2 cores. The PACS is Orthanc when installed, else a built-in storage SCP.
     """
-    from node.demo import run_demo
+    from node.cli.demo import run_demo
 
     setup_logging(verbose)
     logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -151,10 +151,10 @@ def _register_optional_commands() -> None:
     import importlib
 
     for module, attr in (
-        ("node.simulate_cli", "register"),
-        ("node.rules_cli", "register"),
-        ("node.models_cli", "register"),
-        ("node.qr_cli", "register"),
+        ("node.cli.simulate", "register"),
+        ("node.cli.rules", "register"),
+        ("node.cli.models", "register"),
+        ("node.cli.qr", "register"),
     ):
         try:
             mod = importlib.import_module(module)

@@ -1,4 +1,4 @@
-"""The synthetic scanner: anatomy (node/phantom.py) seen through a named scanner condition (node/scanner.py),
+"""The synthetic scanner: anatomy (simulator/phantom.py) seen through a named scanner condition (simulator/scanner.py),
 written as DICOM.
 
 A condition is a manufacturer, model, reconstruction kernel and dose (CT: kVp, mAs, CTDIvol) or field strength
@@ -30,8 +30,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from node import phantom
-from node.scanner import (  # noqa: F401 - re-exported: the contracts name them in node.simulate
+from simulator import phantom
+from simulator.scanner import (  # noqa: F401 - re-exported: the contracts name them in simulator.studies
     CONDITIONS,
     ScannerCondition,
     SimulationError,

@@ -1,6 +1,6 @@
 """``harmonode demo``: a node, a local PACS and a synthetic scanner, on embedded defaults.
 
-The scanner (``node.simulate``) pushes a few studies under different imaging conditions to the node over
+The scanner (``simulator.studies``) pushes a few studies under different imaging conditions to the node over
 C-STORE; the node completes each series, harmonizes it, runs the detector and sends SR, key images and
 GSPS to the PACS. The demo prints, per study: condition, key, rule, findings against the ground truth,
 what arrived in the PACS, and the turnaround from the last slice to the results in the PACS.
@@ -207,7 +207,7 @@ def fit_demo_rules(plan: list[tuple[str, str]], work: Path, data: Path, seed: in
     import os
     import sys
 
-    from node.simulate import simulate_study, write_study
+    from simulator.studies import simulate_study, write_study
 
     folder = work / "unlabeled"
     wanted: dict[tuple[str, str], int] = {}
@@ -240,7 +240,7 @@ def fit_demo_rules(plan: list[tuple[str, str]], work: Path, data: Path, seed: in
 def run_demo(studies: int = 3, seed: int = 7, data_dir: Path | None = None, timeout_s: float = 600) -> int:
     """Run the demo; return a process exit code (0: every study made it to the PACS)."""
     from node.app import Node
-    from node.simulate import send_files, simulate_study, write_study
+    from simulator.studies import send_files, simulate_study, write_study
 
     work = Path(tempfile.mkdtemp(prefix="harmonode-demo-"))
     data = Path(data_dir) if data_dir else work / "node"

@@ -204,11 +204,11 @@ def pull_for_fit(cfg: Any, source_name: str, query: str) -> tuple[str, list[str]
 
     Raises
     ------
-    ValueError, node.config.ConfigError, node.qr_cli.PullError
+    ValueError, node.config.ConfigError, node.cli.qr.PullError
         Bad query, unknown source, refused query or move.
     """
     from node.app import Node
-    from node.qr_cli import find_studies, pull_study, source_by_name
+    from node.cli.qr import find_studies, pull_study, source_by_name
 
     terms = parse_pacs_query(query)
     source = source_by_name(cfg, source_name)
@@ -318,8 +318,8 @@ def register(app: typer.Typer) -> None:
             series = series_from_dir(from_dir, show)
             source = f"dir:{from_dir.name}"
         elif from_pacs is not None:
+            from node.cli.qr import PullError
             from node.config import ConfigError
-            from node.qr_cli import PullError
 
             try:
                 pacs, study_uids, moved = pull_for_fit(cfg, source_name, from_pacs)
