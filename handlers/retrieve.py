@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,9 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from handlers.peer import Peer
 from handlers.query import PATIENT_ROOT, STUDY_ROOT, UNIQUE_KEYS, BadIdentifier, query_level, where_clause
 from handlers.transport import tune_socket
-from node.config import Config
 from storage.files import FileStore
 from storage.index import Index
 
@@ -154,15 +154,15 @@ def _failure(status: int) -> Iterator[Any]:
     yield status, failed
 
 
-def handle_move(event: evt.Event, config: Config, index: Index, files: FileStore) -> Iterator[Any]:
+def handle_move(event: evt.Event, destinations: Sequence[Peer], index: Index, files: FileStore) -> Iterator[Any]:
     """EVT_C_MOVE handler: the destination, the number of sub-operations, then one yield per instance.
 
     Parameters
     ----------
     event
         The C-MOVE event.
-    config
-        The node's config (its destinations are the known move destinations).
+    destinations
+        The known move destinations (the configured destinations), found by AE title.
     index, files
         The node's index and file store.
 
@@ -174,7 +174,7 @@ def handle_move(event: evt.Event, config: Config, index: Index, files: FileStore
     """
     move_ae = event.move_destination
     move_ae = (move_ae.decode("ascii", "replace") if isinstance(move_ae, bytes) else str(move_ae)).strip()
-    dest = config.destination_by_ae(move_ae)
+    dest = next((peer for peer in destinations if peer.ae_title == move_ae), None)
     caller = event.assoc.requestor.ae_title
     if dest is None:
         log.warning("C-MOVE from %s refused: move destination %r is not configured", caller, move_ae)

@@ -30,11 +30,12 @@ from handlers.retrieve import QR_SOP_CLASSES, handle_get, handle_move
 from handlers.store import STORAGE_SOP_CLASSES, handle_store
 from handlers.transport import tune_socket
 from node.config import Config
+from node.jobs import ROLE_JOBS, JobBinding, job_bindings
+from node.pipeline import DetectorSlot
 from node.series import SeriesWatcher
-from storage.files import FileStore
-from storage.index import Index
-from storage.queue import ANALYZE_SERIES, SEND, GiveUp, Job, JobQueue, RetryLater
+from storage.queue import GiveUp, Job, RetryLater
 from storage.recovery import RecoveryReport, recover
+from storage.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,9 @@ class Node:
         # Objects the node sends (delivery, C-MOVE/C-GET) go out as their stored bytes: pynetdicom does that
         # for a file path only in chunked mode. The switch is process-wide, so it is set here, once.
         _config.STORE_SEND_CHUNKED_DATASET = True
-        data = config.data_path
-        data.mkdir(parents=True, exist_ok=True)
-        self.files = FileStore(data, fsync=config.node.fsync)
-        self.index = Index(data / "index.sqlite")
-        q = config.queue
-        self.queue = JobQueue(data / "queue.sqlite", q.lease_seconds, q.max_attempts, q.backoff_base_s, q.backoff_max_s)
+        self.store = open_store(config.data_path, config.store_settings)
+        self.files, self.index, self.queue = self.store.files, self.store.index, self.store.queue
+        self.detector = DetectorSlot(config.pipeline.device)
         self.job_handlers: dict[str, JobHandler] = {}
         self.server: Any = None
         self.port: int | None = None
@@ -125,7 +123,7 @@ class Node:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.files, self.index]),
             (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title]),
-            (evt.EVT_C_MOVE, handle_move, [self.config, self.index, self.files]),
+            (evt.EVT_C_MOVE, handle_move, [self.config.destinations, self.index, self.files]),
             (evt.EVT_C_GET, handle_get, [self.index, self.files]),
             (evt.EVT_REJECTED, _log_rejected),
         ]
@@ -187,17 +185,16 @@ class Node:
     def start(self, roles: tuple[str, ...] = ROLES) -> None:
         """Recover, then start the roles asked for."""
         self.recovery = recover(self.files, self.index)
-        if "work" in roles or "dispatch" in roles:
-            from node.jobs import register_job_handlers
-
-            register_job_handlers(self, roles)
+        binding: JobBinding
+        for binding in job_bindings(self.config, self.store, roles, self.detector):
+            self.job_handlers[binding.kind] = binding
         if "listen" in roles:
             self.start_listening()
         if "work" in roles:
             for i in range(max(1, self.config.pipeline.workers)):
-                self._spawn(f"worker-{i}", lambda: self.run_jobs((ANALYZE_SERIES,)))
+                self._spawn(f"worker-{i}", lambda: self.run_jobs(ROLE_JOBS["work"]))
         if "dispatch" in roles:
-            self._spawn("dispatcher", lambda: self.run_jobs((SEND,)))
+            self._spawn("dispatcher", lambda: self.run_jobs(ROLE_JOBS["dispatch"]))
 
     def stop(self) -> None:
         """Stop every role and close storage."""
@@ -207,8 +204,7 @@ class Node:
             self.server = None
         for t in self._threads:
             t.join(timeout=10)
-        self.queue.close()
-        self.index.close()
+        self.store.close()
 
     def wait(self) -> None:
         """Block until stopped (KeyboardInterrupt stops)."""

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from handlers.peer import Peer, check_ae_title
+from storage.queue import QueueSettings
+from storage.store import StoreSettings
+
 ENV_PREFIX = "HARMONODE_"
 
 
@@ -64,30 +68,21 @@ class PipelineConfig:
     device: str = "auto"  # auto | cpu | cuda
 
 
-@dataclass(frozen=True)
-class QueueConfig:
-    """The durable job queue: leases, retries, dead letters."""
-
-    lease_seconds: float = 300.0
-    max_attempts: int = 5
-    backoff_base_s: float = 2.0
-    backoff_max_s: float = 300.0
+QueueConfig = QueueSettings  # the [queue] section: the durable queue's leases, retries, dead letters
 
 
 @dataclass(frozen=True)
-class Destination:
+class Destination(Peer):
     """A DICOM peer results are sent to (C-STORE SCU) or that may be named as a C-MOVE destination."""
 
-    name: str
-    ae_title: str
-    host: str
-    port: int
     send_results: bool = True
 
     def __post_init__(self) -> None:
-        _check_ae_title(self.ae_title, f"destination {self.name!r} ae_title")
-        if not 0 < int(self.port) < 65536:
-            raise ConfigError(f"destination {self.name!r}: port {self.port} is not in 1..65535")
+        try:
+            check_ae_title(self.ae_title, f"destination {self.name!r} ae_title")
+            super().__post_init__()
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("peer ", "destination ", 1)) from exc
 
 
 @dataclass(frozen=True)
@@ -104,6 +99,16 @@ class Config:
     def data_path(self) -> Path:
         """The data directory as a path (file store, index and queue live there)."""
         return Path(self.node.data_dir)
+
+    @property
+    def store_settings(self) -> StoreSettings:
+        """How ``storage.store.open_store`` opens this node's data directory."""
+        return StoreSettings(fsync=self.node.fsync, queue=self.queue)
+
+    @property
+    def result_destinations(self) -> tuple[str, ...]:
+        """Names of the destinations results are sent to."""
+        return tuple(d.name for d in self.destinations if d.send_results)
 
     def destination_by_ae(self, ae_title: str) -> Destination | None:
         """Return the destination whose AE title is ``ae_title``, or None."""
@@ -122,8 +127,10 @@ _SECTIONS: dict[str, type] = {
 
 
 def _check_ae_title(value: str, what: str) -> None:
-    if not value or len(value) > 16 or "\\" in value or not value.isprintable():
-        raise ConfigError(f"{what}: {value!r} is not a valid AE title (1-16 printable characters, no '\\')")
+    try:
+        check_ae_title(value, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:

@@ -1,61 +1,66 @@
-"""The job handlers a process runs, by role: ``analyze-series`` (work) and ``send`` (dispatch)."""
+"""The job kinds a process runs, each bound to its handler and the collaborators it is given.
+
+As ``Node.event_handlers`` binds DICOM events to handlers with their arguments (pynetdicom's way), this
+table binds each job kind of the durable queue: a handler is called as ``handler(job, **collaborators)``
+and never sees the node or its config.
+"""
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from storage.index import SERIES_DONE, SERIES_FAILED, SERIES_PROCESSING, SERIES_RECEIVING
-from storage.queue import ANALYZE_SERIES, SEND, Job
+from handlers.peer import Peer
+from handlers.send import send_job
+from node.config import Config
+from node.pipeline import DetectorSlot, Worker, analyze_series
+from storage.queue import Job, JobKind
+from storage.store import Store
 
-if TYPE_CHECKING:
-    from node.app import Node
-
-log = logging.getLogger(__name__)
-
-
-def analyze_series_job(node: Node, job: Job) -> None:
-    """Run the pipeline on one completed series (skipped if the series reopened meanwhile)."""
-    from node.pipeline import run_series
-
-    uid = job.payload.get("series_instance_uid", job.key)
-    series = node.index.series(uid)
-    if series is None:
-        log.warning("job %d: series %s is not in the index; nothing to do", job.id, uid)
-        return
-    if not _is_image_series(node, uid):
-        node.index.update_series(uid, state="skipped", error="not an image series: nothing to analyse")
-        return
-    if series["state"] == SERIES_RECEIVING:
-        log.info("job %d: series %s reopened by a late instance; it will complete again", job.id, uid)
-        return
-    node.index.update_series(uid, state=SERIES_PROCESSING, error="")
-    try:
-        run_series(node, uid)
-    except Exception as exc:
-        node.index.update_series(uid, state=SERIES_FAILED, error=f"{type(exc).__name__}: {exc}")
-        raise
-    if node.index.series(uid)["state"] == SERIES_PROCESSING:
-        node.index.update_series(uid, state=SERIES_DONE)
+#: Which role runs which job kinds.
+ROLE_JOBS: dict[str, tuple[JobKind, ...]] = {"work": (JobKind.ANALYZE_SERIES,), "dispatch": (JobKind.SEND,)}
 
 
-def _is_image_series(node: Node, series_uid: str) -> bool:
-    from models.volume import IMAGE_SOP_CLASSES
+@dataclass(frozen=True)
+class JobBinding:
+    """One job kind, its handler and the keyword arguments it is given."""
 
-    rows = node.index.query("SELECT DISTINCT sop_class_uid FROM instances WHERE series_instance_uid=?", (series_uid,))
-    return any(r["sop_class_uid"] in IMAGE_SOP_CLASSES for r in rows)
+    kind: JobKind
+    handler: Callable[..., None]
+    collaborators: Mapping[str, Any]
 
-
-def send_job(node: Node, job: Job) -> None:
-    """Deliver one result object to one destination (``handlers.send``)."""
-    from handlers.send import send_job_payload
-
-    send_job_payload(node, job)
+    def __call__(self, job: Job) -> None:
+        self.handler(job, **self.collaborators)
 
 
-def register_job_handlers(node: Node, roles: tuple[str, ...]) -> None:
-    """Bind the job kinds of ``roles`` to their handlers on ``node``."""
+def job_bindings(config: Config, store: Store, roles: tuple[str, ...], detector: DetectorSlot) -> list[JobBinding]:
+    """The job kinds of ``roles``, bound to their handlers and collaborators.
+
+    Parameters
+    ----------
+    config
+        The node's config (pipeline settings, destinations, AE title).
+    store
+        The node's file store, index and queue.
+    roles
+        The roles this process runs (``work`` and/or ``dispatch`` bind jobs).
+    detector
+        The worker's detector slot (loaded on the first series).
+    """
+    bindings = []
     if "work" in roles:
-        node.job_handlers[ANALYZE_SERIES] = lambda job: analyze_series_job(node, job)
+        worker = Worker(
+            store.files, store.index, store.queue, config.pipeline, config.result_destinations, detector
+        )
+        bindings.append(JobBinding(JobKind.ANALYZE_SERIES, analyze_series, {"worker": worker}))
     if "dispatch" in roles:
-        node.job_handlers[SEND] = lambda job: send_job(node, job)
+        peers: dict[str, Peer] = {d.name: d for d in config.destinations}
+        bindings.append(
+            JobBinding(
+                JobKind.SEND,
+                send_job,
+                {"peers": peers, "files": store.files, "index": store.index, "calling_ae": config.node.ae_title},
+            )
+        )
+    return bindings

@@ -1,267 +1,320 @@
-"""The job for one completed series, stage by stage.
+"""One completed series, stage by stage: the only place a series' state and outcome change.
 
-``STAGES`` is a plain ordered list of functions. Each takes the ``SeriesRun`` (what earlier stages wrote)
-and fills in what it produces; the runner times each one and records the timings, the condition key, the
-rule, the model version and the findings in the index. A series that cannot be analysed (a refused
-volume, an MR series for the CT model, no detector installed) still gets its results: an SR that says why.
+Each stage is a plain function that takes what it reads and returns what it writes; ``run_series`` calls
+them in order, so what flows from one to the next is visible at the call site, and times each one:
 
-load → key → rule → harmonize → detect → results → deliver
+    load → key → rule → harmonize → detect → results → deliver
+
+A series that cannot be analysed (a refused volume, an MR series for the CT model, no detector installed)
+still gets its results: an SR that says why. ``analyze_series`` is the ``analyze-series`` job: it moves the
+series through ``processing`` to ``done`` or ``failed`` (or ``skipped`` when it holds no image).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from handlers.results import AlgorithmInfo, build_results
+from handlers.results.derived import derived_series
 from models.findings import Finding
-from models.volume import Volume, VolumeRefused, build_volume, load_datasets
-
-if TYPE_CHECKING:
-    from node.app import Node
+from models.volume import IMAGE_SOP_CLASSES, Volume, VolumeRefused, build_volume, load_datasets
+from node.config import PipelineConfig
+from rules.apply import apply_rule, apply_rule_stored, map_of
+from rules.keys import BodyPart, ConditionKey, body_part_of
+from rules.registry import Rule, RuleMatch, RuleRegistry
+from storage.deliveries import StoredResult, enqueue_deliveries, store_results
+from storage.files import FileStore
+from storage.index import Index, SeriesState
+from storage.queue import Job, JobQueue
 
 log = logging.getLogger(__name__)
 
 ALGORITHM_NAME = "harmonode"
 
+T = TypeVar("T")
 
-@dataclass
-class SeriesRun:
-    """Everything one run of the pipeline reads and writes, stage by stage."""
 
-    series_uid: str
-    series_row: dict[str, Any]
-    volume: Volume | None = None
-    refused: str = ""  # why the series is not analysed ("" while it is)
-    condition_key: str = ""
-    rule: Any = None
-    rule_id: str = "identity"
-    rule_match: str = "identity"
-    harmonized: np.ndarray | None = None
+# -- what flows between the stages --------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadedSeries:
+    """The stored instances of a series: the volume when one could be built, else why not."""
+
+    datasets: list[Dataset]  # the readable instances (the results' sources)
+    volume: Volume | None
+    refused: str = ""
+
+
+@dataclass(frozen=True)
+class DetectionOutcome:
+    """What the detector made of a series (``refused`` says why it was not analysed)."""
+
     findings: list[Finding] = field(default_factory=list)
     model_version: str = ""
     task: str = ""
-    results: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    refused: str = ""
 
 
-def stage_load(node: Node, run: SeriesRun) -> None:
-    """Read the stored instances and build the volume (or record why not)."""
-    rows = node.index.instances_of_series(run.series_uid)
+@dataclass(frozen=True)
+class SeriesOutcome:
+    """What one run of the pipeline produced and recorded for a series."""
+
+    series_uid: str
+    condition_key: ConditionKey
+    rule_match: RuleMatch
+    detection: DetectionOutcome
+    results: list[StoredResult]
+    timings: dict[str, float]
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The series' findings."""
+        return self.detection.findings
+
+
+class DetectorSlot:
+    """The detector, loaded once per worker process on its first series (None when not installed).
+
+    Loaded lazily so that a node that only receives stays small (torch and the weights are ~200 MB).
+    """
+
+    def __init__(self, device: str = "auto", loader: Callable[[str], Any] | None = None) -> None:
+        self.device = device
+        self._loader = loader
+        self._detector: Any = None
+        self._missing = False
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        """The loaded detector, or None when no weights are installed (logged once)."""
+        with self._lock:
+            if self._detector is None and not self._missing:
+                try:
+                    self._detector = self._load()
+                except (FileNotFoundError, ImportError) as exc:
+                    log.error("no detector installed (%s): series will get a 'not analysed' SR", exc)
+                    self._missing = True
+            return self._detector
+
+    def _load(self) -> Any:
+        if self._loader is not None:
+            return self._loader(self.device)
+        from models.detector import Detector
+
+        return Detector.load(device=self.device)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """The collaborators of the ``analyze-series`` job in one worker process."""
+
+    files: FileStore
+    index: Index
+    queue: JobQueue
+    settings: PipelineConfig
+    destinations: tuple[str, ...]  # names of the destinations results are sent to
+    detector: DetectorSlot
+
+
+# -- the stages ----------------------------------------------------------------------------------------
+def load_series(files: FileStore, rows: Sequence[dict[str, Any]]) -> LoadedSeries:
+    """Read the stored instances of a series and build its volume (or record why not)."""
     try:
-        datasets = load_datasets([node.files.abspath(r["path"]) for r in rows])
-        run.volume = build_volume(datasets)
+        datasets = load_datasets([files.abspath(r["path"]) for r in rows])
+        return LoadedSeries(datasets, build_volume(datasets))
     except VolumeRefused as exc:
-        run.refused = str(exc)
-        run.volume = None
-        # results still need the source headers: keep what could be read
-        run.series_row["_datasets"] = _readable(node, rows)
+        return LoadedSeries(_readable(files, rows), None, str(exc))
 
 
-def _readable(node: Node, rows: list[dict[str, Any]]) -> list[Dataset]:
-    from pydicom import dcmread
-
+def _readable(files: FileStore, rows: Sequence[dict[str, Any]]) -> list[Dataset]:
+    """The instances that can be read at all: the sources an SR that says 'not analysed' refers to."""
     out = []
     for r in rows:
         try:
-            out.append(dcmread(node.files.abspath(r["path"])))
+            out.append(dcmread(files.abspath(r["path"])))
         except Exception:
             continue
     return out
 
 
-def stage_key(node: Node, run: SeriesRun) -> None:
-    """The imaging condition of the series, from the tags kept at ingest."""
-    from rules.keys import ConditionKey
-
-    tags = json.loads(run.series_row.get("condition_tags") or "{}")
-    run.condition_key = str(ConditionKey.from_tags(tags, run.series_row.get("modality") or ""))
+def condition_key(tags: dict[str, Any], modality: str) -> ConditionKey:
+    """The imaging condition of a series, from the tags kept at ingest."""
+    return ConditionKey.from_tags(tags, modality)
 
 
-def stage_rule(node: Node, run: SeriesRun) -> None:
-    """Look up the conversion rule for the condition: exact key, then the documented fallbacks."""
-    from rules.keys import ConditionKey
-    from rules.registry import RuleRegistry
-
-    with node.index.lock:  # one connection shared by the node's threads: the registry reads under its lock
-        match = RuleRegistry(node.index.db).lookup(ConditionKey.parse(run.condition_key))
-    run.rule = match.rule
-    run.rule_match = match.match
-    run.rule_id = f"{match.rule.id}@v{match.rule.version}" if match.rule is not None else "identity"
+def find_rule(registry: RuleRegistry, key: ConditionKey) -> RuleMatch:
+    """The conversion rule for a condition: exact key, then the documented fallbacks, then identity."""
+    return registry.lookup(key)
 
 
-def stage_harmonize(node: Node, run: SeriesRun) -> None:
+def harmonize(volume: Volume, rule: Rule | None) -> np.ndarray:
     """Apply the rule to the volume (identity when none applies).
 
     With the stored 8/16-bit integers at hand (one rescale for the whole series) a rule is a lookup table
     gathered over them: the same float32 values, 0.085 s instead of 0.35 s (seed rule) or 1.2 s (piecewise)
-    on a 300×512×512 CT volume. No rule (identity) passes the values on as they are.
+    on a 300×512×512 CT volume. No rule passes the values on as they are (the detector never writes into
+    its input).
     """
-    from rules.apply import apply_rule, apply_rule_stored, map_of
-
-    volume = run.volume
-    if volume is None:
-        return
     stored = volume.stored
-    if (
-        stored is not None
-        and stored.dtype.kind in "iu"
-        and stored.dtype.itemsize <= 2
-        and map_of(run.rule).method != "identity"
-    ):
-        run.harmonized = apply_rule_stored(run.rule, stored, volume.slope, volume.intercept, np.float32)
-    else:
-        # identity: the detector never writes into its input, so the values themselves will do
-        run.harmonized = volume.values if run.rule is None else apply_rule(run.rule, volume.values)
+    if stored is not None and stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2 and rule is not None:
+        if map_of(rule).method != "identity":
+            return apply_rule_stored(rule, stored, volume.slope, volume.intercept, np.float32)
+    return volume.values if rule is None else apply_rule(rule, volume.values)
 
 
-def stage_detect(node: Node, run: SeriesRun) -> None:
-    """Run the lesion detector on the harmonized volume."""
-    if run.volume is None or run.harmonized is None:
-        return
-    detector = node_detector(node)
+def detect(detector: Any, values: np.ndarray, volume: Volume, body: BodyPart) -> DetectionOutcome:
+    """Run the lesion detector on the harmonized values (``detector`` None: not installed)."""
     if detector is None:
-        run.refused = "no detector weights are installed on this node"
-        return
-    body = _body_part(run.series_row, run.volume.modality)
-    detection = detector.detect(run.harmonized, run.volume.geometry, run.volume.modality, body)
-    run.model_version = detector.version
-    run.task = detection.task
+        return DetectionOutcome(refused="no detector weights are installed on this node")
+    detection = detector.detect(values, volume.geometry, volume.modality, body)
     if not detection.analysed:
-        run.refused = detection.reason
-        return
-    run.findings = list(detection.findings)
+        return DetectionOutcome(model_version=detector.version, task=detection.task, refused=detection.reason)
+    return DetectionOutcome(list(detection.findings), detector.version, detection.task)
 
 
-def _body_part(series_row: dict[str, Any], modality: str) -> str:
-    """'chest' or 'head' from BodyPartExamined, else the series description; MR is always head here."""
-    tags = json.loads(series_row.get("condition_tags") or "{}")
-    text = f"{tags.get('BodyPartExamined', '')} {series_row.get('series_description') or ''}".upper()
-    if modality == "CT" and any(w in text for w in ("CHEST", "THORAX", "LUNG")):
-        return "chest"
-    return "head"
-
-
-def node_detector(node: Node) -> Any:
-    """The detector, loaded once per worker process and kept on the node (None when not installed)."""
-    cached = getattr(node, "_detector", None)
-    if cached is not None or getattr(node, "_detector_missing", False):
-        return cached
-    try:
-        from models.detector import Detector
-
-        # loaded on the first series, not at start: a node that only receives stays small (torch is ~200 MB)
-        node._detector = Detector.load(device=node.config.pipeline.device)  # type: ignore[attr-defined]
-    except (FileNotFoundError, ImportError) as exc:
-        log.error("no detector installed (%s): series will get a 'not analysed' SR", exc)
-        node._detector_missing = True  # type: ignore[attr-defined]
-        return None
-    return node._detector  # type: ignore[attr-defined]
-
-
-def stage_results(node: Node, run: SeriesRun) -> None:
-    """Build the SR, key images, GSPS (and SEG) and keep them in the node's own store."""
-    from handlers.results import AlgorithmInfo, build_results
-    from handlers.send import store_results
-
-    source = run.volume.datasets if run.volume is not None else run.series_row.get("_datasets", [])
-    if not source:
-        log.error("series %s: no readable source instance; no result can reference it", run.series_uid)
-        return
+def result_objects(
+    loaded: LoadedSeries,
+    key: ConditionKey,
+    match: RuleMatch,
+    detection: DetectionOutcome,
+    settings: PipelineConfig,
+) -> list[Dataset]:
+    """The SR, key images, GSPS (and SEG, and the harmonized copy when configured) of one series."""
+    volume = loaded.volume
+    refused = loaded.refused or detection.refused
     algorithm = AlgorithmInfo(
         name=ALGORITHM_NAME,
-        version=run.model_version or "none",
-        rule_id=run.rule_id,
-        rule_match=run.rule_match,
-        condition_key=run.condition_key or "unknown",
-        parameters={"task": run.task or "none"},
+        version=detection.model_version or "none",
+        rule_id=match.rule_id,
+        rule_match=str(match.match),
+        condition_key=str(key),
+        parameters={"task": detection.task or "none"},
     )
     objects = build_results(
-        source=source,
-        geometry=run.volume.geometry if run.volume is not None else None,
-        findings=run.findings,
+        source=volume.datasets if volume is not None else loaded.datasets,
+        geometry=volume.geometry if volume is not None else None,
+        findings=detection.findings,
         algorithm=algorithm,
-        analysed=not run.refused,
-        reason=run.refused,
-        values=run.volume.values if run.volume is not None else None,
-        write_seg=node.config.pipeline.write_seg and bool(run.findings),
+        analysed=not refused,
+        reason=refused,
+        values=volume.values if volume is not None else None,
+        write_seg=settings.write_seg and bool(detection.findings),
     )
-    if node.config.pipeline.write_harmonized_series and run.volume is not None:
-        from rules.apply import derived_series
-
-        label = f"{run.rule_id} ({run.rule_match}) for {run.condition_key}"
-        derived = derived_series(run.volume.datasets, run.rule, label, series_uid=_derived_uid(run))
-        for ds in derived:
-            ds.SeriesNumber = 9900  # beside the result series 9901-9904
+    if settings.write_harmonized_series and volume is not None:
+        label = f"{match.rule_id} ({match.match}) for {key}"
+        derived = derived_series(volume.datasets, match.rule, label)
         objects = [*objects, *derived]
-    run.results = store_results(node.files, node.index, objects)
+    return objects
 
 
-def _derived_uid(run: SeriesRun) -> str:
-    """Series UID of the harmonized copy, stable across re-runs of the same series and rule."""
-    from pydicom.uid import generate_uid
-
-    return generate_uid(entropy_srcs=[run.series_uid, run.rule_id, "harmonized"])
-
-
-def stage_deliver(node: Node, run: SeriesRun) -> None:
-    """Queue each result for each destination (the dispatcher sends and retries)."""
-    from handlers.send import enqueue_deliveries
-
-    destinations = [d for d in node.config.destinations if d.send_results]
-    if destinations and run.results:
-        enqueue_deliveries(node.queue, destinations, run.results, index=node.index)
+# -- the run -------------------------------------------------------------------------------------------
+def _timed(timings: dict[str, float], name: str, stage: Callable[..., T], *args: Any) -> T:
+    t0 = time.perf_counter()
+    try:
+        return stage(*args)
+    finally:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 4)
 
 
-Stage = Callable[["Node", SeriesRun], None]
-STAGES: list[tuple[str, Stage]] = [
-    ("load", stage_load),
-    ("key", stage_key),
-    ("rule", stage_rule),
-    ("harmonize", stage_harmonize),
-    ("detect", stage_detect),
-    ("results", stage_results),
-    ("deliver", stage_deliver),
-]
-
-
-def run_series(node: Node, series_uid: str) -> SeriesRun:
+def run_series(worker: Worker, series_uid: str) -> SeriesOutcome:
     """Run every stage on one series and record the outcome in the index.
 
-    Safe to run twice: results get new UIDs each run, and delivery is keyed per object and destination.
+    Safe to run twice: result UIDs are derived from the sources, and delivery is keyed per object and
+    destination.
+
+    Raises
+    ------
+    LookupError
+        The series is not in the index.
     """
-    row = node.index.series(series_uid)
+    row = worker.index.series(series_uid)
     if row is None:
         raise LookupError(f"series {series_uid} is not in the index")
-    run = SeriesRun(series_uid, dict(row))
-    for name, stage in STAGES:
-        t0 = time.perf_counter()
-        stage(node, run)
-        run.timings[name] = round(time.perf_counter() - t0, 4)
-    node.index.update_series(
-        series_uid,
-        condition_key=run.condition_key,
-        rule_id=run.rule_id,
-        rule_match=run.rule_match,
-        model_version=run.model_version,
-        findings=[f.as_dict() for f in run.findings],
-        timings=run.timings,
-        error=f"not analysed: {run.refused}" if run.refused else "",
+    tags = json.loads(row.get("condition_tags") or "{}")
+    modality = row.get("modality") or ""
+    t: dict[str, float] = {}
+    loaded = _timed(t, "load", load_series, worker.files, worker.index.instances_of_series(series_uid))
+    key = _timed(t, "key", condition_key, tags, modality)
+    match = _timed(t, "rule", find_rule, RuleRegistry(worker.index.db, worker.index.lock), key)
+    detection = DetectionOutcome(refused=loaded.refused)
+    if loaded.volume is not None:
+        values = _timed(t, "harmonize", harmonize, loaded.volume, match.rule)
+        body = body_part_of(tags, row.get("series_description") or "", loaded.volume.modality)
+        detection = _timed(t, "detect", detect, worker.detector.get(), values, loaded.volume, body)
+        del values
+    results: list[StoredResult] = []
+    if loaded.datasets or loaded.volume is not None:
+        objects = _timed(t, "results", result_objects, loaded, key, match, detection, worker.settings)
+        results = _timed(t, "results", store_results, worker.files, worker.index, objects)
+        if worker.destinations:
+            _timed(t, "deliver", enqueue_deliveries, worker.queue, worker.destinations, results, worker.index)
+    else:
+        log.error("series %s: no readable source instance; no result can reference it", series_uid)
+    outcome = SeriesOutcome(series_uid, key, match, detection, results, t)
+    _record(worker.index, outcome, loaded)
+    return outcome
+
+
+def _record(index: Index, outcome: SeriesOutcome, loaded: LoadedSeries) -> None:
+    refused = loaded.refused or outcome.detection.refused
+    index.update_series(
+        outcome.series_uid,
+        condition_key=str(outcome.condition_key),
+        rule_id=outcome.rule_match.rule_id,
+        rule_match=str(outcome.rule_match.match),
+        model_version=outcome.detection.model_version,
+        findings=[f.as_dict() for f in outcome.findings],
+        timings=outcome.timings,
+        error=f"not analysed: {refused}" if refused else "",
     )
     log.info(
         "series %s: key %s, rule %s (%s), %d finding(s)%s in %.2f s",
-        series_uid,
-        run.condition_key,
-        run.rule_id,
-        run.rule_match,
-        len(run.findings),
-        f", not analysed: {run.refused}" if run.refused else "",
-        sum(run.timings.values()),
+        outcome.series_uid,
+        outcome.condition_key,
+        outcome.rule_match.rule_id,
+        outcome.rule_match.match,
+        len(outcome.findings),
+        f", not analysed: {refused}" if refused else "",
+        sum(outcome.timings.values()),
     )
-    return run
+
+
+def analyze_series(job: Job, worker: Worker) -> None:
+    """The ``analyze-series`` job: run the pipeline on one completed series.
+
+    Skipped when the series reopened meanwhile (a late instance: it completes again); a series without an
+    image instance is marked ``skipped``. Any failure marks the series ``failed`` and goes to the queue.
+    """
+    uid = str(job.payload.get("series_instance_uid") or job.key)
+    series = worker.index.series(uid)
+    if series is None:
+        log.warning("job %d: series %s is not in the index; nothing to do", job.id, uid)
+        return
+    if not _is_image_series(worker.index, uid):
+        worker.index.update_series(uid, state=SeriesState.SKIPPED, error="not an image series: nothing to analyse")
+        return
+    if series["state"] == SeriesState.RECEIVING:
+        log.info("job %d: series %s reopened by a late instance; it will complete again", job.id, uid)
+        return
+    worker.index.update_series(uid, state=SeriesState.PROCESSING, error="")
+    try:
+        run_series(worker, uid)
+    except Exception as exc:
+        worker.index.update_series(uid, state=SeriesState.FAILED, error=f"{type(exc).__name__}: {exc}")
+        raise
+    if worker.index.series(uid)["state"] == SeriesState.PROCESSING:
+        worker.index.update_series(uid, state=SeriesState.DONE)
+
+
+def _is_image_series(index: Index, series_uid: str) -> bool:
+    rows = index.query("SELECT DISTINCT sop_class_uid FROM instances WHERE series_instance_uid=?", (series_uid,))
+    return any(r["sop_class_uid"] in IMAGE_SOP_CLASSES for r in rows)

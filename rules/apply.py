@@ -13,17 +13,13 @@ gathered with ``np.take``; the inverse map (for data extension, seed 0143) is ex
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -314,56 +310,3 @@ def apply_rule_stored(
     if np.dtype(out_dtype).kind == "f":
         return real.astype(out_dtype)
     return np.rint((real - intercept) / slope).astype(out_dtype)
-
-
-def derived_series(
-    sources: Sequence[Dataset],
-    rule: RuleLike | None,
-    rule_label: str,
-    series_uid: str | None = None,
-) -> list[Dataset]:
-    """A derived copy of a series with harmonized pixels, for PACS: new series, references to its sources.
-
-    Pixels keep the stored type and rescale of each source (rounded, clipped). Each instance gets new SOP
-    Instance UID, ImageType ``DERIVED\\SECONDARY``, a DerivationDescription naming the rule, and a
-    SourceImageSequence item pointing at its source.
-
-    Parameters
-    ----------
-    sources
-        The source instances (pixel data included).
-    rule
-        The rule applied (None: identity, still derived so that radiologists see what the model saw).
-    rule_label
-        How the rule is named in DerivationDescription (``id@vN`` and the condition key).
-    series_uid
-        The new Series Instance UID (generated when None).
-
-    Returns
-    -------
-    list[pydicom.dataset.Dataset]
-    """
-    from pydicom.dataset import Dataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    series_uid = series_uid or generate_uid()
-    out = []
-    for src in sources:
-        ds = copy.deepcopy(src)
-        stored = src.pixel_array
-        slope, intercept = float(src.get("RescaleSlope", 1) or 1), float(src.get("RescaleIntercept", 0) or 0)
-        pixels = apply_rule_stored(rule, stored, slope, intercept, out_dtype=stored.dtype)
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.ImageType = ["DERIVED", "SECONDARY", *list(src.get("ImageType", ["AXIAL"]))[2:]]
-        ds.DerivationDescription = f"harmonode harmonization, rule {rule_label}"[:1024]
-        ds.SeriesDescription = ("HARMONIZED " + str(src.get("SeriesDescription", "")))[:64].strip()
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = src.SOPClassUID
-        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-        ds.SourceImageSequence = [ref]
-        out.append(ds)
-    return out

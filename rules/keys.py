@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 log = logging.getLogger(__name__)
 
@@ -292,3 +293,21 @@ FALLBACKS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("drop-model", ("dose", "model")),
     ("manufacturer", ("model", "kernel", "dose", "kvp", "field", "sequence")),
 )
+
+
+class BodyPart(StrEnum):
+    """The body region a series shows, as the detector's tasks know them."""
+
+    HEAD = "head"
+    CHEST = "chest"
+
+
+def body_part_of(tags: Mapping[str, object], series_description: str, modality: str) -> BodyPart:
+    """``chest`` for a CT whose BodyPartExamined or description says chest/thorax/lung, else ``head``.
+
+    MR series are head (TOF MRA) here: the node reads no body MR.
+    """
+    text = f"{tags.get('BodyPartExamined', '') or ''} {series_description or ''}".upper()
+    if modality.upper() == "CT" and any(word in text for word in ("CHEST", "THORAX", "LUNG")):
+        return BodyPart.CHEST
+    return BodyPart.HEAD

@@ -18,10 +18,12 @@ import hashlib
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import sqlite_utils
@@ -125,13 +127,28 @@ class Rule:
             raise RuleError(f"rule {dict(data).get('id', '?')!r} is incomplete or malformed: {exc!r}") from exc
 
 
+class MatchKind(StrEnum):
+    """How a lookup found its rule (what the SR reports as the rule's match)."""
+
+    EXACT = "exact"
+    DROP_DOSE = "drop-dose"
+    DROP_MODEL = "drop-model"
+    MANUFACTURER = "manufacturer"
+    IDENTITY = "identity"
+
+
 @dataclass(frozen=True)
 class RuleMatch:
     """The result of a lookup: the rule (None for identity), how it matched, and the key it matched on."""
 
     rule: Rule | None
-    match: str
+    match: MatchKind
     key_used: str
+
+    @property
+    def rule_id(self) -> str:
+        """``id@vN`` of the rule, or ``identity``."""
+        return f"{self.rule.id}@v{self.rule.version}" if self.rule is not None else "identity"
 
 
 def _serves(rule_key: ConditionKey, wanted: ConditionKey) -> bool:
@@ -168,8 +185,11 @@ class RuleRegistry:
         The node's index database (``storage.index.Index.db``) or any ``sqlite_utils.Database``.
     """
 
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: sqlite_utils.Database, lock: threading.RLock | None = None) -> None:
         self.db = db
+        # The node's threads share one connection: every statement of the registry runs under this lock
+        # (pass the index's lock when the registry lives in the index database).
+        self.lock = lock or threading.RLock()
         if TABLE not in db.table_names():
             db[TABLE].create(
                 {
@@ -191,7 +211,9 @@ class RuleRegistry:
     def _rows(self, where: str = "", params: Iterable[Any] = ()) -> list[Rule]:
         sql = f"SELECT * FROM {TABLE}" + (f" WHERE {where}" if where else "") + " ORDER BY key, id, version"
         out = []
-        for row in self.db.query(sql, list(params)):
+        with self.lock:
+            rows = list(self.db.query(sql, list(params)))
+        for row in rows:
             try:
                 out.append(_row_to_rule(row))
             except (RuleError, KeyParseError, ValueError) as exc:  # a damaged row must not stop lookups
@@ -241,14 +263,14 @@ class RuleRegistry:
         """
         candidates = [r for r in self._rows("active = 1 AND key LIKE ?", (key.modality + "|%",))]
         for match, drop in FALLBACKS:
-            if match == "drop-dose" and "dose" not in key.layout:
+            if match == MatchKind.DROP_DOSE and "dose" not in key.layout:
                 continue
             wanted = key.generalize(drop)
             hits = [r for r in candidates if _serves(r.key, wanted)]
             if hits:
                 best = max(hits, key=lambda r: (-r.key.specificity(), r.fitted_at, r.version))
-                return RuleMatch(best, match, str(wanted))
-        return RuleMatch(None, "identity", str(key))
+                return RuleMatch(best, MatchKind(match), str(wanted))
+        return RuleMatch(None, MatchKind.IDENTITY, str(key))
 
     # -- writing --------------------------------------------------------------------------------------
     def add(
@@ -268,7 +290,7 @@ class RuleRegistry:
             Bad method or parameters (nothing stored).
         """
         rule_id = rule_id_for(key, method)
-        with _transaction(self.db.conn):
+        with self.lock, _transaction(self.db.conn):
             row = next(self.db.query(f"SELECT MAX(version) v FROM {TABLE} WHERE id = ?", [rule_id]))
             rule = Rule(
                 id=rule_id,
@@ -308,7 +330,7 @@ class RuleRegistry:
             No such rule (nothing changed).
         """
         rule = self.get(ref)
-        with _transaction(self.db.conn):
+        with self.lock, _transaction(self.db.conn):
             self._activate(rule)
         log.info("rule %s active for %s", rule.label, rule.key)
         return self.get(rule.label)
@@ -364,7 +386,7 @@ class RuleRegistry:
             except RuleError as exc:
                 raise RuleFileError(f"rule #{i + 1} in the file: {exc}") from exc
         stored: list[Rule] = []
-        with _transaction(self.db.conn):  # one transaction: all or nothing
+        with self.lock, _transaction(self.db.conn):  # one transaction: all or nothing
             for rule in parsed:
                 existing = self._rows("id = ? AND version = ?", (rule.id, rule.version))
                 if (

@@ -4,8 +4,12 @@ Layout under ``data_dir``::
 
     objects/<study uid>/<series uid>/<sop instance uid>.dcm        first version
     objects/<study uid>/<series uid>/<sop instance uid>.v2.dcm     a different object under the same UID
+    results/<study uid>/<series uid>/<sop instance uid>.dcm        objects the node made (SR, SC, GSPS, ...)
     tmp/                                                            partial writes (removed at startup)
     quarantine/<utc time>-<random>.dcm + .json                      refused input and the reason
+
+Received instances and the node's own results live in separate trees, so that startup recovery, which
+re-indexes files the index lost, can tell a result from a received instance by where it lies.
 
 A write goes to ``tmp/``, is fsynced, renamed into place and the directory is fsynced: after ``write``
 returns, the file survives a crash or power loss, and a reader never sees half a file.
@@ -22,6 +26,7 @@ import re
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -84,16 +89,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class Tree(StrEnum):
+    """The two trees of stored instances."""
+
+    OBJECTS = "objects"  # received from peers
+    RESULTS = "results"  # made by the node
+
+
 class FileStore:
     """Atomic, fsynced, versioned storage of DICOM Part 10 files under one root directory."""
 
     def __init__(self, root: str | Path, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
-        self.objects = self.root / "objects"
+        self.objects = self.root / Tree.OBJECTS
+        self.results = self.root / Tree.RESULTS
         self.tmp = self.root / "tmp"
         self.quarantine_dir = self.root / "quarantine"
-        for d in (self.objects, self.tmp, self.quarantine_dir):
+        for d in (self.objects, self.results, self.tmp, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     # -- writing ------------------------------------------------------------------------------------
@@ -128,12 +141,17 @@ class FileStore:
         os.close(fd)
         return tmp, size, h.hexdigest()
 
-    def instance_dir(self, study_uid: str, series_uid: str) -> Path:
+    def instance_dir(self, study_uid: str, series_uid: str, tree: Tree = Tree.OBJECTS) -> Path:
         """Directory of one series (UIDs validated before they become path parts)."""
-        return self.objects / check_uid(study_uid, "StudyInstanceUID") / check_uid(series_uid, "SeriesInstanceUID")
+        return self.root / tree / check_uid(study_uid, "StudyInstanceUID") / check_uid(series_uid, "SeriesInstanceUID")
 
     def write_instance(
-        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | Iterable[bytes]
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        data: bytes | Iterable[bytes],
+        tree: Tree = Tree.OBJECTS,
     ) -> StoredFile:
         """Store the Part 10 bytes of one instance durably and return where they are.
 
@@ -148,7 +166,7 @@ class FileStore:
             The disk refused the write (full, read-only, ...); nothing is left half-written.
         """
         sop = check_uid(sop_uid, "SOPInstanceUID")
-        directory = self.instance_dir(study_uid, series_uid)
+        directory = self.instance_dir(study_uid, series_uid, tree)
         tmp, size, digest = self._write_tmp(data)
         try:
             new_dir = not directory.exists()
@@ -169,7 +187,7 @@ class FileStore:
             try:
                 os.link(tmp, target)
             except FileExistsError:
-                return self.write_instance(study_uid, series_uid, sop_uid, tmp.read_bytes())
+                return self.write_instance(study_uid, series_uid, sop_uid, tmp.read_bytes(), tree)
             tmp.unlink()
             self._fsync_dir(directory)
             if new_dir:
@@ -178,6 +196,10 @@ class FileStore:
             return StoredFile(target, self.relpath(target), size, digest, version, False)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def write_result(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
+        """Store an object the node made, in the results tree (as ``write_instance`` does)."""
+        return self.write_instance(study_uid, series_uid, sop_uid, data, Tree.RESULTS)
 
     def write_file(self, relpath: str, data: bytes) -> Path:
         """Atomically write (or replace) a non-instance file under the root, e.g. an exported result."""
@@ -224,9 +246,9 @@ class FileStore:
             log.warning("removed %d partial file(s) left by an interrupted write", n)
         return n
 
-    def iter_instance_files(self) -> Iterator[Path]:
-        """Every stored instance file, in no particular order."""
-        for study in os.scandir(self.objects):
+    def iter_instance_files(self, tree: Tree = Tree.OBJECTS) -> Iterator[Path]:
+        """Every stored instance file of one tree, in no particular order."""
+        for study in os.scandir(self.root / tree):
             if not study.is_dir():
                 continue
             for series in os.scandir(study.path):

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,34 @@ from pydicom.dataset import Dataset
 
 SCHEMA_VERSION = 1
 
-# Series states. "receiving" → "complete" (quiet period over) → "processing" → "done" | "failed".
-# A late instance puts any state back to "receiving".
-SERIES_RECEIVING = "receiving"
-SERIES_COMPLETE = "complete"
-SERIES_PROCESSING = "processing"
-SERIES_DONE = "done"
-SERIES_FAILED = "failed"
+
+
+class SeriesState(StrEnum):
+    """Where a series stands: receiving → complete (quiet period over) → processing → done | failed | skipped.
+
+    A late instance puts a received series back to ``receiving``.
+    """
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # not an image series: nothing to analyse
+
+
+SERIES_RECEIVING = SeriesState.RECEIVING
+SERIES_COMPLETE = SeriesState.COMPLETE
+SERIES_PROCESSING = SeriesState.PROCESSING
+SERIES_DONE = SeriesState.DONE
+SERIES_FAILED = SeriesState.FAILED
+
+
+class Origin(StrEnum):
+    """Where an instance (and its series) came from."""
+
+    RECEIVED = "received"  # from a peer (C-STORE, C-MOVE pull): the pipeline analyses it
+    RESULT = "result"  # made by the node (SR, SC, GSPS, SEG, harmonized series): never analysed
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -276,7 +298,7 @@ class Index:
         sha256: str,
         version: int,
         calling_ae: str = "",
-        origin: str = "received",
+        origin: Origin = Origin.RECEIVED,
         received_at: float | None = None,
     ) -> None:
         """Index one stored instance, creating or updating its patient, study and series.
@@ -364,8 +386,8 @@ class Index:
                     meta.manufacturer_model_name,
                     meta.frame_of_reference_uid,
                     json.dumps(meta.extra, sort_keys=True),
-                    origin,
-                    SERIES_RECEIVING if origin == "received" else SERIES_DONE,
+                    str(origin),
+                    str(SERIES_RECEIVING if origin == Origin.RECEIVED else SERIES_DONE),
                     1 if inserted else 0,
                     now,
                     now,

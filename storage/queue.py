@@ -14,15 +14,23 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
-READY = "ready"
-RUNNING = "running"
-DONE = "done"
-DEAD = "dead"
+
+class JobState(StrEnum):
+    """Where a job stands."""
+
+    READY = "ready"
+    RUNNING = "running"
+    DONE = "done"
+    DEAD = "dead"
+
+
+READY, RUNNING, DONE, DEAD = JobState.READY, JobState.RUNNING, JobState.DONE, JobState.DEAD
 
 
 class RetryLater(Exception):
@@ -33,9 +41,24 @@ class GiveUp(Exception):
     """A job can never succeed (bad input); dead-letter it at once."""
 
 
-# Job kinds used by the node.
-ANALYZE_SERIES = "analyze-series"
-SEND = "send"
+class JobKind(StrEnum):
+    """The kinds of job the node runs (``node.jobs`` binds each to its handler)."""
+
+    ANALYZE_SERIES = "analyze-series"
+    SEND = "send"
+
+
+ANALYZE_SERIES, SEND = JobKind.ANALYZE_SERIES, JobKind.SEND
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """The queue's policy: leases, retries, dead letters (``[queue]`` in the config)."""
+
+    lease_seconds: float = 300.0
+    max_attempts: int = 5
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -56,11 +79,9 @@ class JobQueue:
     def __init__(
         self,
         path: str | Path,
-        lease_seconds: float = 300.0,
-        max_attempts: int = 5,
-        backoff_base_s: float = 2.0,
-        backoff_max_s: float = 300.0,
+        settings: QueueSettings | None = None,
     ) -> None:
+        settings = settings or QueueSettings()
         self.path = str(path)
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -68,10 +89,10 @@ class JobQueue:
         conn.execute("PRAGMA busy_timeout=30000")
         self.db = sqlite_utils.Database(conn)
         self.lock = threading.RLock()
-        self.lease_seconds = lease_seconds
-        self.max_attempts = max_attempts
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
+        self.lease_seconds = settings.lease_seconds
+        self.max_attempts = settings.max_attempts
+        self.backoff_base_s = settings.backoff_base_s
+        self.backoff_max_s = settings.backoff_max_s
         self.worker_id = f"{socket.gethostname()}:{id(self):x}"
         self.db["jobs"].create(
             {

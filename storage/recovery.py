@@ -1,7 +1,9 @@
 """Startup recovery: the file store is the truth, the index and queue follow it.
 
 Run before the node listens: partial writes left by a crash are removed, and every stored file the index
-does not know (the index commit was lost, or the node died between fsync and commit) is indexed again.
+does not know (the index commit was lost, or the node died between fsync and commit) is indexed again:
+a file of the received tree as a received instance, a file of the results tree as the node's own result
+(so it is never completed, analysed or fitted as a scanner's series).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from dataclasses import dataclass
 
 from pydicom import dcmread
 
-from storage.files import FileStore, file_sha256, version_of
-from storage.index import Index, instance_meta_from_dataset
+from storage.files import FileStore, Tree, file_sha256, version_of
+from storage.index import Index, Origin, instance_meta_from_dataset
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,9 @@ def recover(files: FileStore, index: Index) -> RecoveryReport:
     removed = files.clean_tmp()
     known = index.known_paths()
     reindexed = unreadable = 0
-    for path in files.iter_instance_files():
+    stored = [(path, Origin.RECEIVED) for path in files.iter_instance_files(Tree.OBJECTS)]
+    stored += [(path, Origin.RESULT) for path in files.iter_instance_files(Tree.RESULTS)]
+    for path, origin in stored:
         rel = files.relpath(path)
         if rel in known:
             continue
@@ -56,7 +60,8 @@ def recover(files: FileStore, index: Index) -> RecoveryReport:
                 path.stat().st_size,
                 file_sha256(path),
                 version_of(path),
-                "recovered",
+                calling_ae="recovered",
+                origin=origin,
                 received_at=path.stat().st_mtime,
             )
             reindexed += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from storage.queue import DEAD, DONE, READY, JobQueue
+from storage.queue import DEAD, DONE, READY, JobQueue, QueueSettings
 
 
 def test_claim_is_exclusive_and_complete_finishes(tmp_path):
@@ -27,7 +27,7 @@ def test_enqueue_dedupes_ready_jobs_but_not_running_ones(tmp_path):
 
 
 def test_expired_lease_is_claimed_again(tmp_path):
-    q = JobQueue(tmp_path / "q.sqlite", lease_seconds=10)
+    q = JobQueue(tmp_path / "q.sqlite", QueueSettings(lease_seconds=10))
     q.enqueue("k", "a")
     first = q.claim(("k",))
     assert q.claim(("k",), now=time.time() + 5) is None
@@ -36,7 +36,7 @@ def test_expired_lease_is_claimed_again(tmp_path):
 
 
 def test_failures_back_off_then_dead_letter_then_retry(tmp_path):
-    q = JobQueue(tmp_path / "q.sqlite", max_attempts=3, backoff_base_s=10)
+    q = JobQueue(tmp_path / "q.sqlite", QueueSettings(max_attempts=3, backoff_base_s=10))
     q.enqueue("k", "a")
     job = q.claim(("k",))
     assert q.fail(job, "peer down") == READY

@@ -13,21 +13,20 @@ from test_results import ALGORITHM, geometry_of, make_ct_series, make_findings
 
 from conftest import make_config
 from handlers.results import build_results
-from handlers.send import (
+from handlers.send import DeliveryError, c_store
+from node.app import Node
+from node.config import Destination
+from peers import Orthanc, free_port, wait_until
+from storage.deliveries import (
     DEAD,
     FAILED,
     SENT,
-    DeliveryError,
-    c_store,
     deliveries,
     delivery_status,
     enqueue_deliveries,
     retry_dead_deliveries,
     store_results,
 )
-from node.app import Node
-from node.config import Destination
-from peers import Orthanc, free_port, wait_until
 from storage.queue import DONE, SEND
 
 
@@ -80,14 +79,14 @@ def test_c_store_proposes_only_the_object_and_checks_status(
     results: list[Dataset], recording_scp: dict, tmp_path: Path
 ) -> None:
     records = store_results(*_store(tmp_path), results[:1])
-    path = tmp_path / "store" / records[0]["path"]
+    path = tmp_path / "store" / records[0].path
     sr = results[0]
-    c_store(path, sr.SOPClassUID, records[0]["transfer_syntax_uid"], recording_scp["dest"], "HARMONODE")
-    assert recording_scp["contexts"] == [[(sr.SOPClassUID, (records[0]["transfer_syntax_uid"],))]]
+    c_store(path, sr.SOPClassUID, records[0].transfer_syntax_uid, recording_scp["dest"], "HARMONODE")
+    assert recording_scp["contexts"] == [[(sr.SOPClassUID, (records[0].transfer_syntax_uid,))]]
     assert recording_scp["stored"] == [sr.SOPInstanceUID]
     recording_scp["status"] = 0xA700  # out of resources
     with pytest.raises(DeliveryError, match="0xA700"):
-        c_store(path, sr.SOPClassUID, records[0]["transfer_syntax_uid"], recording_scp["dest"], "HARMONODE")
+        c_store(path, sr.SOPClassUID, records[0].transfer_syntax_uid, recording_scp["dest"], "HARMONODE")
 
 
 def _store(tmp_path: Path) -> tuple:
@@ -102,13 +101,13 @@ def test_enqueue_dedupes_per_destination(results: list[Dataset], tmp_path: Path)
     try:
         records = store_results(node.files, node.index, results)
         two = [*node.config.destinations, Destination(name="other", ae_title="OTHER", host="127.0.0.1", port=1)]
-        assert enqueue_deliveries(node.queue, two, records, index=node.index) == 2 * len(results)
-        assert enqueue_deliveries(node.queue, two, records + records, index=node.index) == 0
+        assert enqueue_deliveries(node.queue, [d.name for d in two], records, index=node.index) == 2 * len(results)
+        assert enqueue_deliveries(node.queue, [d.name for d in two], records + records, index=node.index) == 0
         assert store_results(node.files, node.index, results) == records  # storing twice is a no-op
         keys = [j["key"] for j in _send_jobs(node)]
         assert len(keys) == len(set(keys)) == 2 * len(results)
         with pytest.raises(ValueError, match="lacks"):
-            enqueue_deliveries(node.queue, two, [{"path": "x"}])
+            enqueue_deliveries(node.queue, [d.name for d in two], [{"path": "x"}])
     finally:
         node.stop()
 
@@ -120,7 +119,8 @@ def test_pacs_down_then_up_every_result_arrives_once_across_a_restart(results: l
     node = _node(data, pacs.dicom_port, max_attempts=100)
     try:
         records = store_results(node.files, node.index, results)
-        assert enqueue_deliveries(node.queue, node.config.destinations, records, index=node.index) == len(results)
+        destinations = node.config.result_destinations
+        assert enqueue_deliveries(node.queue, destinations, records, index=node.index) == len(results)
         # The PACS is down: every object is tried, fails, and is tried again later.
         wait_until(lambda: all(j["attempts"] >= 3 for j in _send_jobs(node)), timeout=30, what="retries")
         status = delivery_status(node.index)
@@ -134,7 +134,7 @@ def test_pacs_down_then_up_every_result_arrives_once_across_a_restart(results: l
     # A restart of the node while the PACS is still down; then the PACS comes back.
     node = _node(data, pacs.dicom_port, max_attempts=100)
     try:
-        assert enqueue_deliveries(node.queue, node.config.destinations, records, index=node.index) == 0
+        assert enqueue_deliveries(node.queue, node.config.result_destinations, records, index=node.index) == 0
         pacs.start()
         try:
             wait_until(lambda: delivery_status(node.index)[0]["sent"] == len(results), timeout=40, what="delivery")
@@ -143,7 +143,7 @@ def test_pacs_down_then_up_every_result_arrives_once_across_a_restart(results: l
             node.stop()
         # Another restart, and the pipeline asking again: nothing is sent twice, nothing is lost.
         node = _node(data, pacs.dicom_port, max_attempts=100)
-        assert enqueue_deliveries(node.queue, node.config.destinations, records, index=node.index) == 0
+        assert enqueue_deliveries(node.queue, node.config.result_destinations, records, index=node.index) == 0
         jobs = _send_jobs(node)
         assert len(jobs) == len(results) and all(j["state"] == DONE for j in jobs)
         assert {r["sop_instance_uid"] for r in deliveries(node.index, [SENT])} == {ds.SOPInstanceUID for ds in results}
@@ -165,7 +165,7 @@ def test_dead_letter_is_visible_and_resend_brings_it_back(results: list[Dataset]
     node = _node(tmp_path / "node", free_port(), max_attempts=2)
     try:
         records = store_results(node.files, node.index, results[:2])
-        enqueue_deliveries(node.queue, node.config.destinations, records, index=node.index)
+        enqueue_deliveries(node.queue, node.config.result_destinations, records, index=node.index)
         wait_until(lambda: delivery_status(node.index)[0]["dead"] == 2, timeout=20, what="dead letters")
         assert all(j["state"] == "dead" and j["attempts"] == 2 for j in _send_jobs(node))
         assert {r["state"] for r in deliveries(node.index)} == {DEAD}

@@ -58,8 +58,8 @@ def test_refusals_say_why(ct_slices, mutation, reason):
 
 @pytest.mark.peers
 def test_harmonized_derived_series_passes_dciodvfy(ct_slices, tmp_path):
+    from handlers.results.derived import derived_series
     from peers import dciodvfy_errors
-    from rules.apply import derived_series
 
     derived = derived_series(ct_slices[:2], None, "identity (identity) for CT|test")
     for i, ds in enumerate(derived):

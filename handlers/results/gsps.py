@@ -12,7 +12,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from handlers.results import NOT_FOR_DIAGNOSIS, ResultContext
+from handlers.results.context import NOT_FOR_DIAGNOSIS, ResultContext
 from models.findings import Finding
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from handlers.results import NOT_FOR_DIAGNOSIS, ResultContext
+from handlers.results.context import NOT_FOR_DIAGNOSIS, ResultContext
 from models.findings import Finding
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from handlers.results import ResultContext
+from handlers.results.context import ResultContext
 from handlers.results.sr import FINDING_TYPES
 from models.findings import Finding
 

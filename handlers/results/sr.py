@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from handlers.results import NOT_FOR_DIAGNOSIS, ResultContext
+from handlers.results.context import NOT_FOR_DIAGNOSIS, ResultContext
 from models.findings import Finding
 
 log = logging.getLogger(__name__)

@@ -114,16 +114,14 @@ def resend(
     destination: Annotated[str, typer.Option(help="Only deliveries to this destination name.")] = "",
 ) -> None:
     """Put dead-lettered deliveries back in the queue (a running dispatcher picks them up)."""
-    from handlers.send import retry_dead_deliveries
-    from storage.index import Index
-    from storage.queue import JobQueue
+    from storage.deliveries import retry_dead_deliveries
+    from storage.store import open_store
 
     cfg = _config(config)
     if not (cfg.data_path / "queue.sqlite").exists():
         raise fail(f"no node data in {cfg.data_path.resolve()}: pass --config of the node")
-    index = Index(cfg.data_path / "index.sqlite")
-    queue = JobQueue(cfg.data_path / "queue.sqlite")
-    n = retry_dead_deliveries(queue, index, destination=destination)
+    with open_store(cfg.data_path, cfg.store_settings) as store:
+        n = retry_dead_deliveries(store.queue, store.index, destination=destination)
     typer.echo(f"{n} delivery job(s) back in the queue")
 
 

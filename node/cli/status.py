@@ -5,18 +5,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from handlers.send import delivery_status
 from node.config import Config
-from storage.files import FileStore
-from storage.index import Index
-from storage.queue import JobQueue
+from storage.deliveries import delivery_status
+from storage.store import open_store
 
 
 def collect_status(config: Config) -> dict[str, Any]:
     """Read the index and queue of the node configured by ``config`` (read-only)."""
     data = config.data_path
-    index = Index(data / "index.sqlite")
-    queue = JobQueue(data / "queue.sqlite")
+    store = open_store(data, config.store_settings)
+    index, queue = store.index, store.queue
     try:
         report: dict[str, Any] = {
             "node": {
@@ -29,12 +27,11 @@ def collect_status(config: Config) -> dict[str, Any]:
             **index.status(),
             "jobs": queue.jobs(),
             "deliveries": delivery_status(index),
-            "quarantined": len(FileStore(data, fsync=False).quarantined()),
+            "quarantined": len(store.files.quarantined()),
             "generated_at": time.time(),
         }
     finally:
-        index.close()
-        queue.close()
+        store.close()
     return report
 
 

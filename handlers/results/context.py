@@ -1,0 +1,150 @@
+"""What every result builder shares: the algorithm that produced the results and the source series' context.
+
+Kept apart from ``handlers.results`` (which imports every builder) so that a builder imports its context
+without an import circle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from models.findings import Finding, VolumeGeometry
+
+MANUFACTURER = "harmonode"
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
+
+# One new series per kind of object, numbered apart from the scanner's series.
+SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "gsps": 9903, "seg": 9904}
+SERIES_DESCRIPTIONS = {
+    "sr": "harmonode findings (SR)",
+    "sc": "harmonode key images (NOT FOR DIAGNOSIS)",
+    "gsps": "harmonode annotations (GSPS)",
+    "seg": "harmonode lesions (SEG)",
+}
+
+# Patient module attributes highdicom does not copy itself (it copies name, ID, birth date and sex).
+_EXTRA_PATIENT_KEYWORDS = (
+    "IssuerOfPatientID",
+    "OtherPatientIDsSequence",
+    "PatientBirthTime",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "EthnicGroup",
+)
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """What produced the results: detector name and version, and the conversion rule applied."""
+
+    name: str
+    version: str
+    rule_id: str = ""
+    rule_match: str = ""
+    condition_key: str = ""
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.version:
+            raise ValueError("algorithm name and version must not be empty")
+
+    @property
+    def rule_text(self) -> str:
+        """The conversion rule as one short phrase, e.g. ``rule ct-siemens-b30f-v2 (exact)``."""
+        if not self.rule_id:
+            return f"no conversion rule ({self.rule_match or 'identity'})"
+        return f"rule {self.rule_id} ({self.rule_match or 'exact'})"
+
+    def parameter_strings(self) -> list[str]:
+        """Algorithm parameters as ``key=value`` strings, rule id, match and condition key first."""
+        items = {
+            "rule_id": self.rule_id or "none",
+            "rule_match": self.rule_match or "identity",
+            "condition_key": self.condition_key or "unknown",
+            **{str(k): str(v) for k, v in self.parameters.items()},
+        }
+        return [f"{k}={v}"[:64] for k, v in items.items()]
+
+
+@dataclass(frozen=True)
+class ResultContext:
+    """What every builder needs: the sorted sources, their geometry, the algorithm and the UID seed."""
+
+    sources: list[Dataset]  # sorted along the slice normal, index k of the volume
+    geometry: VolumeGeometry | None  # None when the series could not be analysed
+    algorithm: AlgorithmInfo
+    seed: str
+
+    def uid(self, kind: str, number: int = 0) -> str:
+        """A UID derived from the sources, algorithm, rule, object kind and number (stable across reruns)."""
+        return generate_uid(entropy_srcs=[self.seed, kind, str(number)])
+
+    def series_uid(self, kind: str) -> str:
+        """The Series Instance UID of the results of ``kind`` for this source series."""
+        return self.uid(f"series-{kind}")
+
+    @property
+    def volume(self) -> VolumeGeometry:
+        """The geometry of an analysed series (builders other than the SR run only on those)."""
+        if self.geometry is None:
+            raise ValueError("no volume geometry: the series was not analysed")
+        return self.geometry
+
+    def slice_of(self, finding: Finding) -> int:
+        """Index of the source slice through the finding's centre (clipped to the volume)."""
+        k = float(self.volume.patient_to_index(finding.center_mm)[0])
+        return int(np.clip(round(k), 0, len(self.sources) - 1))
+
+    def pixel_of(self, finding: Finding) -> tuple[float, float]:
+        """(column, row) of the finding's centre in its slice."""
+        _, j, i = self.volume.patient_to_index(finding.center_mm)
+        return float(i), float(j)
+
+    def radius_px(self, finding: Finding) -> float:
+        """In-plane radius of the finding in pixels (at least 3, so a circle stays visible)."""
+        _, dy, dx = self.volume.spacing
+        return max(3.0, finding.diameter_mm / 2.0 / min(dy, dx))
+
+    def common(self, kind: str) -> dict[str, object]:
+        """Keyword arguments every highdicom constructor of ``kind`` takes: series, equipment, algorithm."""
+        return {
+            "series_instance_uid": self.series_uid(kind),
+            "series_number": SERIES_NUMBERS[kind],
+            "series_description": SERIES_DESCRIPTIONS[kind],
+            "manufacturer": MANUFACTURER,
+            "manufacturer_model_name": self.algorithm.name[:64],
+            "software_versions": self.algorithm.version[:64],
+        }
+
+
+def sort_sources(sources: Sequence[Dataset], geometry: VolumeGeometry) -> list[Dataset]:
+    """Source slices in volume order (by position along the slice normal, as ``VolumeGeometry`` assumes)."""
+    normal = geometry.slice_direction
+    return sorted(sources, key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)))
+
+
+def copy_patient_module(source: Dataset, result: Dataset) -> None:
+    """Copy the Patient module attributes highdicom leaves out (no builder sets them)."""
+    for keyword in _EXTRA_PATIENT_KEYWORDS:
+        if keyword in source and keyword not in result:
+            result[keyword] = source[keyword]
+
+
+def copy_series_anatomy(source: Dataset, result: Dataset) -> None:
+    """Copy Body Part Examined and Laterality of the General Series module (no builder sets them).
+
+    dciodvfy requires Laterality unless the body part is known to be unpaired; when the source names
+    neither, Laterality is sent empty ("unknown"), as PS3.3 allows for this Type 2C attribute.
+    """
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if source.get(keyword) and keyword not in result:
+            result[keyword] = source[keyword]
+    if "BodyPartExamined" not in result and "Laterality" not in result:
+        result.Laterality = ""

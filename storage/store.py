@@ -1,0 +1,73 @@
+"""One ``open_store``: the file store, index and queue of a data directory, opened the same way everywhere.
+
+The node, every command that reads or writes a node's data (status, resend, rules fit, pull, demo) and the
+tests open a data directory through here, so every table exists once its owner has created it: the index
+(patients, studies, series, instances), the queue (jobs), the deliveries and the rule registry create theirs
+here, not on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from storage import deliveries
+from storage.files import FileStore
+from storage.index import Index
+from storage.queue import JobQueue, QueueSettings
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """How a data directory is opened: durability of the file store and the queue's retry policy."""
+
+    fsync: bool = True  # never off in production: the success status promises durability
+    queue: QueueSettings = field(default_factory=QueueSettings)
+
+
+@dataclass
+class Store:
+    """The three durable parts of one node's data directory."""
+
+    root: Path
+    files: FileStore
+    index: Index
+    queue: JobQueue
+
+    def close(self) -> None:
+        """Close the index and queue connections (the file store holds none)."""
+        self.queue.close()
+        self.index.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+
+def open_store(data_dir: str | Path, settings: StoreSettings | None = None) -> Store:
+    """Open (creating where missing) the file store, index and queue under ``data_dir``.
+
+    Parameters
+    ----------
+    data_dir
+        The node's data directory (``[node] data_dir``).
+    settings
+        Durability and queue policy; the embedded defaults when omitted.
+
+    Returns
+    -------
+    Store
+        Close it (or use it as a context manager) when done.
+    """
+    settings = settings or StoreSettings()
+    root = Path(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    files = FileStore(root, fsync=settings.fsync)
+    index = Index(root / "index.sqlite")
+    with index.lock:
+        deliveries.create_table(index.db)
+    queue = JobQueue(root / "queue.sqlite", settings.queue)
+    return Store(root, files, index, queue)
