@@ -4,8 +4,8 @@ The instances to send are matched with the C-FIND matcher (``handlers.query.wher
 level, so a retrieve identifier may carry a single UID or a list of UIDs at its level. Each instance goes
 as a C-STORE sub-operation of the encoded dataset exactly as it is in the file store (no decode, no
 re-encode): the handler yields a ``StoredInstance`` marker and the association's ``send_c_store`` is
-wrapped to send the file's bytes after its file meta. When the peer accepted no presentation context with
-the stored transfer syntax, the file is decoded once and pynetdicom converts it (uncompressed syntaxes).
+wrapped (``handlers.transport``) to send the file's bytes after its file meta. When the peer accepted no
+presentation context with the stored transfer syntax, the file is decoded once and pynetdicom converts it.
 
 A C-MOVE destination must be a configured destination (``[[destinations]]``) known by its AE title; any
 other is refused with 0xA801. A cancel request stops the sub-operations at the next instance.
@@ -14,15 +14,12 @@ other is refused with 0xA801. A cancel request stops the sub-operations at the n
 from __future__ import annotations
 
 import logging
-import types
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import _config, build_context, evt
+from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -35,7 +32,7 @@ from pynetdicom.sop_class import (
 
 from handlers.peer import Peer
 from handlers.query import PATIENT_ROOT, STUDY_ROOT, UNIQUE_KEYS, BadIdentifier, query_level, where_clause
-from handlers.transport import tune_socket
+from handlers.transport import StoredInstance, prepare_store_association, send_stored_files
 from storage.files import FileStore
 from storage.index import Index
 
@@ -63,17 +60,6 @@ QR_SOP_CLASSES: tuple[str, ...] = (
 )
 
 
-class StoredInstance(Dataset):
-    """A sub-operation's instance, named by its stored file; sent as the file's bytes, never re-encoded."""
-
-    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
-        super().__init__()
-        self.SOPClassUID = sop_class_uid
-        self.SOPInstanceUID = sop_instance_uid
-        object.__setattr__(self, "stored_path", path)
-        object.__setattr__(self, "stored_syntax", transfer_syntax_uid)
-
-
 def retrieve_instances(index: Index, identifier: Dataset, root: str) -> list[dict[str, Any]]:
     """The stored instances a retrieve identifier names (newest version of each), in series order.
 
@@ -95,34 +81,6 @@ def retrieve_instances(index: Index, identifier: Dataset, root: str) -> list[dic
         f"{where} ORDER BY i.series_instance_uid, i.instance_number, i.sop_instance_uid"
     )
     return index.query(sql, tuple(params))
-
-
-def _send_stored(original: Callable[..., Dataset]) -> Callable[..., Dataset]:
-    """Wrap an association's ``send_c_store`` so a ``StoredInstance`` goes as its file's encoded bytes."""
-
-    def send_c_store(self: Any, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
-        if not isinstance(dataset, StoredInstance):
-            return original(dataset, *args, **kwargs)
-        path = dataset.stored_path
-        exact = any(
-            cx.as_scu and cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == dataset.stored_syntax
-            for cx in self.accepted_contexts
-        )
-        if not exact:  # the peer accepted another transfer syntax: decode once and let pynetdicom convert
-            log.debug("no exact presentation context for %s: sending converted", dataset.SOPInstanceUID)
-            return original(dcmread(path), *args, **kwargs)
-        # Chunked sending is how pynetdicom sends a file's encoded dataset as is (the exact context exists).
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        return original(path, *args, **kwargs)
-
-    return send_c_store
-
-
-def prepare_store_association(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler for associations that carry sub-operations: Nagle off, raw sending."""
-    tune_socket(event)
-    assoc = event.assoc
-    assoc.send_c_store = types.MethodType(_send_stored(assoc.send_c_store), assoc)
 
 
 def _store_contexts(rows: list[dict[str, Any]]) -> list[PresentationContext]:
@@ -227,10 +185,7 @@ def handle_get(event: evt.Event, index: Index, files: FileStore) -> Iterator[Any
         log.error("C-GET from %s failed: %s", caller, type(exc).__name__)
         yield from _failure(UNABLE_TO_PROCESS)
         return
-    assoc = event.assoc
-    if not getattr(assoc, "_harmonode_raw_send", False):  # once per association (several C-GETs)
-        assoc.send_c_store = types.MethodType(_send_stored(assoc.send_c_store), assoc)
-        assoc._harmonode_raw_send = True
+    send_stored_files(event.assoc)  # once per association (several C-GETs)
     log.info("C-GET from %s: %d instance(s)", caller, len(rows))
     yield len(rows)
     yield from _sub_operations(event, rows, files)

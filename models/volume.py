@@ -68,6 +68,9 @@ def load_datasets(paths: Sequence[Path]) -> list[Dataset]:
 def build_volume(datasets: Sequence[Dataset]) -> Volume:
     """Sort, check and stack single-frame CT/MR slices into a volume.
 
+    Long because each refusal is its own check with its own message, in the order a reader of the series would
+    make them.
+
     Raises
     ------
     VolumeRefused

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 
 from handlers.echo import handle_echo
 from handlers.query import handle_find
 from handlers.retrieve import QR_SOP_CLASSES, handle_get, handle_move
 from handlers.store import STORAGE_SOP_CLASSES, handle_store
-from handlers.transport import tune_socket
+from handlers.transport import enable_raw_sending, tune_socket
 from node.config import Config
 from node.jobs import ROLE_JOBS, JobBinding, job_bindings
 from node.pipeline import DetectorSlot
@@ -81,9 +81,7 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        # Objects the node sends (delivery, C-MOVE/C-GET) go out as their stored bytes: pynetdicom does that
-        # for a file path only in chunked mode. The switch is process-wide, so it is set here, once.
-        _config.STORE_SEND_CHUNKED_DATASET = True
+        enable_raw_sending()  # objects the node sends go out as their stored bytes (process-wide switch)
         self.store = open_store(config.data_path, config.store_settings)
         self.files, self.index, self.queue = self.store.files, self.store.index, self.store.queue
         self.detector = DetectorSlot(config.pipeline.device)

@@ -193,6 +193,9 @@ def fit_seed(
 ) -> tuple[SeedMap, float, float, int]:
     """Find ``a, b, c`` maximizing the similarity of the converted ``hist`` to ``reference``.
 
+    Long because it is one optimiser loop (seed 000's hill climbing) with its stopping rules, kept together to
+    be read against the seed.
+
     Parameters
     ----------
     hist, reference

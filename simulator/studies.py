@@ -128,6 +128,9 @@ def simulate_study(
 ) -> SimulatedStudy:
     """Simulate one study (a single series) of ``kind`` under ``condition`` for subject ``seed``.
 
+    Long because most of it is the documented parameters and their checks; the work is in ``_datasets``
+    and ``simulator.scanner``.
+
     Parameters
     ----------
     kind
@@ -216,6 +219,10 @@ def simulate_study(
 def _datasets(
     kind: str, cond: ScannerCondition, seed: int, grid: phantom.Grid, stored: np.ndarray
 ) -> tuple[list[Dataset], dict[str, str]]:
+    """The DICOM instances of one simulated series, and the study's truth UIDs.
+
+    Long because it writes a DICOM header attribute by attribute, module by module, as a scanner does.
+    """
     rng = np.random.default_rng([seed, 7])
     study_uid = _uid("study", seed, kind)
     series_uid = _uid("series", seed, kind, cond.name)

@@ -179,6 +179,10 @@ class Index:
 
     # -- schema -------------------------------------------------------------------------------------
     def _create_schema(self) -> None:
+        """Create the index's tables and indexes where missing.
+
+        Long because it is the schema itself, one table after another.
+        """
         db = self.db
         db["patients"].create(
             {
@@ -302,6 +306,9 @@ class Index:
         received_at: float | None = None,
     ) -> None:
         """Index one stored instance, creating or updating its patient, study and series.
+
+        Long because it is one transaction of four upserts (patient, study, instance, series) whose order is
+        the point.
 
         A new instance in a series that was already complete (or processed) reopens it: its state goes
         back to ``receiving`` so the quiet-period timer starts again.

@@ -101,7 +101,7 @@ def test_movescu_study_to_storescp_byte_identical(qr: Populated, storescp: Path)
 @pytest.mark.peers
 def test_getscu_list_of_series(qr: Populated, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """CT (stored Explicit VR) arrives byte-identical; MR (stored Implicit VR) converted to the accepted syntax."""
-    caplog.set_level(logging.DEBUG, logger="handlers.retrieve")
+    caplog.set_level(logging.DEBUG, logger="handlers.transport")
     wanted = [qr.specs[0].series_uid, qr.specs[1].series_uid, qr.specs[2].series_uid]
     out = tmp_path / "got"
     out.mkdir()

@@ -45,6 +45,8 @@ def build_results(
 ) -> list[Dataset]:
     """Build the result objects of one series.
 
+    Long because most of it is the documented parameters; each object is built by its own module.
+
     Parameters
     ----------
     source

@@ -1,0 +1,72 @@
+"""The pynetdicom patches of handlers/transport.py: each test fails when an upgrade changes what one relies on."""
+
+from __future__ import annotations
+
+import inspect
+import socket
+
+import pynetdicom
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationSocket
+
+from handlers import transport
+from peers import free_port
+
+
+def test_pynetdicom_is_a_release_the_patches_were_read_against() -> None:
+    # Upgrading pynetdicom? Re-read the internals named below, then add the release to PYNETDICOM_CHECKED.
+    major_minor = ".".join(pynetdicom.__version__.split(".")[:2])
+    assert major_minor in transport.PYNETDICOM_CHECKED
+
+
+def test_socket_patch_relies_on_association_socket_recv_and_the_dul_poll_delay() -> None:
+    # tune_socket replaces AssociationSocket.recv(nr_bytes) -> bytearray and sets DUL._run_loop_delay.
+    assert list(inspect.signature(AssociationSocket.recv).parameters) == ["self", "nr_bytes"]
+    assert "self._run_loop_delay" in inspect.getsource(DULServiceProvider.__init__)
+    assert "_run_loop_delay" in inspect.getsource(DULServiceProvider.run_reactor)
+
+
+def test_raw_sending_relies_on_the_chunked_store_switch_and_accepted_contexts() -> None:
+    assert hasattr(_config, "STORE_SEND_CHUNKED_DATASET")
+    assert "STORE_SEND_CHUNKED_DATASET" in inspect.getsource(Association)
+    params = inspect.signature(Association.send_c_store).parameters
+    assert next(iter(params.values())).name == "self" and "dataset" in params
+    assert isinstance(inspect.getattr_static(Association, "accepted_contexts"), property)
+
+
+def test_tuned_socket_has_nagle_off_and_bounded_fast_receive() -> None:
+    seen: dict = {}
+
+    def on_open(event: evt.Event) -> None:
+        transport.tune_socket(event, max_pdu_bytes=1024)
+        sock = event.assoc.dul.socket
+        seen["nodelay"] = sock.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        seen["recv_patched"] = sock.recv.__func__ is not AssociationSocket.recv
+        seen["delay"] = event.assoc.dul._run_loop_delay
+
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="SCP")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000  # the patched receive still reads whole PDUs
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert seen == {"nodelay": 1, "recv_patched": True, "delay": transport.DUL_POLL_SECONDS}
+
+
+def test_send_stored_files_is_idempotent() -> None:
+    scu = AE(ae_title="SCU")
+    assoc = Association(scu, "requestor")
+    transport.send_stored_files(assoc)
+    first = assoc.send_c_store
+    transport.send_stored_files(assoc)
+    assert assoc.send_c_store is first
