@@ -96,9 +96,8 @@ def store_encoded(
     files: FileStore,
     index: Index,
     calling_ae: str = "",
-    origin: str = "received",
 ) -> tuple[int, str]:
-    """Store one encoded Part 10 instance durably and index it.
+    """Store one encoded Part 10 instance from a peer durably and index it (origin ``received``).
 
     Parameters
     ----------
@@ -110,8 +109,6 @@ def store_encoded(
         The file store and the index.
     calling_ae
         Who sent it (kept in the index for audit).
-    origin
-        ``"received"`` for instances from peers, ``"result"`` for objects the node made.
 
     Returns
     -------
@@ -159,9 +156,7 @@ def store_encoded(
     try:
         if stored.duplicate and index.has_instance(sop_uid, stored.version):
             return SUCCESS, f"duplicate of version {stored.version}, not stored again"
-        index.record_instance(
-            meta, stored.relpath, stored.size, stored.sha256, stored.version, calling_ae, origin=origin
-        )
+        index.record_instance(meta, stored.relpath, stored.size, stored.sha256, stored.version, calling_ae)
     except Exception as exc:
         # The file is durable; startup recovery will index it. The peer must still hear a failure so it
         # retries (a retry of identical bytes is then a no-op success once indexed).

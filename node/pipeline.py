@@ -35,7 +35,7 @@ from rules.registry import Rule, RuleMatch, RuleRegistry
 from storage.deliveries import StoredResult, enqueue_deliveries, store_results
 from storage.files import FileStore
 from storage.index import Index, SeriesState
-from storage.queue import Job, JobQueue
+from storage.queue import AnalyzeSeriesPayload, Job, JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def analyze_series(job: Job, worker: Worker) -> None:
     Skipped when the series reopened meanwhile (a late instance: it completes again); a series without an
     image instance is marked ``skipped``. Any failure marks the series ``failed`` and goes to the queue.
     """
-    uid = str(job.payload.get("series_instance_uid") or job.key)
+    uid = AnalyzeSeriesPayload.from_json(job.payload, job.key).series_instance_uid
     series = worker.index.series(uid)
     if series is None:
         log.warning("job %d: series %s is not in the index; nothing to do", job.id, uid)

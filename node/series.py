@@ -14,8 +14,8 @@ import threading
 import time
 
 from node.config import PipelineConfig
-from storage.index import SERIES_RECEIVING, Index
-from storage.queue import ANALYZE_SERIES, JobQueue
+from storage.index import Index, Origin, SeriesState
+from storage.queue import AnalyzeSeriesPayload, JobKind, JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,19 @@ class SeriesWatcher:
         now = time.time() if now is None else now
         rows = self.index.query(
             "SELECT series_instance_uid, last_received_at, instance_count FROM series"
-            " WHERE state = ? AND origin = 'received' AND last_received_at <= ?",
-            (SERIES_RECEIVING, now - self.config.quiet_seconds),
+            " WHERE state = ? AND origin = ? AND last_received_at <= ?",
+            (SeriesState.RECEIVING, Origin.RECEIVED, now - self.config.quiet_seconds),
         )
         completed = []
         for row in rows:
             uid = row["series_instance_uid"]
-            self.queue.enqueue(ANALYZE_SERIES, uid, {"series_instance_uid": uid})
+            payload = AnalyzeSeriesPayload(uid)
+            self.queue.enqueue(JobKind.ANALYZE_SERIES, payload.key, payload.to_json())
             with self.index.lock:
                 changed = self.index.db.conn.execute(
-                    "UPDATE series SET state='complete', completed_at=?, updated_at=?"
+                    "UPDATE series SET state=?, completed_at=?, updated_at=?"
                     " WHERE series_instance_uid=? AND state=? AND last_received_at=?",
-                    (now, now, uid, SERIES_RECEIVING, row["last_received_at"]),
+                    (SeriesState.COMPLETE, now, now, uid, SeriesState.RECEIVING, row["last_received_at"]),
                 ).rowcount
             if changed:
                 completed.append(uid)

@@ -52,6 +52,31 @@ ANALYZE_SERIES, SEND = JobKind.ANALYZE_SERIES, JobKind.SEND
 
 
 @dataclass(frozen=True)
+class AnalyzeSeriesPayload:
+    """The payload of an ``analyze-series`` job: the series to analyse (also the job's key)."""
+
+    series_instance_uid: str
+
+    def __post_init__(self) -> None:
+        if not self.series_instance_uid:
+            raise ValueError("an analyze-series job needs a Series Instance UID")
+
+    @property
+    def key(self) -> str:
+        """The job key: one job per series."""
+        return self.series_instance_uid
+
+    def to_json(self) -> dict[str, str]:
+        """The payload as stored in the queue."""
+        return {"series_instance_uid": self.series_instance_uid}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any], key: str = "") -> AnalyzeSeriesPayload:
+        """Read a stored payload back (the job key stands in for a payload without the UID)."""
+        return cls(str(payload.get("series_instance_uid") or key))
+
+
+@dataclass(frozen=True)
 class QueueSettings:
     """The queue's policy: leases, retries, dead letters (``[queue]`` in the config)."""
 
