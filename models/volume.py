@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,18 @@ from pydicom.dataset import Dataset
 
 from models.findings import VolumeGeometry
 
+
+
+class Modality(StrEnum):
+    """The modalities the node builds volumes of."""
+
+    CT = "CT"
+    MR = "MR"
+
+
 IMAGE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2": "CT",  # CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.4": "MR",  # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.2": Modality.CT,  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.4": Modality.MR,  # MR Image Storage
 }
 MIN_SLICES = 8
 SPACING_TOLERANCE = 0.1  # relative deviation of one gap from the median before it is a gap
@@ -35,7 +45,7 @@ class Volume:
     values: np.ndarray  # float32, shape (slices, rows, columns)
     geometry: VolumeGeometry
     datasets: list[Dataset]
-    modality: str
+    modality: Modality
     stored_dtype: str
     slope: float
     intercept: float
