@@ -18,7 +18,6 @@ from pydicom.dataset import Dataset
 from models.findings import VolumeGeometry
 
 
-
 class Modality(StrEnum):
     """The modalities the node builds volumes of."""
 
