@@ -66,27 +66,33 @@ class Attribute:
     sql: str
     vr: str
     matchable: bool = True
+    study_sql: str = ""  # a patient attribute asked at study level or below: the study's own value
+
+    def column(self, level: str) -> str:
+        """The SQL expression of the attribute in a query at ``level``."""
+        return self.study_sql if self.study_sql and level != "PATIENT" else self.sql
 
 
 _STUDY_SERIES = "(SELECT COUNT(*) FROM series x WHERE x.study_instance_uid = st.study_instance_uid)"
 _STUDY_INSTANCES = (
     "(SELECT COALESCE(SUM(x.instance_count), 0) FROM series x WHERE x.study_instance_uid = st.study_instance_uid)"
 )
-_PATIENT_STUDIES = "(SELECT COUNT(*) FROM studies y WHERE y.patient_id = p.patient_id)"
+_PATIENT_STUDIES = "(SELECT COUNT(*) FROM studies y WHERE y.patient_key = p.patient_key)"
 _PATIENT_SERIES = (
     "(SELECT COUNT(*) FROM series x JOIN studies y ON y.study_instance_uid = x.study_instance_uid"
-    " WHERE y.patient_id = p.patient_id)"
+    " WHERE y.patient_key = p.patient_key)"
 )
 _PATIENT_INSTANCES = (
     "(SELECT COALESCE(SUM(x.instance_count), 0) FROM series x JOIN studies y"
-    " ON y.study_instance_uid = x.study_instance_uid WHERE y.patient_id = p.patient_id)"
+    " ON y.study_instance_uid = x.study_instance_uid WHERE y.patient_key = p.patient_key)"
 )
 
 ATTRIBUTES: dict[str, Attribute] = {
-    "PatientID": Attribute("PATIENT", "p.patient_id", "LO"),
-    "PatientName": Attribute("PATIENT", "p.patient_name", "PN"),
-    "PatientBirthDate": Attribute("PATIENT", "p.patient_birth_date", "DA"),
-    "PatientSex": Attribute("PATIENT", "p.patient_sex", "CS"),
+    "PatientID": Attribute("PATIENT", "p.patient_id", "LO", study_sql="st.patient_id"),
+    "IssuerOfPatientID": Attribute("PATIENT", "p.issuer_of_patient_id", "LO", study_sql="st.issuer_of_patient_id"),
+    "PatientName": Attribute("PATIENT", "p.patient_name", "PN", study_sql="st.patient_name"),
+    "PatientBirthDate": Attribute("PATIENT", "p.patient_birth_date", "DA", study_sql="st.patient_birth_date"),
+    "PatientSex": Attribute("PATIENT", "p.patient_sex", "CS", study_sql="st.patient_sex"),
     "NumberOfPatientRelatedStudies": Attribute("PATIENT", _PATIENT_STUDIES, "IS", False),
     "NumberOfPatientRelatedSeries": Attribute("PATIENT", _PATIENT_SERIES, "IS", False),
     "NumberOfPatientRelatedInstances": Attribute("PATIENT", _PATIENT_INSTANCES, "IS", False),
@@ -115,17 +121,19 @@ ATTRIBUTES: dict[str, Attribute] = {
     "InstanceNumber": Attribute("IMAGE", "i.instance_number", "IS"),
 }
 
+# Below the patient level, patient attributes are the study's own (from its instances): no patients join.
 _FROM = {
     "PATIENT": "patients p",
-    "STUDY": "studies st LEFT JOIN patients p ON p.patient_id = st.patient_id",
-    "SERIES": "series se JOIN studies st ON st.study_instance_uid = se.study_instance_uid"
-    " LEFT JOIN patients p ON p.patient_id = st.patient_id",
+    "STUDY": "studies st",
+    "SERIES": "series se JOIN studies st ON st.study_instance_uid = se.study_instance_uid",
     "IMAGE": "instances i JOIN series se ON se.series_instance_uid = i.series_instance_uid"
-    " JOIN studies st ON st.study_instance_uid = i.study_instance_uid"
-    " LEFT JOIN patients p ON p.patient_id = st.patient_id",
+    " JOIN studies st ON st.study_instance_uid = i.study_instance_uid",
 }
-# Only the newest version of an instance stored twice under one SOP Instance UID is visible.
-_LATEST = "i.version = (SELECT MAX(v.version) FROM instances v WHERE v.sop_instance_uid = i.sop_instance_uid)"
+# Only the newest version of an instance stored twice under one SOP Instance UID in one series is visible.
+_LATEST = (
+    "i.version = (SELECT MAX(v.version) FROM instances v WHERE v.study_instance_uid = i.study_instance_uid"
+    " AND v.series_instance_uid = i.series_instance_uid AND v.sop_instance_uid = i.sop_instance_uid)"
+)
 
 _DATE_RE = re.compile(r"^\d{8}$")
 _TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
@@ -152,12 +160,12 @@ def _check_temporal(vr: str, value: str) -> None:
         raise BadIdentifier(f"{vr} value is not a valid {vr}")
 
 
-def _match_one(attr: Attribute, value: str) -> tuple[str, list[Any]]:
-    """SQL condition and parameters for one value of one key (PS3.4 C.2.2.2)."""
-    col, vr = attr.sql, attr.vr
+def _match_one(attr: Attribute, value: str, col: str) -> tuple[str, list[Any]]:
+    """SQL condition and parameters for one value of one key (PS3.4 C.2.2.2), on column ``col``."""
+    vr = attr.vr
     if value == "*":
         return "", []
-    if attr.sql == "st.modalities":
+    if col == "st.modalities":
         if any(c in value for c in "*?"):
             return "('\\' || " + col + " || '\\') GLOB ?", ["*\\" + _glob_escape(value) + "\\*"]
         return "instr('\\' || " + col + " || '\\', ?) > 0", ["\\" + value + "\\"]
@@ -199,15 +207,16 @@ def _glob_escape(value: str) -> str:
     return value.replace("[", "[[]")
 
 
-def match_condition(attr: Attribute, values: list[str]) -> tuple[str, list[Any]]:
-    """The SQL condition for a key with one or more values (several values: any one matches)."""
-    parts = [_match_one(attr, v) for v in values]
+def match_condition(attr: Attribute, values: list[str], level: str = "PATIENT") -> tuple[str, list[Any]]:
+    """The SQL condition for a key with one or more values (several values: any one matches) at ``level``."""
+    col = attr.column(level)
+    parts = [_match_one(attr, v, col) for v in values]
     if any(not sql for sql, _ in parts):
         return "", []
     if len(parts) == 1:
         return parts[0]
     if attr.vr == "UI":  # list of UID matching: one IN (...) the index can use
-        return f"{attr.sql} IN ({','.join('?' for _ in values)})", list(values)
+        return f"{col} IN ({','.join('?' for _ in values)})", list(values)
     params: list[Any] = []
     for _, p in parts:
         params.extend(p)
@@ -248,7 +257,7 @@ def where_clause(identifier: Dataset, level: str) -> tuple[str, list[Any]]:
             raise BadIdentifier(f"{elem.keyword} cannot be read") from exc
         if not values:
             continue
-        sql, p = match_condition(attr, values)
+        sql, p = match_condition(attr, values, level)
         if sql:
             conds.append(sql)
             params.extend(p)
@@ -290,12 +299,12 @@ def find(index: Index, identifier: Dataset, root: str, retrieve_ae_title: str = 
         attr = ATTRIBUTES.get(elem.keyword)
         if attr is not None and LEVELS.index(attr.level) <= depth:
             alias = f"a{len(select)}"
-            select.append(f"{attr.sql} AS {alias}")
+            select.append(f"{attr.column(level)} AS {alias}")
             wanted.append((elem, alias))
         else:
             wanted.append((elem, None))
     unique = ATTRIBUTES[UNIQUE_KEYS[level]]
-    select.append(f"{unique.sql} AS unique_key")
+    select.append(f"{unique.column(level)} AS unique_key")
     sql = f"SELECT {', '.join(select)} FROM {_FROM[level]}{where}"
     for row in index.query(sql, tuple(params)):
         yield _response(level, wanted, row, retrieve_ae_title, row["unique_key"])

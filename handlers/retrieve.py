@@ -77,7 +77,6 @@ def retrieve_instances(index: Index, identifier: Dataset, root: str) -> list[dic
         "SELECT i.path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid FROM instances i"
         " JOIN studies st ON st.study_instance_uid = i.study_instance_uid"
         " JOIN series se ON se.series_instance_uid = i.series_instance_uid"
-        " LEFT JOIN patients p ON p.patient_id = st.patient_id"
         f"{where} ORDER BY i.series_instance_uid, i.instance_number, i.sop_instance_uid"
     )
     return index.query(sql, tuple(params))

@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (
     Comprehensive3DSRStorage as Comprehensive3DSR,
 )
 
-from storage.files import FileStore, InvalidUID, check_uid
+from storage.files import FileStore, InvalidUID, TooManyVersions, check_uid
 from storage.index import Index, instance_meta_from_dataset
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def store_encoded(
     files: FileStore,
     index: Index,
     calling_ae: str = "",
+    max_versions: int = 0,
 ) -> tuple[int, str]:
     """Store one encoded Part 10 instance from a peer durably and index it (origin ``received``).
 
@@ -109,6 +110,8 @@ def store_encoded(
         The file store and the index.
     calling_ae
         Who sent it (kept in the index for audit).
+    max_versions
+        How many versions of one SOP Instance UID (in one series) are kept; more are refused (0: no limit).
 
     Returns
     -------
@@ -150,11 +153,14 @@ def store_encoded(
             DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOP Instance UID differs from the C-STORE request's"
         )
     try:
-        stored = files.write_instance(study_uid, series_uid, sop_uid, encoded)
+        known = index.versions(study_uid, series_uid, sop_uid)
+        stored = files.write_instance(study_uid, series_uid, sop_uid, encoded, known=known, max_versions=max_versions)
+    except TooManyVersions as exc:
+        raise StoreRefused(OUT_OF_RESOURCES, f"version refused: {exc}") from exc
     except OSError as exc:
         raise StoreRefused(OUT_OF_RESOURCES, f"could not write the file: {exc.strerror or exc}") from exc
     try:
-        if stored.duplicate and index.has_instance(sop_uid, stored.version):
+        if stored.duplicate and index.has_instance(study_uid, series_uid, sop_uid, stored.version):
             return SUCCESS, f"duplicate of version {stored.version}, not stored again"
         index.record_instance(meta, stored.relpath, stored.size, stored.sha256, stored.version, calling_ae)
     except Exception as exc:
@@ -164,8 +170,8 @@ def store_encoded(
     return SUCCESS, "stored" if stored.version == 1 else f"stored as version {stored.version}"
 
 
-def handle_store(event: evt.Event, files: FileStore, index: Index) -> int | tuple[int, Any]:
-    """EVT_C_STORE handler bound with the file store and index."""
+def handle_store(event: evt.Event, files: FileStore, index: Index, max_versions: int = 0) -> int | tuple[int, Any]:
+    """EVT_C_STORE handler bound with the file store, the index and the version limit."""
     calling_ae = event.assoc.requestor.ae_title
     try:
         encoded = event.encoded_dataset(include_meta=True)
@@ -184,6 +190,7 @@ def handle_store(event: evt.Event, files: FileStore, index: Index) -> int | tupl
             files,
             index,
             calling_ae,
+            max_versions,
         )
     except StoreRefused as refused:
         path = files.quarantine(

@@ -119,7 +119,7 @@ class Node:
         handlers: list[tuple[Any, ...]] = [
             (evt.EVT_CONN_OPEN, tune_socket),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.files, self.index]),
+            (evt.EVT_C_STORE, handle_store, [self.files, self.index, self.config.node.max_versions]),
             (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title]),
             (evt.EVT_C_MOVE, handle_move, [self.config.destinations, self.index, self.files]),
             (evt.EVT_C_GET, handle_get, [self.index, self.files]),

@@ -54,6 +54,7 @@ class NodeConfig:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     fsync: bool = True  # never turn off in production: the success status promises durability
+    max_versions: int = 100  # versions kept of one SOP Instance UID in one series; more are refused (0: no limit)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _LOOSE_UID_RE = re.compile(r"^[0-9.]{1,64}$")
+
+
+class TooManyVersions(Exception):
+    """An instance has as many versions as the store keeps of one SOP Instance UID."""
 
 
 class InvalidUID(ValueError):
@@ -152,16 +156,22 @@ class FileStore:
         sop_uid: str,
         data: bytes | Iterable[bytes],
         tree: Tree = Tree.OBJECTS,
+        known: Mapping[str, int] | None = None,
+        max_versions: int = 0,
     ) -> StoredFile:
         """Store the Part 10 bytes of one instance durably and return where they are.
 
         Identical bytes under an existing SOP Instance UID are a no-op (``duplicate=True``); different
-        bytes become a new version file beside the old one, which is never overwritten.
+        bytes become a new version file beside the old one, which is never overwritten. ``known`` (the
+        index's versions of this instance by sha256) makes both a lookup instead of reading every older
+        version back: only versions the index does not know yet are compared on disk.
 
         Raises
         ------
         InvalidUID
             One of the UIDs cannot be used as a path component.
+        TooManyVersions
+            The instance already has ``max_versions`` versions (0: no limit).
         OSError
             The disk refused the write (full, read-only, ...); nothing is left half-written.
         """
@@ -172,22 +182,25 @@ class FileStore:
             new_dir = not directory.exists()
             if new_dir:
                 directory.mkdir(parents=True, exist_ok=True)
-            version = 1
+            known = known or {}
+            if digest in known and (target := _version_path(directory, sop, known[digest])).is_file():
+                return StoredFile(target, self.relpath(target), size, digest, known[digest], True)
+            version = max(known.values(), default=0) + 1
             while True:
-                name = f"{sop}.dcm" if version == 1 else f"{sop}.v{version}.dcm"
-                target = directory / name
+                target = _version_path(directory, sop, version)
                 if not target.exists():
                     break
                 if target.stat().st_size == size and file_sha256(target) == digest:
-                    tmp.unlink(missing_ok=True)
                     return StoredFile(target, self.relpath(target), size, digest, version, True)
                 version += 1
+            if max_versions and version > max_versions:
+                raise TooManyVersions(f"the instance already has {version - 1} versions (limit {max_versions})")
             # link() refuses to replace an existing file, so two racing writers cannot overwrite
             # each other's version: the loser retries with the next version number.
             try:
                 os.link(tmp, target)
             except FileExistsError:
-                return self.write_instance(study_uid, series_uid, sop_uid, tmp.read_bytes(), tree)
+                return self.write_instance(study_uid, series_uid, sop_uid, tmp.read_bytes(), tree, known, max_versions)
             tmp.unlink()
             self._fsync_dir(directory)
             if new_dir:
@@ -269,6 +282,10 @@ class FileStore:
             item["file"] = p.with_suffix(".dcm").name
             out.append(item)
         return out
+
+
+def _version_path(directory: Path, sop: str, version: int) -> Path:
+    return directory / (f"{sop}.dcm" if version == 1 else f"{sop}.v{version}.dcm")
 
 
 def version_of(path: Path) -> int:

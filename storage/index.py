@@ -16,16 +16,19 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
-from pydicom.dataset import Dataset
 
-SCHEMA_VERSION = 1
-
+from storage.meta import (
+    CONDITION_KEYWORDS,
+    InstanceMeta,
+    instance_meta_from_dataset,
+    meta_as_dict,
+)
+from storage.schema import SCHEMA_VERSION, migrate
 
 
 class SeriesState(StrEnum):
@@ -56,112 +59,52 @@ class Origin(StrEnum):
     RESULT = "result"  # made by the node (SR, SC, GSPS, SEG, harmonized series): never analysed
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    """A header value as plain text ('' when absent); multi-valued joined with '\\' as on the wire."""
-    try:
-        value = ds.get(keyword)
-    except Exception:  # a malformed element must not stop indexing of the others
-        return ""
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
+class ConflictKind(StrEnum):
+    """A disagreement between what arrived and what the index holds; recorded, shown, never overwritten."""
+
+    PATIENT_DEMOGRAPHICS = "patient-demographics"  # same PatientID (and issuer), other name/birth date/sex
+    STUDY_PATIENT = "study-patient"  # an instance names another patient than its study's first instances
+    SOP_UID_ELSEWHERE = "sop-uid-elsewhere"  # a SOP Instance UID already held in another series or study
+    SERIES_UID_ELSEWHERE = "series-uid-elsewhere"  # a Series Instance UID already held in another study
 
 
-def _int_or_none(ds: Dataset, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except Exception:
-        return None
+PATIENT_FIELDS = ("patient_name", "patient_birth_date", "patient_sex")
 
 
-@dataclass(frozen=True)
-class InstanceMeta:
-    """What the index keeps of one instance's header (everything C-FIND and the pipeline need)."""
+def patient_key(patient_id: str, issuer: str, study_uid: str) -> str:
+    """The identity of a patient in the index: PatientID *and* its issuer.
 
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    transfer_syntax_uid: str = ""
-    patient_id: str = ""
-    patient_name: str = ""
-    patient_birth_date: str = ""
-    patient_sex: str = ""
-    study_date: str = ""
-    study_time: str = ""
-    accession_number: str = ""
-    study_id: str = ""
-    study_description: str = ""
-    referring_physician_name: str = ""
-    modality: str = ""
-    series_number: int | None = None
-    series_description: str = ""
-    series_date: str = ""
-    body_part_examined: str = ""
-    manufacturer: str = ""
-    manufacturer_model_name: str = ""
-    instance_number: int | None = None
-    frame_of_reference_uid: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
+    An empty PatientID identifies nobody: such a study is its own patient (keyed by its Study Instance
+    UID), so two patients without an ID are never merged. A backslash cannot occur in either value (LO),
+    so the key is unambiguous.
+    """
+    if patient_id.strip():
+        return f"{issuer.strip()}\\{patient_id.strip()}"
+    return f"\\study\\{study_uid}"
 
 
-# Header tags that end up in ``series.condition_tags``, for the imaging-condition key (rules/keys.py).
-CONDITION_KEYWORDS = (
-    "Manufacturer",
-    "ManufacturerModelName",
-    "ConvolutionKernel",
-    "KVP",
-    "CTDIvol",
-    "Exposure",
-    "XRayTubeCurrent",
-    "ExposureTime",
-    "MagneticFieldStrength",
-    "ScanningSequence",
-    "SequenceVariant",
-    "SequenceName",
-    "MRAcquisitionType",
-    "ImageType",
-    "SliceThickness",
-    "BodyPartExamined",
-)
-
-
-def instance_meta_from_dataset(ds: Dataset, transfer_syntax_uid: str = "") -> InstanceMeta:
-    """Read the indexed attributes from a (header-only) dataset; UIDs are returned as found, unvalidated."""
-    return InstanceMeta(
-        sop_instance_uid=_text(ds, "SOPInstanceUID"),
-        sop_class_uid=_text(ds, "SOPClassUID"),
-        study_instance_uid=_text(ds, "StudyInstanceUID"),
-        series_instance_uid=_text(ds, "SeriesInstanceUID"),
-        transfer_syntax_uid=transfer_syntax_uid,
-        patient_id=_text(ds, "PatientID"),
-        patient_name=_text(ds, "PatientName"),
-        patient_birth_date=_text(ds, "PatientBirthDate"),
-        patient_sex=_text(ds, "PatientSex"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        accession_number=_text(ds, "AccessionNumber"),
-        study_id=_text(ds, "StudyID"),
-        study_description=_text(ds, "StudyDescription"),
-        referring_physician_name=_text(ds, "ReferringPhysicianName"),
-        modality=_text(ds, "Modality"),
-        series_number=_int_or_none(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription"),
-        series_date=_text(ds, "SeriesDate"),
-        body_part_examined=_text(ds, "BodyPartExamined"),
-        manufacturer=_text(ds, "Manufacturer"),
-        manufacturer_model_name=_text(ds, "ManufacturerModelName"),
-        instance_number=_int_or_none(ds, "InstanceNumber"),
-        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
-        extra={k: _text(ds, k) for k in CONDITION_KEYWORDS if k in ds},
-    )
+__all__ = [
+    "CONDITION_KEYWORDS",
+    "SCHEMA_VERSION",
+    "ConflictKind",
+    "Index",
+    "InstanceMeta",
+    "Origin",
+    "SeriesState",
+    "instance_meta_from_dataset",
+    "meta_as_dict",
+    "patient_key",
+]
 
 
 class Index:
-    """The SQLite index of everything stored, shared by the node's services."""
+    """The SQLite index of everything stored, shared by the node's services.
+
+    An instance is identified by (study, series, SOP Instance UID) and version: the same SOP Instance UID
+    arriving in another series or study is indexed there too (and the conflict recorded), so every
+    acknowledged instance is found by the queries of its own study. Patient attributes are kept per study,
+    from that study's own instances; the patient row (PatientID and issuer) keeps what it first saw.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -175,105 +118,7 @@ class Index:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=OFF")
             conn.execute("PRAGMA busy_timeout=30000")
-            self._create_schema()
-
-    # -- schema -------------------------------------------------------------------------------------
-    def _create_schema(self) -> None:
-        """Create the index's tables and indexes where missing.
-
-        Long because it is the schema itself, one table after another.
-        """
-        db = self.db
-        db["patients"].create(
-            {
-                "patient_id": str,
-                "patient_name": str,
-                "patient_birth_date": str,
-                "patient_sex": str,
-                "updated_at": float,
-            },
-            pk="patient_id",
-            if_not_exists=True,
-        )
-        db["studies"].create(
-            {
-                "study_instance_uid": str,
-                "patient_id": str,
-                "study_date": str,
-                "study_time": str,
-                "accession_number": str,
-                "study_id": str,
-                "study_description": str,
-                "referring_physician_name": str,
-                "modalities": str,
-                "first_received_at": float,
-                "last_received_at": float,
-            },
-            pk="study_instance_uid",
-            if_not_exists=True,
-        )
-        db["series"].create(
-            {
-                "series_instance_uid": str,
-                "study_instance_uid": str,
-                "modality": str,
-                "series_number": int,
-                "series_description": str,
-                "series_date": str,
-                "body_part_examined": str,
-                "manufacturer": str,
-                "manufacturer_model_name": str,
-                "frame_of_reference_uid": str,
-                "condition_tags": str,  # JSON of CONDITION_KEYWORDS values
-                "origin": str,  # "received" | "result" (created by the node)
-                "state": str,
-                "instance_count": int,
-                "first_received_at": float,
-                "last_received_at": float,
-                "completed_at": float,
-                "condition_key": str,
-                "rule_id": str,
-                "rule_match": str,
-                "model_version": str,
-                "findings": str,  # JSON list
-                "timings": str,  # JSON {stage: seconds}
-                "error": str,
-                "updated_at": float,
-            },
-            pk="series_instance_uid",
-            defaults={"state": SERIES_RECEIVING, "instance_count": 0, "origin": "received"},
-            if_not_exists=True,
-        )
-        db["instances"].create(
-            {
-                "sop_instance_uid": str,
-                "version": int,
-                "series_instance_uid": str,
-                "study_instance_uid": str,
-                "sop_class_uid": str,
-                "transfer_syntax_uid": str,
-                "instance_number": int,
-                "path": str,
-                "size": int,
-                "sha256": str,
-                "received_at": float,
-                "calling_ae": str,
-            },
-            pk=("sop_instance_uid", "version"),
-            if_not_exists=True,
-        )
-        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
-        for table, cols in (
-            ("studies", ["patient_id"]),
-            ("studies", ["study_date"]),
-            ("series", ["study_instance_uid"]),
-            ("series", ["state", "last_received_at"]),
-            ("instances", ["series_instance_uid"]),
-            ("instances", ["study_instance_uid"]),
-            ("instances", ["path"]),
-        ):
-            db[table].create_index(cols, if_not_exists=True)
+            migrate(self.db)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -305,31 +150,61 @@ class Index:
         origin: Origin = Origin.RECEIVED,
         received_at: float | None = None,
     ) -> None:
-        """Index one stored instance, creating or updating its patient, study and series.
-
-        Long because it is one transaction of four upserts (patient, study, instance, series) whose order is
-        the point.
+        """Index one stored instance, creating or updating its patient, study and series, in one transaction.
 
         A new instance in a series that was already complete (or processed) reopens it: its state goes
-        back to ``receiving`` so the quiet-period timer starts again.
+        back to ``receiving`` so the quiet-period timer starts again. What disagrees with the index (another
+        patient's demographics, a UID held elsewhere) is recorded as a conflict, never overwritten.
         """
         now = time.time() if received_at is None else received_at
+        key = patient_key(meta.patient_id, meta.issuer_of_patient_id, meta.study_instance_uid)
         with self.transaction() as conn:
+            self._upsert_patient(conn, meta, key, now)
+            self._upsert_study(conn, meta, key, now)
+            inserted = self._insert_instance(conn, meta, relpath, size, sha256, version, calling_ae, now)
+            self._upsert_series(conn, meta, origin, inserted, now)
+
+    def _conflict(self, conn: sqlite3.Connection, kind: ConflictKind, meta: InstanceMeta, detail: str) -> None:
+        """Record a conflict once per (kind, study, series, instance); ``detail`` names attributes, no values."""
+        conn.execute(
+            "INSERT OR IGNORE INTO conflicts (kind, study_instance_uid, series_instance_uid, sop_instance_uid,"
+            " detail, created_at) VALUES (?,?,?,?,?,?)",
+            (str(kind), meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid, detail, time.time()),
+        )
+
+    def _upsert_patient(self, conn: sqlite3.Connection, meta: InstanceMeta, key: str, now: float) -> None:
+        row = conn.execute(
+            "SELECT patient_name, patient_birth_date, patient_sex FROM patients WHERE patient_key=?", (key,)
+        ).fetchone()
+        if row is None:
             conn.execute(
-                "INSERT INTO patients (patient_id, patient_name, patient_birth_date, patient_sex, updated_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(patient_id) DO UPDATE SET"
-                " patient_name=excluded.patient_name, patient_birth_date=excluded.patient_birth_date,"
-                " patient_sex=excluded.patient_sex, updated_at=excluded.updated_at",
-                (meta.patient_id, meta.patient_name, meta.patient_birth_date, meta.patient_sex, now),
+                "INSERT INTO patients (patient_key, patient_id, issuer_of_patient_id, patient_name,"
+                " patient_birth_date, patient_sex, updated_at) VALUES (?,?,?,?,?,?,?)",
+                (key, meta.patient_id, meta.issuer_of_patient_id, *_patient_values(meta), now),
             )
+            return
+        differ = [f for f, old, new in zip(PATIENT_FIELDS, row, _patient_values(meta), strict=True) if old != new]
+        if differ:
+            self._conflict(conn, ConflictKind.PATIENT_DEMOGRAPHICS, meta, ",".join(differ))
+
+    def _upsert_study(self, conn: sqlite3.Connection, meta: InstanceMeta, key: str, now: float) -> None:
+        row = conn.execute(
+            "SELECT patient_key, patient_name, patient_birth_date, patient_sex, modalities FROM studies"
+            " WHERE study_instance_uid=?",
+            (meta.study_instance_uid,),
+        ).fetchone()
+        if row is None:
             conn.execute(
-                "INSERT INTO studies (study_instance_uid, patient_id, study_date, study_time, accession_number,"
+                "INSERT INTO studies (study_instance_uid, patient_key, patient_id, issuer_of_patient_id,"
+                " patient_name, patient_birth_date, patient_sex, study_date, study_time, accession_number,"
                 " study_id, study_description, referring_physician_name, modalities, first_received_at,"
-                " last_received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT(study_instance_uid) DO UPDATE SET last_received_at=excluded.last_received_at",
+                " last_received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     meta.study_instance_uid,
+                    key,
                     meta.patient_id,
+                    meta.issuer_of_patient_id,
+                    *_patient_values(meta),
                     meta.study_date,
                     meta.study_time,
                     meta.accession_number,
@@ -341,66 +216,97 @@ class Index:
                     now,
                 ),
             )
-            if meta.modality:
-                row = conn.execute(
-                    "SELECT modalities FROM studies WHERE study_instance_uid=?", (meta.study_instance_uid,)
-                ).fetchone()
-                mods = set(filter(None, (row[0] or "").split("\\")))
-                if meta.modality not in mods:
-                    mods.add(meta.modality)
-                    conn.execute(
-                        "UPDATE studies SET modalities=? WHERE study_instance_uid=?",
-                        ("\\".join(sorted(mods)), meta.study_instance_uid),
-                    )
-            inserted = conn.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, version, series_instance_uid,"
-                " study_instance_uid, sop_class_uid, transfer_syntax_uid, instance_number, path, size,"
-                " sha256, received_at, calling_ae) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    meta.sop_instance_uid,
-                    version,
-                    meta.series_instance_uid,
-                    meta.study_instance_uid,
-                    meta.sop_class_uid,
-                    meta.transfer_syntax_uid,
-                    meta.instance_number,
-                    relpath,
-                    size,
-                    sha256,
-                    now,
-                    calling_ae,
-                ),
-            ).rowcount
-            conn.execute(
-                "INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_number,"
-                " series_description, series_date, body_part_examined, manufacturer, manufacturer_model_name,"
-                " frame_of_reference_uid, condition_tags, origin, state, instance_count, first_received_at,"
-                " last_received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT(series_instance_uid) DO UPDATE SET"
-                " instance_count = series.instance_count + excluded.instance_count,"
-                " last_received_at = excluded.last_received_at, updated_at = excluded.updated_at,"
-                " state = CASE WHEN excluded.instance_count > 0 AND series.origin = 'received'"
-                "   THEN 'receiving' ELSE series.state END",
-                (
-                    meta.series_instance_uid,
-                    meta.study_instance_uid,
-                    meta.modality,
-                    meta.series_number,
-                    meta.series_description,
-                    meta.series_date,
-                    meta.body_part_examined,
-                    meta.manufacturer,
-                    meta.manufacturer_model_name,
-                    meta.frame_of_reference_uid,
-                    json.dumps(meta.extra, sort_keys=True),
-                    str(origin),
-                    str(SERIES_RECEIVING if origin == Origin.RECEIVED else SERIES_DONE),
-                    1 if inserted else 0,
-                    now,
-                    now,
-                    now,
-                ),
-            )
+            return
+        differ = ["patient_id"] if row[0] != key else []
+        differ += [f for f, old, new in zip(PATIENT_FIELDS, row[1:4], _patient_values(meta), strict=True) if old != new]
+        if differ:
+            self._conflict(conn, ConflictKind.STUDY_PATIENT, meta, ",".join(differ))
+        mods = set(filter(None, (row[4] or "").split("\\")))
+        if meta.modality and meta.modality not in mods:
+            mods.add(meta.modality)
+        conn.execute(
+            "UPDATE studies SET last_received_at=?, modalities=? WHERE study_instance_uid=?",
+            (now, "\\".join(sorted(mods)), meta.study_instance_uid),
+        )
+
+    def _insert_instance(
+        self,
+        conn: sqlite3.Connection,
+        meta: InstanceMeta,
+        relpath: str,
+        size: int,
+        sha256: str,
+        version: int,
+        calling_ae: str,
+        now: float,
+    ) -> bool:
+        elsewhere = conn.execute(
+            "SELECT 1 FROM instances WHERE sop_instance_uid=? AND (study_instance_uid!=? OR series_instance_uid!=?)"
+            " LIMIT 1",
+            (meta.sop_instance_uid, meta.study_instance_uid, meta.series_instance_uid),
+        ).fetchone()
+        inserted = conn.execute(
+            "INSERT OR IGNORE INTO instances (study_instance_uid, series_instance_uid, sop_instance_uid, version,"
+            " sop_class_uid, transfer_syntax_uid, instance_number, path, size, sha256, received_at, calling_ae,"
+            " uid_elsewhere) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                meta.study_instance_uid,
+                meta.series_instance_uid,
+                meta.sop_instance_uid,
+                version,
+                meta.sop_class_uid,
+                meta.transfer_syntax_uid,
+                meta.instance_number,
+                relpath,
+                size,
+                sha256,
+                now,
+                calling_ae,
+                1 if elsewhere else 0,
+            ),
+        ).rowcount
+        if inserted and elsewhere:
+            self._conflict(conn, ConflictKind.SOP_UID_ELSEWHERE, meta, "sop_instance_uid")
+        return bool(inserted)
+
+    def _upsert_series(
+        self, conn: sqlite3.Connection, meta: InstanceMeta, origin: Origin, inserted: bool, now: float
+    ) -> None:
+        row = conn.execute(
+            "SELECT study_instance_uid FROM series WHERE series_instance_uid=?", (meta.series_instance_uid,)
+        ).fetchone()
+        if row is not None and row[0] != meta.study_instance_uid:
+            self._conflict(conn, ConflictKind.SERIES_UID_ELSEWHERE, meta, "series_instance_uid")
+        conn.execute(
+            "INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_number,"
+            " series_description, series_date, body_part_examined, manufacturer, manufacturer_model_name,"
+            " frame_of_reference_uid, condition_tags, origin, state, instance_count, first_received_at,"
+            " last_received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(series_instance_uid) DO UPDATE SET"
+            " instance_count = series.instance_count + excluded.instance_count,"
+            " last_received_at = excluded.last_received_at, updated_at = excluded.updated_at,"
+            " state = CASE WHEN excluded.instance_count > 0 AND series.origin = 'received'"
+            "   THEN 'receiving' ELSE series.state END",
+            (
+                meta.series_instance_uid,
+                meta.study_instance_uid,
+                meta.modality,
+                meta.series_number,
+                meta.series_description,
+                meta.series_date,
+                meta.body_part_examined,
+                meta.manufacturer,
+                meta.manufacturer_model_name,
+                meta.frame_of_reference_uid,
+                json.dumps(meta.extra, sort_keys=True),
+                str(origin),
+                str(SeriesState.RECEIVING if origin == Origin.RECEIVED else SeriesState.DONE),
+                1 if inserted else 0,
+                now,
+                now,
+                now,
+            ),
+        )
 
     def update_series(self, series_uid: str, **values: Any) -> None:
         """Set fields of a series row (JSON-encodes dicts and lists)."""
@@ -432,18 +338,35 @@ class Index:
                 "SELECT i.* FROM instances i JOIN (SELECT sop_instance_uid, MAX(version) v FROM instances"
                 " WHERE series_instance_uid = ? GROUP BY sop_instance_uid) m"
                 " ON m.sop_instance_uid = i.sop_instance_uid AND m.v = i.version"
+                " AND i.series_instance_uid = ?"
             )
-        return self.query(sql + " ORDER BY i.instance_number, i.sop_instance_uid", (series_uid,))
+        params = (series_uid, series_uid) if latest_only else (series_uid,)
+        return self.query(sql + " ORDER BY i.instance_number, i.sop_instance_uid", params)
 
-    def has_instance(self, sop_uid: str, version: int) -> bool:
-        """True when this version of the instance is indexed."""
+    def has_instance(self, study_uid: str, series_uid: str, sop_uid: str, version: int) -> bool:
+        """True when this version of the instance is indexed in this study and series."""
         with self.lock:
             return (
                 self.db.conn.execute(
-                    "SELECT 1 FROM instances WHERE sop_instance_uid=? AND version=?", (sop_uid, version)
+                    "SELECT 1 FROM instances WHERE study_instance_uid=? AND series_instance_uid=?"
+                    " AND sop_instance_uid=? AND version=?",
+                    (study_uid, series_uid, sop_uid, version),
                 ).fetchone()
                 is not None
             )
+
+    def versions(self, study_uid: str, series_uid: str, sop_uid: str) -> dict[str, int]:
+        """The indexed versions of one instance, by sha256 of their bytes (an index lookup, not a scan)."""
+        rows = self.query(
+            "SELECT sha256, version FROM instances WHERE study_instance_uid=? AND series_instance_uid=?"
+            " AND sop_instance_uid=?",
+            (study_uid, series_uid, sop_uid),
+        )
+        return {r["sha256"]: r["version"] for r in rows}
+
+    def conflicts(self) -> list[dict[str, Any]]:
+        """Every recorded conflict, oldest first (UIDs and attribute names, never patient values)."""
+        return self.query("SELECT * FROM conflicts ORDER BY id")
 
     def known_paths(self) -> set[str]:
         """Relative paths of every indexed file (startup recovery compares them with the disk)."""
@@ -453,7 +376,7 @@ class Index:
     def counts(self) -> dict[str, int]:
         """Number of patients, studies, series and instances."""
         with self.lock:
-            return {t: self.db[t].count for t in ("patients", "studies", "series", "instances")}
+            return {t: self.db[t].count for t in ("patients", "studies", "series", "instances", "conflicts")}
 
     def status(self) -> dict[str, Any]:
         """Studies with their series (state, counts, condition key, rule, findings), for ``status``."""
@@ -502,6 +425,5 @@ class Index:
             self.db.conn.close()
 
 
-def meta_as_dict(meta: InstanceMeta) -> dict[str, Any]:
-    """An InstanceMeta as a plain dict (for logs and tests; holds identity: never log it whole)."""
-    return asdict(meta)
+def _patient_values(meta: InstanceMeta) -> tuple[str, str, str]:
+    return meta.patient_name, meta.patient_birth_date, meta.patient_sex

@@ -1,0 +1,119 @@
+"""What the index keeps of one instance's header, read once from the stored (header-only) dataset."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A header value as plain text ('' when absent); multi-valued joined with '\\' as on the wire."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed element must not stop indexing of the others
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int_or_none(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except Exception:
+        return None
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the index keeps of one instance's header (everything C-FIND and the pipeline need)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str = ""
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession_number: str = ""
+    study_id: str = ""
+    study_description: str = ""
+    referring_physician_name: str = ""
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    series_date: str = ""
+    body_part_examined: str = ""
+    manufacturer: str = ""
+    manufacturer_model_name: str = ""
+    instance_number: int | None = None
+    frame_of_reference_uid: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# Header tags that end up in ``series.condition_tags``, for the imaging-condition key (rules/keys.py).
+CONDITION_KEYWORDS = (
+    "Manufacturer",
+    "ManufacturerModelName",
+    "ConvolutionKernel",
+    "KVP",
+    "CTDIvol",
+    "Exposure",
+    "XRayTubeCurrent",
+    "ExposureTime",
+    "MagneticFieldStrength",
+    "ScanningSequence",
+    "SequenceVariant",
+    "SequenceName",
+    "MRAcquisitionType",
+    "ImageType",
+    "SliceThickness",
+    "BodyPartExamined",
+)
+
+
+def instance_meta_from_dataset(ds: Dataset, transfer_syntax_uid: str = "") -> InstanceMeta:
+    """Read the indexed attributes from a (header-only) dataset; UIDs are returned as found, unvalidated."""
+    return InstanceMeta(
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        transfer_syntax_uid=transfer_syntax_uid,
+        patient_id=_text(ds, "PatientID"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_id=_text(ds, "StudyID"),
+        study_description=_text(ds, "StudyDescription"),
+        referring_physician_name=_text(ds, "ReferringPhysicianName"),
+        modality=_text(ds, "Modality"),
+        series_number=_int_or_none(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        series_date=_text(ds, "SeriesDate"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        manufacturer=_text(ds, "Manufacturer"),
+        manufacturer_model_name=_text(ds, "ManufacturerModelName"),
+        instance_number=_int_or_none(ds, "InstanceNumber"),
+        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+        extra={k: _text(ds, k) for k in CONDITION_KEYWORDS if k in ds},
+    )
+
+
+def meta_as_dict(meta: InstanceMeta) -> dict[str, Any]:
+    """An InstanceMeta as a plain dict (for logs and tests; holds identity: never log it whole)."""
+    return asdict(meta)
