@@ -20,6 +20,7 @@ from node.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from rules.collect import Progress, SeriesImages
+    from rules.fit import FitOptions
     from rules.registry import Rule, RuleRegistry
     from storage.store import Store
 
@@ -99,6 +100,21 @@ def _pull_for_fit(cfg: Config, source_name: str, query: str, quiet: bool) -> tup
     return source.name, list(pulled)
 
 
+def _fit_options(method: str, divergence: str, reference: str | None, holdout: float) -> tuple[FitOptions, str | None]:
+    """The fit options and the reference key in its canonical form, or a CLI error."""
+    from rules.fit import FitError, FitOptions
+    from rules.keys import ConditionKey, KeyParseError
+
+    try:
+        options = FitOptions(method=method, divergence=divergence)
+        reference = str(ConditionKey.parse(reference)) if reference is not None else None
+    except (FitError, KeyParseError) as exc:
+        raise fail(str(exc)) from exc
+    if not 0.0 <= holdout < 1.0:
+        raise fail("--holdout must be in [0, 1)")
+    return options, reference
+
+
 def _fit_series(
     cfg: Config,
     store: Store,
@@ -173,18 +189,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fit one rule per imaging condition against the reference condition and store them (versioned)."""
         from rules.collect import fit_rules, store_rules
-        from rules.fit import FitError, FitOptions
-        from rules.keys import ConditionKey, KeyParseError
+        from rules.fit import FitError
         from rules.registry import RuleError, RuleRegistry
         from storage.store import open_store
 
-        try:
-            options = FitOptions(method=method, divergence=divergence)
-            reference = str(ConditionKey.parse(reference)) if reference is not None else None
-        except (FitError, KeyParseError) as exc:
-            raise fail(str(exc)) from exc
-        if not 0.0 <= holdout < 1.0:
-            raise fail("--holdout must be in [0, 1)")
+        options, reference = _fit_options(method, divergence, reference, holdout)
         if from_dir is not None and from_pacs is not None:
             raise fail("give --from-dir or --from-pacs, not both")
         if source_name and from_pacs is None:
