@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from test_query import SeriesSpec, synthetic_instance
 from test_retrieve import dataset_bytes
 from typer.testing import CliRunner
 
 from conftest import make_config
+from handlers.peer import Peer
+from handlers.pull import PullError, find_studies, is_listening, pull_studies, pull_study, reprocess_study
 from node.app import Node
 from node.cli import app
-from node.cli.qr import find_studies, pull_studies, pull_study, reprocess_study
 from node.config import Destination
 from peers import free_port, running_orthanc, wait_until
+from storage.index import instance_meta_from_dataset
 from storage.queue import ANALYZE_SERIES
+from storage.store import StoreSettings, open_store
 
 
 def post_instance(url: str, data: bytes) -> dict:
@@ -58,8 +66,8 @@ def test_pull_study_from_orthanc_then_reprocess(tmp_path: Path) -> None:
         node = Node(config)
         node.start(("listen",))
         try:
-            assert find_studies(config, pacs, date_range="20240101-20241231") == [study_uid]
-            assert pull_study(config, pacs, study_uid) == 3
+            assert find_studies(pacs, config.node.ae_title, date_range="20240101-20241231") == [study_uid]
+            assert pull_study(pacs, config.node.ae_title, study_uid) == 3
             rows = node.index.query("SELECT sop_instance_uid, path FROM instances")
             assert len(rows) == 3
             for row in rows:  # Orthanc stores and sends the bytes as uploaded; the node keeps them as received
@@ -76,7 +84,7 @@ def test_pull_study_from_orthanc_then_reprocess(tmp_path: Path) -> None:
             assert node.index.series(series_uid)["state"] == "complete"
             ready = [j for j in node.queue.jobs(("ready",)) if j["kind"] == ANALYZE_SERIES]
             assert [j["key"] for j in ready] == [series_uid]
-            assert pull_studies(config, pacs, patient_id="PULL2") == {specs[1].study_uid: 1}
+            assert pull_studies(pacs, config.node.ae_title, patient_id="PULL2") == {specs[1].study_uid: 1}
         finally:
             node.stop()
 
@@ -100,3 +108,82 @@ def test_cli_pull_and_reprocess_errors(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "not stored" in result.output
     result = runner.invoke(app, ["reprocess", "../etc", "--config", str(cfg)])
     assert result.exit_code == 2
+
+
+def test_is_listening() -> None:
+    port = free_port()
+    assert not is_listening("127.0.0.1", port)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert is_listening("0.0.0.0", server.getsockname()[1])  # a wildcard host is asked on loopback
+
+
+def test_find_and_pull_refuse_before_or_at_the_association() -> None:
+    nobody = Peer("pacs", "PACS", "127.0.0.1", free_port())
+    with pytest.raises(ValueError, match="YYYYMMDD"):
+        find_studies(nobody, "HARMONODE", date_range="2024")
+    with pytest.raises(PullError, match="refused the association"):
+        find_studies(nobody, "HARMONODE", patient_id="P1", timeout=5)
+    with pytest.raises(ValueError, match="UID"):
+        pull_study(nobody, "HARMONODE", "../etc")
+    with pytest.raises(PullError, match="refused the association"):
+        pull_study(nobody, "HARMONODE", "1.2.3", timeout=5)
+
+
+@contextmanager
+def find_scp(answers: list[str]) -> Iterator[Peer]:
+    """A Study Root C-FIND SCP on loopback that answers every query with ``answers`` (study UIDs)."""
+
+    def on_find(event: evt.Event):  # noqa: ANN202
+        for uid in answers:
+            identifier = event.identifier
+            identifier.StudyInstanceUID = uid
+            yield 0xFF00, identifier
+        yield 0x0000, None
+
+    ae = AE(ae_title="FINDSCP")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        yield Peer("scp", "FINDSCP", "127.0.0.1", port)
+    finally:
+        server.shutdown()
+
+
+def test_find_studies_and_a_pull_of_nothing_that_never_listens() -> None:
+    entered = []
+
+    @contextmanager
+    def receiving() -> Iterator[None]:
+        entered.append(True)
+        yield
+
+    with find_scp(["1.2.3", "1.2.4"]) as peer:
+        assert find_studies(peer, "HARMONODE", date_range="20240101-", timeout=5) == ["1.2.3", "1.2.4"]
+    with find_scp([]) as peer:
+        assert pull_studies(peer, "HARMONODE", patient_id="NOBODY", timeout=5, receiving=receiving) == {}
+    assert entered == []  # no listener is started when nothing matched
+
+
+def test_reprocess_study_queues_every_received_series(tmp_path: Path) -> None:
+    study_uid = generate_uid()
+    specs = [
+        SeriesSpec("R1", "RE^PROCESS", study_uid, "20240510", "090000", "A1", generate_uid(), "CT", 2),
+        SeriesSpec("R1", "RE^PROCESS", study_uid, "20240510", "090000", "A1", generate_uid(), "MR", 1),
+    ]
+    with open_store(tmp_path, StoreSettings(fsync=False)) as store:
+        for spec in specs:
+            for i in range(spec.count):
+                ds = synthetic_instance(spec, i + 1)
+                stored = store.files.write_instance(study_uid, spec.series_uid, ds.SOPInstanceUID, encoded(ds))
+                meta = instance_meta_from_dataset(ds)
+                store.index.record_instance(
+                    meta, store.files.relpath(stored.path), stored.size, stored.sha256, stored.version
+                )
+        queued = reprocess_study(store.index, store.queue, study_uid)
+        assert sorted(queued) == sorted(s.series_uid for s in specs)
+        assert {j["key"] for j in store.queue.jobs(("ready",)) if j["kind"] == ANALYZE_SERIES} == set(queued)
+        assert {store.index.series(uid)["state"] for uid in queued} == {"complete"}
+        assert reprocess_study(store.index, store.queue, generate_uid()) == []

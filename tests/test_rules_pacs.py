@@ -9,9 +9,9 @@ import pytest
 from test_pull import encoded, post_instance
 from typer.testing import CliRunner
 
+from handlers.pull import parse_pacs_query
 from node.app import Node
 from node.cli import app
-from node.cli.rules import parse_pacs_query
 from node.config import load_config
 from peers import free_port, running_orthanc
 from storage.index import Index

@@ -1,6 +1,8 @@
 """The ``harmonode`` command line (typer).
 
-Sub-commands register themselves here; each one loads the config once and passes it down.
+Sub-commands register themselves here; each one loads the config once and passes it down. Each command
+parses its options, calls one domain function and prints; the shared pieces (``fail``, ``load_or_fail``,
+the common options) are defined before the command modules are imported, which import them from here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from node.config import ConfigError, load_config
+from node.config import Config, ConfigError, load_config
 
 app = typer.Typer(
     name="harmonode",
@@ -47,7 +49,8 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _config(path: Path | None):  # noqa: ANN202 - returns node.config.Config
+def load_or_fail(path: Path | None) -> Config:
+    """The node's config, or a CLI error naming what is wrong in it."""
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -58,7 +61,7 @@ def _run_roles(config_path: Path | None, roles: tuple[str, ...], verbose: bool) 
     from node.app import Node
 
     setup_logging(verbose)
-    config = _config(config_path)
+    config = load_or_fail(config_path)
     try:
         node = Node(config)
         node.start(roles)
@@ -99,12 +102,16 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts and monitoring.")] = False,
 ) -> None:
     """Show studies, series (state, instances, condition, rule, findings) and jobs."""
-    from node.cli.status import collect_status, format_status
+    from node.cli.status import format_status
+    from storage.status import collect_status
+    from storage.store import open_store
 
-    cfg = _config(config)
+    cfg = load_or_fail(config)
     if not (cfg.data_path / "index.sqlite").exists():
         raise fail(f"no node data in {cfg.data_path.resolve()}: start `harmonode serve` or pass --config")
-    report = collect_status(cfg)
+    identity = {"ae_title": cfg.node.ae_title, "host": cfg.node.host, "port": cfg.node.port}
+    with open_store(cfg.data_path, cfg.store_settings) as store:
+        report = collect_status(store, identity)
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else format_status(report))
 
 
@@ -117,7 +124,7 @@ def resend(
     from storage.deliveries import retry_dead_deliveries
     from storage.store import open_store
 
-    cfg = _config(config)
+    cfg = load_or_fail(config)
     if not (cfg.data_path / "queue.sqlite").exists():
         raise fail(f"no node data in {cfg.data_path.resolve()}: pass --config of the node")
     with open_store(cfg.data_path, cfg.store_settings) as store:
@@ -140,7 +147,10 @@ def demo(
 
     setup_logging(verbose)
     logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
-    code = run_demo(studies=studies, seed=seed, data_dir=data_dir)
+    try:
+        code = run_demo(studies=studies, seed=seed, data_dir=data_dir)
+    except (RuntimeError, OSError) as exc:
+        raise fail(f"demo stopped: {exc} (run again with --verbose for the node's log)") from exc
     raise typer.Exit(code)
 
 

@@ -22,13 +22,16 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import typer
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
-from node.config import Destination, load_config, with_overrides
+from node.config import Config, Destination, load_config, with_overrides
+
+if TYPE_CHECKING:
+    from node.app import Node
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +185,22 @@ def start_pacs(workdir: Path) -> BuiltinPacs | OrthancPacs:
     return BuiltinPacs()
 
 
-def _match(findings: list[dict[str, Any]], lesions: list[dict[str, Any]]) -> tuple[int, int]:
-    """(true positives, false positives): a finding within max(radius, 4 mm) of a true lesion centre."""
+def _count_hits(findings: list[dict[str, Any]], lesions: list[dict[str, Any]]) -> tuple[int, int]:
+    """(true positives, false positives) of a series' findings against its true lesions.
+
+    Parameters
+    ----------
+    findings
+        The series' findings as the index stores them (each with ``center_mm``).
+    lesions
+        The simulator's ground truth (each with ``center_mm`` and ``diameter_mm``).
+
+    Returns
+    -------
+    tuple[int, int]
+        Lesions hit by at least one finding; findings that hit no lesion.
+    """
+    # switched to models.training.evaluate at merge
     hit = set()
     fp = 0
     for f in findings:
@@ -237,64 +254,93 @@ def fit_demo_rules(plan: list[tuple[str, str]], work: Path, data: Path, seed: in
     ]
 
 
-def run_demo(studies: int = 3, seed: int = 7, data_dir: Path | None = None, timeout_s: float = 600) -> int:
-    """Run the demo; return a process exit code (0: every study made it to the PACS)."""
-    from node.app import Node
-    from simulator.studies import send_files, simulate_study, write_study
-
-    work = Path(tempfile.mkdtemp(prefix="harmonode-demo-"))
-    data = Path(data_dir) if data_dir else work / "node"
-    pacs = start_pacs(work)
-    plan = [DEMO_PLAN[i % len(DEMO_PLAN)] for i in range(studies)]
-    typer.echo("fitting the conversion rules from unlabeled studies (seed 000) ...")
-    for line in fit_demo_rules(plan, work, data, seed):
-        typer.echo(f"  {line}")
-    cfg = with_overrides(
+def _demo_config(data: Path, pacs: BuiltinPacs | OrthancPacs) -> Config:
+    """Embedded defaults on a free port with a short quiet period and fast retries, results to ``pacs``."""
+    return with_overrides(
         load_config(None),
         node={"port": _free_port(), "data_dir": str(data)},
         pipeline={"quiet_seconds": 2.0, "poll_seconds": 0.2},
         queue={"backoff_base_s": 0.5, "backoff_max_s": 5.0},
         destinations=[Destination("pacs", pacs.aet, "127.0.0.1", pacs.port)],
     )
-    node = Node(cfg)
-    node.start()
-    typer.echo(
-        f"node {cfg.node.ae_title} on 127.0.0.1:{node.port}, data in {data}; PACS: {pacs.name} "
-        f"({pacs.aet} on 127.0.0.1:{pacs.port})"
-    )
+
+
+def _send_studies(plan: list[tuple[str, str]], work: Path, node: Node, seed: int) -> list[dict[str, Any]]:
+    """Simulate and push one study per ``plan`` entry to the node; what was sent, with its ground truth."""
+    from simulator.studies import send_files, simulate_study, write_study
+
     sent: list[dict[str, Any]] = []
+    for i, (kind, condition) in enumerate(plan):
+        study = simulate_study(kind, condition, seed=seed + i, size=DEMO_SIZE)
+        paths = write_study(study, work / f"study{i}")
+        n = send_files([p for p in paths if p.suffix == ".dcm"], "127.0.0.1", node.port, node.config.node.ae_title)
+        sent.append({"kind": kind, "condition": condition, "truth": study.truth, "n": n, "sent_at": time.time()})
+        typer.echo(f"scanner: sent study {i + 1}/{len(plan)} ({kind}, {condition}, {n} slices)")
+    return sent
+
+
+def _wait_for_results(
+    node: Node, pacs: BuiltinPacs | OrthancPacs, sent: list[dict[str, Any]], timeout_s: float
+) -> None:
+    """Poll the PACS until every sent study has an SR there and the queue is empty, or ``timeout_s`` passes.
+
+    Each study that got its SR is given ``sr_seen_at`` (epoch seconds).
+    """
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        arrivals = [pacs.study(s["truth"]["study_instance_uid"]) for s in sent]
+        for s, a in zip(sent, arrivals, strict=True):
+            if "SR" in a.by_modality and "sr_seen_at" not in s:
+                s["sr_seen_at"] = time.time()
+        if all("sr_seen_at" in s for s in sent) and node.queue.pending_count() == 0:
+            return
+        time.sleep(0.25)
+
+
+def run_demo(studies: int = 3, seed: int = 7, data_dir: Path | None = None, timeout_s: float = 600) -> int:
+    """Run the demo; return a process exit code (0: every study made it to the PACS).
+
+    Raises
+    ------
+    RuntimeError
+        The rules could not be fitted or the PACS did not start.
+    OSError
+        The node could not start.
+    """
+    from node.app import Node
+
+    work = Path(tempfile.mkdtemp(prefix="harmonode-demo-"))
+    data = Path(data_dir) if data_dir else work / "node"
+    pacs = start_pacs(work)
     try:
-        for i in range(studies):
-            kind, condition = plan[i]
-            study = simulate_study(kind, condition, seed=seed + i, size=DEMO_SIZE)
-            paths = write_study(study, work / f"study{i}")
-            truth = study.truth
-            n = send_files([p for p in paths if p.suffix == ".dcm"], "127.0.0.1", node.port, cfg.node.ae_title)
-            sent.append({"kind": kind, "condition": condition, "truth": truth, "n": n, "sent_at": time.time()})
-            typer.echo(f"scanner: sent study {i + 1}/{studies} ({kind}, {condition}, {n} slices)")
-        deadline = time.time() + timeout_s
-        typer.echo("waiting for series completion, analysis and delivery ...")
-        while time.time() < deadline:
-            arrivals = [pacs.study(s["truth"]["study_instance_uid"]) for s in sent]
-            for s, a in zip(sent, arrivals, strict=True):
-                if "SR" in a.by_modality and "sr_seen_at" not in s:
-                    s["sr_seen_at"] = time.time()
-            if all("sr_seen_at" in s for s in sent) and node.queue.pending_count() == 0:
-                break
-            time.sleep(0.25)
-        code = _print_table(node, pacs, sent)
+        plan = [DEMO_PLAN[i % len(DEMO_PLAN)] for i in range(studies)]
+        typer.echo("fitting the conversion rules from unlabeled studies (seed 000) ...")
+        for line in fit_demo_rules(plan, work, data, seed):
+            typer.echo(f"  {line}")
+        cfg = _demo_config(data, pacs)
+        node = Node(cfg)
+        node.start()
+        try:
+            typer.echo(
+                f"node {cfg.node.ae_title} on 127.0.0.1:{node.port}, data in {data}; PACS: {pacs.name} "
+                f"({pacs.aet} on 127.0.0.1:{pacs.port})"
+            )
+            sent = _send_studies(plan, work, node, seed)
+            typer.echo("waiting for series completion, analysis and delivery ...")
+            _wait_for_results(node, pacs, sent, timeout_s)
+            code = _print_table(node, pacs, sent)
+        finally:
+            node.stop()
     finally:
-        node.stop()
         pacs.stop()
     if not data_dir:
         shutil.rmtree(work, ignore_errors=True)
     return code
 
 
-def _print_table(node: Any, pacs: Any, sent: list[dict[str, Any]]) -> int:
-    from storage.index import Index
-
-    index = Index(node.config.data_path / "index.sqlite")
+def _print_table(node: Node, pacs: BuiltinPacs | OrthancPacs, sent: list[dict[str, Any]]) -> int:
+    """The per-study table; 0 when every study's SR reached the PACS, else 1."""
+    index = node.index
     code = 0
     typer.echo("")
     header = (
@@ -307,7 +353,7 @@ def _print_table(node: Any, pacs: Any, sent: list[dict[str, Any]]) -> int:
         t = s["truth"]
         row = index.series(t["series_instance_uid"]) or {}
         findings = json.loads(row.get("findings") or "[]")
-        tp, fp = _match(findings, t.get("lesions", []))
+        tp, fp = _count_hits(findings, t.get("lesions", []))
         arrival = pacs.study(t["study_instance_uid"])
         in_pacs = " ".join(f"{m}:{n}" for m, (n, _) in sorted(arrival.by_modality.items()) if m not in ("CT", "MR"))
         turnaround = s["sr_seen_at"] - s["sent_at"] if "sr_seen_at" in s else None
@@ -323,7 +369,6 @@ def _print_table(node: Any, pacs: Any, sent: list[dict[str, Any]]) -> int:
             typer.echo(f"   {row['error']}")
         if row.get("condition_key"):
             typer.echo(f"   condition key: {row['condition_key']}")
-    index.close()
     typer.echo("")
     typer.echo("turnaround: last slice sent → SR stored in the PACS (includes the 2 s quiet period)")
     return code

@@ -1,4 +1,8 @@
-"""``harmonode simulate``: write synthetic studies (and optionally push them over C-STORE, or preview them)."""
+"""``harmonode simulate``: write synthetic studies (and optionally push them over C-STORE, or preview them).
+
+The scanner is ``simulator.studies``; this module checks the options, writes the studies into ``--out``
+all or none (through a staging folder beside it), previews and pushes them.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,34 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from node.cli import fail
 from simulator import studies as simulate
 from simulator.studies import CONDITIONS, KINDS, ScannerCondition, SimulationError
 
 log = logging.getLogger(__name__)
 
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
+ConditionOption = Annotated[
+    list[str] | None, typer.Option("--condition", help="Condition name (repeatable; default: all, cycled).")
+]
+ConditionsFileOption = Annotated[
+    Path | None, typer.Option("--conditions-file", help="TOML with one \\[conditions.NAME] table per condition.")
+]
+SizeOption = Annotated[
+    str,
+    typer.Option(
+        "--size",
+        help="test (small, fast), eval (head 256² at 0.85 mm: what the detector is measured on) "
+        "or full (512², 200–300 slices).",
+    ),
+]
+LesionOption = Annotated[
+    list[float] | None, typer.Option("--lesion-mm", help="Fixed lesion diameter in mm (repeatable).")
+]
+PreviewOption = Annotated[bool, typer.Option("--preview", help="Also write preview PNGs with lesions circled.")]
 
 
 def _plan(
@@ -100,6 +119,59 @@ def write_preview(study: simulate.SimulatedStudy, path: Path, n_slices: int = 3)
     return path
 
 
+def _conditions_table(extra: dict[str, ScannerCondition]) -> str:
+    lines = []
+    for name, c in {**CONDITIONS, **extra}.items():
+        detail = (
+            f"{c.kernel} {c.kvp:g} kVp {c.mas:g} mAs" if c.modality == "CT" else f"{c.field_strength:g} T {c.sequence}"
+        )
+        lines.append(f"{name:28s} {c.modality}  {c.manufacturer} {c.model}  {detail}")
+    return "\n".join(lines)
+
+
+def _write_studies(
+    plan: list[tuple[int, ScannerCondition]],
+    out: Path,
+    kind: str,
+    seed: int,
+    size: str,
+    options: dict[str, Any],
+    preview: bool,
+) -> list[Path]:
+    """Simulate and write every study of ``plan`` into ``out`` (one folder each), all or none.
+
+    The studies are written into a staging folder beside ``out`` and moved in once all are written;
+    a folder of the same name already in ``out`` is replaced.
+
+    Raises
+    ------
+    SimulationError
+        A study cannot be simulated (nothing is left in ``out``).
+    """
+    from tqdm import tqdm
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        written: list[Path] = []
+        for i, cond in tqdm(plan, desc="studies", unit="study", disable=len(plan) < 2):
+            study = simulate.simulate_study(kind, cond, seed + i, size, **options, keep_arrays=preview)
+            folder = staging / f"{kind}-{seed + i:06d}-{cond.name}"
+            simulate.write_study(study, folder)
+            if preview:
+                write_preview(study, folder / "preview.png")
+            written.append(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        for folder in written:
+            target = out / folder.name
+            if target.exists():
+                shutil.rmtree(target)
+            folder.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / folder.name for folder in written]
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``simulate`` command to the harmonode CLI."""
 
@@ -108,48 +180,26 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option("--out", help="Directory for the studies (one folder each).")] = None,
         studies: Annotated[int, typer.Option("--studies", min=1, help="How many studies.")] = 1,
         kind: Annotated[str, typer.Option("--kind", help=f"One of {', '.join(KINDS)}.")] = "head-cta",
-        condition: Annotated[
-            list[str] | None, typer.Option("--condition", help="Condition name (repeatable; default: all, cycled).")
-        ] = None,
-        conditions_file: Annotated[
-            Path | None,
-            typer.Option("--conditions-file", help="TOML with one \\[conditions.NAME] table per condition."),
-        ] = None,
+        condition: ConditionOption = None,
+        conditions_file: ConditionsFileOption = None,
         seed: Annotated[int, typer.Option("--seed", help="First subject seed; study i uses seed + i.")] = 0,
-        size: Annotated[
-            str,
-            typer.Option(
-                "--size",
-                help="test (small, fast), eval (head 256² at 0.85 mm: what the detector is measured on) "
-                "or full (512², 200–300 slices).",
-            ),
-        ] = "full",
-        lesion_mm: Annotated[
-            list[float] | None, typer.Option("--lesion-mm", help="Fixed lesion diameter in mm (repeatable).")
-        ] = None,
+        size: SizeOption = "full",
+        lesion_mm: LesionOption = None,
         spacing: Annotated[float | None, typer.Option("--spacing", help="In-plane pixel spacing, mm.")] = None,
         thickness: Annotated[float | None, typer.Option("--slice-thickness", help="Slice thickness, mm.")] = None,
         send: Annotated[str | None, typer.Option("--send", help="Push each study over C-STORE to HOST:PORT.")] = None,
         aet: Annotated[str, typer.Option("--aet", help="Called AE title for --send.")] = "HARMONODE",
-        preview: Annotated[
-            bool, typer.Option("--preview", help="Also write preview PNGs with lesions circled.")
-        ] = False,
+        preview: PreviewOption = False,
         list_: Annotated[bool, typer.Option("--list", help="List the conditions and exit.")] = False,
     ) -> None:
         """Write synthetic CT/MRA studies with known lesions under named scanner conditions."""
-        from tqdm import tqdm
-
         logging.basicConfig(level=logging.WARNING)
+        options: dict[str, Any] = {"lesion_diameters_mm": lesion_mm, "spacing_mm": spacing}
+        options |= {"slice_thickness_mm": thickness}
         try:
             extra = simulate.load_conditions(conditions_file) if conditions_file else {}
             if list_:
-                for name, c in {**CONDITIONS, **extra}.items():
-                    detail = (
-                        f"{c.kernel} {c.kvp:g} kVp {c.mas:g} mAs"
-                        if c.modality == "CT"
-                        else f"{c.field_strength:g} T {c.sequence}"
-                    )
-                    typer.echo(f"{name:28s} {c.modality}  {c.manufacturer} {c.model}  {detail}")
+                typer.echo(_conditions_table(extra))
                 return
             if out is None:
                 raise SimulationError("--out DIR is required")
@@ -157,58 +207,15 @@ def register(app: typer.Typer) -> None:
             peer = _parse_peer(send) if send else None
             # check geometry and lesions before writing anything: a one-slice dry run of the first study
             simulate.simulate_study(
-                kind,
-                plan[0][1],
-                seed,
-                size,
-                lesion_diameters_mm=lesion_mm,
-                spacing_mm=spacing,  # type: ignore[arg-type]
-                slice_thickness_mm=thickness,
-                slices=1,
-                matrix=16,
-                extra_conditions=extra,
+                kind, plan[0][1], seed, size, **options, slices=1, matrix=16, extra_conditions=extra
             )
+            written = _write_studies(plan, out, kind, seed, size, {**options, "extra_conditions": extra}, preview)
         except SimulationError as exc:
-            raise _fail(str(exc)) from exc
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        try:
-            written: list[Path] = []
-            for i, cond in tqdm(plan, desc="studies", unit="study", disable=len(plan) < 2):
-                study = simulate.simulate_study(
-                    kind,
-                    cond,
-                    seed + i,
-                    size,
-                    lesion_diameters_mm=lesion_mm,
-                    spacing_mm=spacing,  # type: ignore[arg-type]
-                    slice_thickness_mm=thickness,
-                    extra_conditions=extra,
-                    keep_arrays=preview,
-                )
-                folder = staging / f"{kind}-{seed + i:06d}-{cond.name}"
-                simulate.write_study(study, folder)
-                if preview:
-                    write_preview(study, folder / "preview.png")
-                written.append(folder)
-            out.mkdir(parents=True, exist_ok=True)
-            for folder in written:
-                target = out / folder.name
-                if target.exists():
-                    shutil.rmtree(target)
-                folder.rename(target)
-        except SimulationError as exc:
-            raise _fail(str(exc)) from exc
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            raise fail(str(exc)) from exc
         if peer:
-            total = 0
-            for folder in written:
-                try:
-                    total += simulate.send_files(sorted((out / folder.name).glob("*.dcm")), peer[0], peer[1], aet)
-                except ConnectionError as exc:
-                    raise typer.Exit(
-                        _fail(f"{exc} (is the node listening, is the AE title {aet!r} right?)").exit_code
-                    ) from exc
+            try:
+                total = sum(simulate.send_files(sorted(f.glob("*.dcm")), peer[0], peer[1], aet) for f in written)
+            except ConnectionError as exc:
+                raise fail(f"{exc} (is the node listening, is the AE title {aet!r} right?)") from exc
             typer.echo(f"sent {total} instances to {aet}@{send}")
         typer.echo(f"wrote {len(written)} studies to {out}")

@@ -1,42 +1,15 @@
-"""``harmonode status``: studies, series and jobs, as JSON for scripts or as a table for people."""
+"""``harmonode status``: studies, series and jobs, as JSON for scripts or as a table for people.
+
+The report itself is read by ``storage.status.collect_status``; this module only formats it.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Any
-
-from node.config import Config
-from storage.deliveries import delivery_status
-from storage.store import open_store
-
-
-def collect_status(config: Config) -> dict[str, Any]:
-    """Read the index and queue of the node configured by ``config`` (read-only)."""
-    data = config.data_path
-    store = open_store(data, config.store_settings)
-    index, queue = store.index, store.queue
-    try:
-        report: dict[str, Any] = {
-            "node": {
-                "ae_title": config.node.ae_title,
-                "host": config.node.host,
-                "port": config.node.port,
-                "data_dir": str(data.resolve()),
-            },
-            "counts": index.counts(),
-            **index.status(),
-            "jobs": queue.jobs(),
-            "deliveries": delivery_status(index),
-            "quarantined": len(store.files.quarantined()),
-            "generated_at": time.time(),
-        }
-    finally:
-        store.close()
-    return report
 
 
 def format_status(report: dict[str, Any]) -> str:
-    """A human-readable summary of ``collect_status``'s report."""
+    """A human-readable summary of ``storage.status.collect_status``'s report."""
     lines = [
         f"node {report['node']['ae_title']} at {report['node']['host']}:{report['node']['port']}"
         f"  data {report['node']['data_dir']}",
