@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import socket
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom.filewriter import dcmwrite
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
-from test_query import SeriesSpec, synthetic_instance
-from test_retrieve import dataset_bytes
 from typer.testing import CliRunner
 
+from builders import SeriesSpec, dataset_bytes, encoded, post_instance, synthetic_instance
 from conftest import make_config
 from handlers.peer import Peer
 from handlers.pull import PullError, find_studies, is_listening, pull_studies, pull_study, reprocess_study
@@ -29,20 +24,6 @@ from peers import free_port, running_orthanc, wait_until
 from storage.index import instance_meta_from_dataset
 from storage.queue import ANALYZE_SERIES
 from storage.store import StoreSettings, open_store
-
-
-def post_instance(url: str, data: bytes) -> dict:
-    """Upload one DICOM file to Orthanc (REST ``POST /instances`` with the raw file bytes)."""
-    req = urllib.request.Request(url + "/instances", data=data, method="POST")
-    req.add_header("Content-Type", "application/dicom")
-    with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - loopback only
-        return json.loads(r.read())
-
-
-def encoded(ds) -> bytes:  # noqa: ANN001
-    buf = BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
 
 
 @pytest.mark.peers

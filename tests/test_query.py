@@ -3,134 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from conftest import make_config
+from builders import Populated, findscu, populated_node, study_uids
 from handlers.query import handle_find
-from node.app import Node
-from node.config import Config
-from peers import run_tool
-
-
-@dataclass(frozen=True)
-class SeriesSpec:
-    """One synthetic series of the test population."""
-
-    patient_id: str
-    patient_name: str
-    study_uid: str
-    study_date: str
-    study_time: str
-    accession: str
-    series_uid: str
-    modality: str
-    count: int
-
-
-def synthetic_instance(spec: SeriesSpec, number: int) -> Dataset:
-    """A small CT or MR image (8×8) of ``spec``; MR is written Implicit VR, CT Explicit VR Little Endian."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if spec.modality == "MR" else ExplicitVRLittleEndian
-    ds.SOPClassUID = MRImageStorage if spec.modality == "MR" else CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = spec.patient_name, spec.patient_id, "", "O"
-    ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = spec.study_uid, spec.study_date, spec.study_time
-    ds.AccessionNumber, ds.StudyID, ds.StudyDescription = spec.accession, "1", "QR test"
-    ds.ReferringPhysicianName = ""
-    ds.SeriesInstanceUID, ds.Modality, ds.SeriesNumber = spec.series_uid, spec.modality, 1
-    ds.InstanceNumber = number
-    ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.PixelData = bytes(range(128))
-    return ds
-
-
-def population() -> list[SeriesSpec]:
-    """Three patients, three studies, four series, eight instances."""
-    a, b, c = generate_uid(), generate_uid(), generate_uid()
-    return [
-        SeriesSpec("P1", "DOE^JOHN", a, "20240115", "101500", "ACC1", generate_uid(), "CT", 3),
-        SeriesSpec("P1", "DOE^JOHN", a, "20240115", "101500", "ACC1", generate_uid(), "MR", 2),
-        SeriesSpec("P2", "doe^jane", b, "20240301", "143000", "ACC2", generate_uid(), "CT", 2),
-        SeriesSpec("P3", "SMITH^ANNA", c, "20231220", "080000", "ACC3", generate_uid(), "CT", 1),
-    ]
-
-
-def store_population(port: int, specs: list[SeriesSpec]) -> list[Dataset]:
-    """C-STORE every instance of ``specs`` to the node; return the datasets sent."""
-    ae = AE(ae_title="TESTSCU")
-    for ctx in ((CTImageStorage, ExplicitVRLittleEndian), (MRImageStorage, ImplicitVRLittleEndian)):
-        ae.add_requested_context(ctx[0], [ctx[1]])
-    assoc = ae.associate("127.0.0.1", port, ae_title="HARMONODE")
-    assert assoc.is_established
-    sent = []
-    for spec in specs:
-        for i in range(spec.count):
-            ds = synthetic_instance(spec, i + 1)
-            assert assoc.send_c_store(ds).Status == 0x0000
-            sent.append(ds)
-    assoc.release()
-    return sent
-
-
-@dataclass
-class Populated:
-    """A listening node with the synthetic population stored."""
-
-    node: Node
-    config: Config
-    specs: list[SeriesSpec]
-    sent: list[Dataset]
-
-
-def populated_node(workdir: Path, **sections) -> Iterator[Populated]:  # noqa: ANN003
-    """Start a listen-only node under ``workdir``, store the population, yield it, stop it."""
-    config = make_config(workdir, **sections)
-    node = Node(config)
-    node.start(("listen",))
-    specs = population()
-    sent = store_population(node.port, specs)
-    try:
-        yield Populated(node, config, specs, sent)
-    finally:
-        node.stop()
 
 
 @pytest.fixture(scope="module")
 def qr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Populated]:
     yield from populated_node(tmp_path_factory.mktemp("qr") / "node")
-
-
-def findscu(port: int, out: Path, keys: list[str], model: str = "-S") -> list[Dataset]:
-    """Run DCMTK findscu with ``keys``; return the response identifiers it extracted."""
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("rsp*.dcm"):
-        old.unlink()
-    args = ["findscu", "-aec", "HARMONODE", model, "-X", "-od", str(out)]
-    for k in keys:
-        args += ["-k", k]
-    run_tool([*args, "127.0.0.1", str(port)], timeout=30)
-    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
-
-
-def study_uids(rsps: list[Dataset]) -> set[str]:
-    return {str(r.StudyInstanceUID) for r in rsps}
 
 
 @pytest.mark.peers

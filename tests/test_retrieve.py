@@ -6,7 +6,6 @@ import logging
 import socket
 import subprocess
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,20 +18,13 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from test_query import Populated, populated_node
 
+from builders import Populated, dataset_bytes, populated_node
 from handlers.retrieve import handle_get
 from node.config import Destination
 from peers import free_port, peer_env, run_tool, system_tool, wait_until
 
 STORESCP_AE = "STORESCP"
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The encoded dataset after the file meta (the file meta of a copy may differ)."""
-    raw = Path(path).read_bytes()
-    ds = dcmread(BytesIO(raw), stop_before_pixels=True)
-    return raw[132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength) :]
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from test_pull import encoded, post_instance
 from typer.testing import CliRunner
 
+from builders import encoded, post_instance
 from handlers.pull import parse_pacs_query
 from node.app import Node
 from node.cli import app

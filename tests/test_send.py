@@ -9,8 +9,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
-from test_results import ALGORITHM, geometry_of, make_ct_series, make_findings
 
+from builders import ALGORITHM, geometry_of, make_ct_series, make_findings
 from conftest import make_config
 from handlers.results import build_results
 from handlers.send import DeliveryError, c_store

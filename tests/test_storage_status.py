@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 from pydicom.uid import generate_uid
-from test_pull import encoded
-from test_query import SeriesSpec, synthetic_instance
 
+from builders import SeriesSpec, encoded, synthetic_instance
 from storage.index import instance_meta_from_dataset
 from storage.queue import ANALYZE_SERIES
 from storage.status import collect_status
@@ -22,7 +21,7 @@ def test_an_empty_store_reports_its_identity_and_nothing_else(tmp_path: Path) ->
         report = collect_status(store, IDENTITY)
     assert report["node"] == {**IDENTITY, "data_dir": str((tmp_path / "var").resolve())}
     assert list(report["node"]) == ["ae_title", "host", "port", "data_dir"]
-    assert report["counts"] == {"patients": 0, "studies": 0, "series": 0, "instances": 0}
+    assert report["counts"] == {"patients": 0, "studies": 0, "series": 0, "instances": 0, "conflicts": 0}
     assert (report["studies"], report["jobs"], report["deliveries"], report["quarantined"]) == ([], [], [], 0)
 
 
