@@ -28,7 +28,8 @@ def collect_status(store: Store, identity: Mapping[str, Any]) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``node``, ``counts``, ``studies`` (each with its ``series``), ``jobs``, ``deliveries``,
+        ``node``, ``counts``, ``studies`` (each with its ``series``), ``jobs``, ``deliveries``, ``conflicts``
+        (what arrived disagreeing with the index: kind, UIDs and attribute names, never patient values),
         ``quarantined`` (number of quarantined files) and ``generated_at`` (epoch seconds): JSON-able.
     """
     return {
@@ -37,6 +38,7 @@ def collect_status(store: Store, identity: Mapping[str, Any]) -> dict[str, Any]:
         **store.index.status(),
         "jobs": store.queue.jobs(),
         "deliveries": delivery_status(store.index),
+        "conflicts": store.index.conflicts(),
         "quarantined": len(store.files.quarantined()),
         "generated_at": time.time(),
     }

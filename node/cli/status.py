@@ -30,6 +30,14 @@ def format_status(report: dict[str, Any]) -> str:
             f"destination {d['destination']}: sent {d['sent']}, pending {d['pending']}, failed {d['failed']},"
             f" dead {d['dead']}" + (f"  last error: {d['last_error']}" if d.get("last_error") else "")
         )
+    conflicts = report.get("conflicts", [])
+    if conflicts:
+        lines += ["", f"conflicts ({len(conflicts)}; kept, not overwritten):"]
+        for c in conflicts[:50]:
+            lines.append(
+                f"  {c['kind']:<21} study {c['study_instance_uid']}  series {c['series_instance_uid']}"
+                f"  instance {c['sop_instance_uid']}  ({c['detail']})"
+            )
     jobs = report["jobs"]
     if jobs:
         lines += ["", "jobs:"]
