@@ -1,7 +1,8 @@
 """C-STORE SCP: store the bytes as received, durably, index them, then answer.
 
-The handler decodes only the header (``stop_before_pixels``) for the index; the file written is the
-encoded dataset exactly as the peer sent it, behind a Part 10 preamble and file meta. The success status
+The handler decodes only the header for the index (large values stay deferred on the received bytes) and
+checks that the bytes hold what their transfer syntax and image attributes say (``handlers.encoding``); the
+file written is the encoded dataset exactly as the peer sent it, behind a Part 10 preamble and file meta. The success status
 goes back only after the file is fsynced and renamed into place and the index row is committed.
 Every failure becomes a DICOM status, a quarantined copy with the reason and a log line without patient
 identity; the association and the node keep serving.
@@ -10,6 +11,7 @@ identity; the association and the node keep serving.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
@@ -36,6 +38,13 @@ from pynetdicom.sop_class import (
     Comprehensive3DSRStorage as Comprehensive3DSR,
 )
 
+from handlers.encoding import (
+    EncodingRefused,
+    check_explicitness,
+    check_inflation,
+    check_pixel_data,
+    dataset_offset,
+)
 from storage.files import FileStore, InvalidUID, TooManyVersions, check_uid
 from storage.index import Index, instance_meta_from_dataset
 
@@ -71,6 +80,17 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
 )
 
 
+DEFER_BYTES = 4096  # values longer than this are not read into memory by the header parse
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """What one C-STORE may cost the node."""
+
+    max_versions: int = 100  # versions of one SOP Instance UID in one series (0: no limit)
+    max_inflated_bytes: int = 64 * 1024 * 1024  # a deflated dataset inflated further is refused (0: no limit)
+
+
 class StoreRefused(Exception):
     """An instance is refused: carries the DICOM status and a reason without patient identity."""
 
@@ -96,7 +116,7 @@ def store_encoded(
     files: FileStore,
     index: Index,
     calling_ae: str = "",
-    max_versions: int = 0,
+    limits: StoreLimits | None = None,
 ) -> tuple[int, str]:
     """Store one encoded Part 10 instance from a peer durably and index it (origin ``received``).
 
@@ -110,8 +130,8 @@ def store_encoded(
         The file store and the index.
     calling_ae
         Who sent it (kept in the index for audit).
-    max_versions
-        How many versions of one SOP Instance UID (in one series) are kept; more are refused (0: no limit).
+    limits
+        How many versions of one instance are kept and how far a deflated dataset may inflate.
 
     Returns
     -------
@@ -123,9 +143,18 @@ def store_encoded(
     StoreRefused
         With the failure status; the caller quarantines and answers it.
     """
+    limits = limits or StoreLimits()
     try:
-        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, force=False)
+        meta_only = dcmread(BytesIO(encoded), stop_before_pixels=True, force=False, specific_tags=[])
+        start = dataset_offset(encoded, meta_only)
+        check_inflation(encoded, start, transfer_syntax_uid, limits.max_inflated_bytes)
+        check_explicitness(encoded, start, transfer_syntax_uid)
+        # Large values stay on the wire bytes (deferred): their position and length are all the checks need.
+        ds = dcmread(BytesIO(encoded), defer_size=DEFER_BYTES, force=False)
         ds.SOPInstanceUID  # noqa: B018 - forces parsing up to the UIDs; errors surface here
+        check_pixel_data(ds, len(encoded), transfer_syntax_uid)
+    except EncodingRefused as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND | 0x213, str(exc)) from exc
     except (InvalidDicomError, EOFError) as exc:
         raise StoreRefused(CANNOT_UNDERSTAND | 0x210, f"dataset cannot be parsed: {type(exc).__name__}") from exc
     except Exception as exc:  # pydicom raises many types on corrupt input
@@ -154,7 +183,9 @@ def store_encoded(
         )
     try:
         known = index.versions(study_uid, series_uid, sop_uid)
-        stored = files.write_instance(study_uid, series_uid, sop_uid, encoded, known=known, max_versions=max_versions)
+        stored = files.write_instance(
+            study_uid, series_uid, sop_uid, encoded, known=known, max_versions=limits.max_versions
+        )
     except TooManyVersions as exc:
         raise StoreRefused(OUT_OF_RESOURCES, f"version refused: {exc}") from exc
     except OSError as exc:
@@ -170,8 +201,10 @@ def store_encoded(
     return SUCCESS, "stored" if stored.version == 1 else f"stored as version {stored.version}"
 
 
-def handle_store(event: evt.Event, files: FileStore, index: Index, max_versions: int = 0) -> int | tuple[int, Any]:
-    """EVT_C_STORE handler bound with the file store, the index and the version limit."""
+def handle_store(
+    event: evt.Event, files: FileStore, index: Index, limits: StoreLimits | None = None
+) -> int | tuple[int, Any]:
+    """EVT_C_STORE handler bound with the file store, the index and the store's limits."""
     calling_ae = event.assoc.requestor.ae_title
     try:
         encoded = event.encoded_dataset(include_meta=True)
@@ -190,7 +223,7 @@ def handle_store(event: evt.Event, files: FileStore, index: Index, max_versions:
             files,
             index,
             calling_ae,
-            max_versions,
+            limits,
         )
     except StoreRefused as refused:
         path = files.quarantine(

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import Verification
 from handlers.echo import handle_echo
 from handlers.query import handle_find
 from handlers.retrieve import QR_SOP_CLASSES, handle_get, handle_move
-from handlers.store import STORAGE_SOP_CLASSES, handle_store
+from handlers.store import STORAGE_SOP_CLASSES, StoreLimits, handle_store
 from handlers.transport import enable_raw_sending, tune_socket
 from node.config import Config
 from node.jobs import ROLE_JOBS, JobBinding, job_bindings
@@ -114,12 +114,18 @@ class Node:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         return ae
 
+    @property
+    def store_limits(self) -> StoreLimits:
+        """What one C-STORE may cost, from ``[node]``."""
+        cfg = self.config.node
+        return StoreLimits(max_versions=cfg.max_versions, max_inflated_bytes=cfg.max_inflated_mb * 1024 * 1024)
+
     def event_handlers(self) -> list[tuple[Any, ...]]:
         """Events bound to handlers with their collaborators."""
         handlers: list[tuple[Any, ...]] = [
             (evt.EVT_CONN_OPEN, tune_socket),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.files, self.index, self.config.node.max_versions]),
+            (evt.EVT_C_STORE, handle_store, [self.files, self.index, self.store_limits]),
             (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title]),
             (evt.EVT_C_MOVE, handle_move, [self.config.destinations, self.index, self.files]),
             (evt.EVT_C_GET, handle_get, [self.index, self.files]),

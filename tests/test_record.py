@@ -14,7 +14,7 @@ from pynetdicom import AE
 
 from builders import SeriesSpec, findscu, study_uids, synthetic_instance
 from conftest import make_config
-from handlers.store import OUT_OF_RESOURCES, StoreRefused, store_encoded
+from handlers.store import OUT_OF_RESOURCES, StoreLimits, StoreRefused, store_encoded
 from node.app import Node
 from peers import run_tool
 from storage.index import ConflictKind
@@ -166,6 +166,6 @@ def test_versions_are_found_by_the_index_and_limited(tmp_path: Path, monkeypatch
         )
         ds.InstanceNumber = 6
         with pytest.raises(StoreRefused) as refused:
-            store_encoded(_encoded(ds), ExplicitVRLittleEndian, "", "", store.files, store.index, "", 5)
+            store_encoded(_encoded(ds), ExplicitVRLittleEndian, "", "", store.files, store.index, "", StoreLimits(5))
         assert refused.value.status == OUT_OF_RESOURCES and "5 versions" in refused.value.reason
         assert len(store.index.instances_of_series(ds.SeriesInstanceUID, latest_only=False)) == 5
