@@ -2,8 +2,9 @@
 
 The handler decodes only the header for the index (large values stay deferred on the received bytes) and
 checks that the bytes hold what their transfer syntax and image attributes say (``handlers.encoding``); the
-file written is the encoded dataset exactly as the peer sent it, behind a Part 10 preamble and file meta. The success status
-goes back only after the file is fsynced and renamed into place and the index row is committed.
+file written is the encoded dataset exactly as the peer sent it, behind a Part 10 preamble and file meta.
+The success status goes back only after the file is fsynced and renamed into place and the index row is
+committed.
 Every failure becomes a DICOM status, a quarantined copy with the reason and a log line without patient
 identity; the association and the node keep serving.
 """
