@@ -4,24 +4,37 @@ pynetdicom stays the DICOM library; what the node changes in it is here and nowh
 a test that fails when an upgrade changes what the patch relies on (``PYNETDICOM_CHECKED`` names the
 versions they were checked against):
 
-1. Per-association socket tuning (``tune_socket``): Nagle off, a faster receive, a bound on the PDU size.
-2. Sending stored files as stored (``send_stored_files``, ``StoredInstance``, ``enable_raw_sending``).
+1. Per-association socket tuning (``tune_socket``): Nagle off, a faster receive, a bound on the PDU size,
+   the TLS handshake in the connection's own thread under the set-up timeout.
+2. The door (``Door.install``): who may open a connection at all, and how many, before anything is read.
+3. A request pynetdicom cannot turn into a service call gets a failure status (``answer_invalid_requests``).
+4. Sending stored files as stored (``send_stored_files``, ``StoredInstance``, ``enable_raw_sending``).
 
-Socket tuning:
+Socket tuning: pynetdicom reads each PDU in 4 KiB ``recv`` calls from Python and trusts the length a peer
+declares; a 128 KiB P-DATA PDU costs 32 calls, and a peer that declares a 4 GiB PDU can make it buffer
+whatever it streams. On each new association socket (``EVT_CONN_OPEN``) the node sets TCP_NODELAY and
+replaces that socket's ``recv`` with one that reads in large chunks, grows its buffer only as bytes arrive
+(a declared length costs nothing until it is sent) and refuses a declared length above ``max_pdu_bytes``
+(the connection is then closed as a transport error). TLS sockets get the same receive.
 
-pynetdicom reads each PDU in 4 KiB ``recv`` calls from Python and trusts the length a peer declares;
-a 128 KiB P-DATA PDU costs 32 calls, and a peer that declares a 4 GiB PDU can make it buffer whatever
-it streams. On each new association socket (``EVT_CONN_OPEN``) the node sets TCP_NODELAY and replaces
-that socket's ``recv`` with one that reads into a preallocated buffer in large chunks and refuses a
-declared length above ``max_pdu_bytes`` (the connection is then closed as a transport error).
+The door: pynetdicom counts a connection that has not yet sent its A-ASSOCIATE-RQ as an association,
+waits ``acse_timeout`` for it, checks the address allow-list only after reading the request, and does the
+TLS handshake in its one accept loop. Twenty idle or slow-dripping sockets then lock every peer out, and
+one idle plain-TCP socket on the TLS port blocks every TLS client. The door admits a connection only from
+an allowed address and within per-address and total caps (connections still negotiating are capped
+apart from established ones), closes a refused socket at once, and moves the TLS handshake out of the
+accept loop.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
+import threading
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +49,7 @@ log = logging.getLogger(__name__)
 PYNETDICOM_CHECKED = ("3.0",)
 
 DEFAULT_MAX_PDU_BYTES = 64 * 1024 * 1024  # far above any real PDU (DCMTK's largest is 128 KiB)
+_RECV_STEP = 1024 * 1024  # a PDU's buffer grows by at most this much per read
 
 
 DUL_POLL_SECONDS = 0.0002
@@ -50,12 +64,14 @@ def _make_recv(max_pdu_bytes: int):  # noqa: ANN202 - returns a bound-method-sha
         if nr_bytes > max_pdu_bytes:
             log.warning("peer declared a %d-byte PDU (limit %d): closing the connection", nr_bytes, max_pdu_bytes)
             raise PduTooLarge(f"PDU of {nr_bytes} bytes refused")
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
+        buf = bytearray(min(nr_bytes, _RECV_STEP))
         got = 0
         sock: socket.socket = self.socket
         while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
+            if got == len(buf):  # grow only as bytes arrive: a declared length alone allocates nothing
+                buf.extend(bytes(min(nr_bytes - got, _RECV_STEP)))
+            with memoryview(buf) as view:
+                n = sock.recv_into(view[got:], len(buf) - got)
             if n == 0:  # connection closed: return what arrived, as pynetdicom does
                 return buf[:got]
             got += n
@@ -64,23 +80,242 @@ def _make_recv(max_pdu_bytes: int):  # noqa: ANN202 - returns a bound-method-sha
     return recv
 
 
-def tune_socket(event: evt.Event, max_pdu_bytes: int = DEFAULT_MAX_PDU_BYTES) -> None:
-    """EVT_CONN_OPEN handler: TCP_NODELAY, fast bounded receive (plain TCP; TLS sockets keep their own)."""
+def tune_socket(
+    event: evt.Event, max_pdu_bytes: int = DEFAULT_MAX_PDU_BYTES, setup_timeout_s: float | None = None
+) -> None:
+    """EVT_CONN_OPEN handler: TCP_NODELAY, bounded growing receive, and a TLS handshake under a deadline.
+
+    A TLS socket the door accepted without its handshake does it here, in the connection's own thread,
+    within ``setup_timeout_s``; a peer that does not complete it is closed (its association then ends).
+    """
     assoc_sock = getattr(event.assoc.dul, "socket", None)
     raw = getattr(assoc_sock, "socket", None)
     if assoc_sock is None or raw is None:
+        return
+    if isinstance(raw, ssl.SSLSocket) and not _handshake(raw, setup_timeout_s):
         return
     try:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass
-    if type(raw) is socket.socket:  # an SSLSocket buffers internally; leave it to pynetdicom
+    if isinstance(raw, socket.socket):  # SSLSocket is one too: recv_into decrypts into the buffer
         assoc_sock.recv = types.MethodType(_make_recv(max_pdu_bytes), assoc_sock)
     # The DUL thread sleeps this long whenever it finds nothing to do (1 ms by default): a store
     # response waits for it. A shorter poll costs some idle CPU per open association, which is short-lived.
     dul = event.assoc.dul
     if hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_POLL_SECONDS
+
+
+def _handshake(sock: ssl.SSLSocket, timeout_s: float | None) -> bool:
+    """Complete a server-side TLS handshake within ``timeout_s`` (False, and the socket closed, if not)."""
+    if getattr(sock, "_harmonode_handshaken", True):
+        return True  # wrapped by pynetdicom itself (handshake done at accept) or already done
+    previous = sock.gettimeout()
+    try:
+        sock.settimeout(timeout_s)
+        sock.do_handshake()
+        sock._harmonode_handshaken = True  # type: ignore[attr-defined]
+        return True
+    except (OSError, ssl.SSLError) as exc:
+        log.warning("TLS handshake with %s failed: %s", _peer_host(sock), type(exc).__name__)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+        return False
+    finally:
+        if not sock._closed:  # type: ignore[attr-defined]
+            sock.settimeout(previous)
+
+
+def _peer_host(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
+
+
+# -- the door ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DoorPolicy:
+    """Who may connect, and how many at once (``[node]``)."""
+
+    allowed_addresses: tuple[str, ...] = ()  # empty: any address
+    max_associations: int = 16  # established associations (pynetdicom's own cap counts negotiating ones too)
+    max_connections: int = 64  # open sockets in all, negotiating or established
+    max_per_address: int = 16  # open sockets from one address
+    max_negotiating: int = 16  # sockets that have not completed association, in all
+    max_negotiating_per_address: int = 4  # ... and from one address
+
+    @property
+    def pynetdicom_limit(self) -> int:
+        """``AE.maximum_associations``: out of the way, since pynetdicom counts every live acceptor thread
+        (negotiating, and evicted ones still ending) as an association; the door enforces the caps."""
+        return 10 * (self.max_connections + self.max_negotiating)
+
+
+class Door:
+    """Admission of connections to a pynetdicom server, decided at accept, before a byte is read.
+
+    ``install`` patches three methods of the server: ``verify_request`` (admit or close at once),
+    ``shutdown_request`` (count a connection out) and ``get_request`` (TLS wrap without the handshake,
+    which ``tune_socket`` does in the connection's thread). ``established`` (bound to ``EVT_ESTABLISHED``)
+    moves a connection from negotiating to established; ``requested`` (``EVT_REQUESTED``) rejects an
+    association beyond ``max_associations`` established ones (local limit exceeded).
+    """
+
+    def __init__(self, policy: DoorPolicy) -> None:
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._open: dict[int, tuple[str, socket.socket]] = {}  # id(socket) -> (peer address, socket)
+        self._negotiating: set[int] = set()
+        self.refused = 0  # connections closed at accept
+        self.evicted = 0  # negotiating connections closed to admit newer ones
+
+    def _prune(self) -> None:
+        """Forget sockets closed on a path that did not call ``shutdown_request`` (a failed handshake)."""
+        for key in [k for k, (_, sock) in self._open.items() if sock.fileno() == -1]:
+            self._open.pop(key, None)
+            self._negotiating.discard(key)
+
+    def counts(self, host: str) -> tuple[int, int]:
+        """(open, negotiating) connections of one address."""
+        with self._lock:
+            self._prune()
+            mine = [k for k, (h, _) in self._open.items() if h == host]
+            return len(mine), sum(1 for k in mine if k in self._negotiating)
+
+    def _evict_oldest_negotiating(self, host: str | None) -> None:
+        """Close the longest-waiting negotiating connection (of ``host``, or of anyone when None)."""
+        for key, (h, sock) in self._open.items():  # dicts keep admission order: the first is the oldest
+            if key in self._negotiating and (host is None or h == host):
+                self._negotiating.discard(key)
+                del self._open[key]
+                self.evicted += 1
+                log.warning("connection from %s still negotiating: closed to admit a newer one", h)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # its thread's read fails and the association ends
+                except OSError:
+                    pass
+                return
+
+    def admit(self, request: socket.socket, client_address: Any) -> bool:
+        """``verify_request``: True to serve the connection; False closes it before anything is read.
+
+        A connection that has not completed association holds a place only until a newer one needs it:
+        past the negotiating caps the oldest negotiating connection is closed, so idle, slow-dripping or
+        malformed peers cannot keep a real peer (which associates within milliseconds) out.
+        """
+        host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+        policy = self.policy
+        why = ""
+        with self._lock:
+            if policy.allowed_addresses and host not in policy.allowed_addresses:
+                why = "address not allowed"
+            else:
+                self._prune()
+                if sum(1 for k in self._negotiating if self._open[k][0] == host) >= policy.max_negotiating_per_address:
+                    self._evict_oldest_negotiating(host)
+                elif len(self._negotiating) >= policy.max_negotiating:
+                    self._evict_oldest_negotiating(None)
+                mine = sum(1 for h, _ in self._open.values() if h == host)
+                if len(self._open) >= policy.max_connections:
+                    why = f"{policy.max_connections} connections open"
+                elif mine >= policy.max_per_address:
+                    why = f"{policy.max_per_address} connections open from this address"
+                else:
+                    self._open[id(request)] = (host, request)
+                    self._negotiating.add(id(request))
+                    return True
+            self.refused += 1
+        log.warning("connection from %s closed at the door: %s", host, why)
+        return False
+
+    def release(self, request: Any) -> None:
+        """Count a connection out (``shutdown_request`` may run twice for one socket)."""
+        with self._lock:
+            self._open.pop(id(request), None)
+            self._negotiating.discard(id(request))
+
+    def established(self, event: evt.Event) -> None:
+        """EVT_ESTABLISHED handler: the connection has completed association."""
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        with self._lock:
+            self._negotiating.discard(id(sock))
+
+    def requested(self, event: evt.Event) -> None:
+        """EVT_REQUESTED handler: reject (transient, local limit exceeded) beyond ``max_associations``."""
+        with self._lock:
+            self._prune()
+            established = len(self._open) - len(self._negotiating)
+        if established >= self.policy.max_associations:
+            log.warning("association from %s rejected: %d established", event.assoc.requestor.address, established)
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+
+    def install(self, server: Any) -> None:
+        """Patch a started ``AssociationServer`` (pynetdicom's ``AE.start_server(block=False)``)."""
+        door = self
+        original_shutdown = server.shutdown_request
+
+        def verify_request(self: Any, request: socket.socket, client_address: Any) -> bool:
+            return door.admit(request, client_address)
+
+        def shutdown_request(self: Any, request: Any) -> None:
+            door.release(request)
+            original_shutdown(request)
+
+        def get_request(self: Any) -> tuple[socket.socket, Any]:
+            client, address = self.socket.accept()
+            if self.ssl_context:
+                client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+                client._harmonode_handshaken = False
+            return client, address
+
+        server.verify_request = types.MethodType(verify_request, server)
+        server.shutdown_request = types.MethodType(shutdown_request, server)
+        server.get_request = types.MethodType(get_request, server)
+
+
+# -- requests pynetdicom cannot serve ------------------------------------------------------------------
+INVALID_REQUEST = 0xC214  # Error: cannot understand (the request's command set is unusable)
+
+
+def answer_invalid_requests(event: evt.Event, quarantine: Callable[..., Any] | None = None) -> None:
+    """EVT_CONN_OPEN handler: a request pynetdicom finds invalid is answered with a failure, not ignored.
+
+    pynetdicom drops a request whose command set lacks a required value (an empty, blank, NUL or over-long
+    Affected SOP Instance UID makes it None) with a warning, and the peer waits out its DIMSE timeout.
+    Such a request gets ``INVALID_REQUEST`` at once; a C-STORE's data set is quarantined through
+    ``quarantine(data, reason, context)`` when given. A request without a Message ID cannot be answered:
+    the association is aborted.
+    """
+    assoc = event.assoc
+    original = assoc._serve_request
+
+    def serve_request(self: Association, msg: Any, context_id: int) -> None:
+        if msg.is_valid_request or self._sent_release:
+            return original(msg, context_id)
+        kind = type(msg).__name__
+        if getattr(msg, "MessageID", None) is None:
+            log.warning("%s request without a Message ID from %s: aborting", kind, self.requestor.address)
+            self.abort()
+            return None
+        log.warning("invalid %s request from %s refused (0x%04X)", kind, self.requestor.address, INVALID_REQUEST)
+        data = getattr(msg, "DataSet", None)
+        if quarantine is not None and hasattr(data, "getvalue"):
+            quarantine(data.getvalue(), f"invalid {kind} request: its command set is incomplete or malformed",
+                       {"calling_ae": self.requestor.ae_title, "status": f"0x{INVALID_REQUEST:04X}"})  # fmt: skip
+        rsp = type(msg)()
+        rsp.MessageIDBeingRespondedTo = msg.MessageID
+        if getattr(msg, "AffectedSOPClassUID", None):
+            rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+        rsp.Status = INVALID_REQUEST
+        self.dimse.send_msg(rsp, context_id)
+        return None
+
+    assoc._serve_request = types.MethodType(serve_request, assoc)  # type: ignore[method-assign]
 
 
 # -- sending stored files as stored -----------------------------------------------------------------------

@@ -28,7 +28,14 @@ from handlers.echo import handle_echo
 from handlers.query import handle_find
 from handlers.retrieve import QR_SOP_CLASSES, handle_get, handle_move
 from handlers.store import STORAGE_SOP_CLASSES, StoreLimits, handle_store
-from handlers.transport import enable_raw_sending, tune_socket
+from handlers.transport import (
+    DEFAULT_MAX_PDU_BYTES,
+    Door,
+    DoorPolicy,
+    answer_invalid_requests,
+    enable_raw_sending,
+    tune_socket,
+)
 from node.config import Config
 from node.jobs import ROLE_JOBS, JobBinding, job_bindings
 from node.pipeline import DetectorSlot
@@ -42,14 +49,6 @@ log = logging.getLogger(__name__)
 JobHandler = Callable[[Job], None]
 
 ROLES = ("listen", "work", "dispatch")
-
-
-def _check_address(event: evt.Event, allowed: tuple[str, ...]) -> None:
-    """Reject an association whose peer address is not on the allow-list."""
-    address = event.assoc.requestor.address
-    if address not in allowed:
-        log.warning("association from %s refused: address not allowed", address)
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, calling AE not recognized
 
 
 def _log_rejected(event: evt.Event) -> None:
@@ -85,6 +84,17 @@ class Node:
         self.store = open_store(config.data_path, config.store_settings)
         self.files, self.index, self.queue = self.store.files, self.store.index, self.store.queue
         self.detector = DetectorSlot(config.pipeline.device)
+        node = config.node
+        self.door = Door(
+            DoorPolicy(
+                allowed_addresses=node.allowed_addresses,
+                max_associations=node.max_associations,
+                max_connections=node.max_connections,
+                max_per_address=node.max_connections_per_address,
+                max_negotiating=node.max_negotiating,
+                max_negotiating_per_address=node.max_negotiating_per_address,
+            )
+        )
         self.job_handlers: dict[str, JobHandler] = {}
         self.server: Any = None
         self.port: int | None = None
@@ -98,7 +108,7 @@ class Node:
         cfg = self.config.node
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_pdu_size = cfg.max_pdu_size
-        ae.maximum_associations = cfg.max_associations
+        ae.maximum_associations = self.door.policy.pynetdicom_limit
         ae.network_timeout = cfg.network_timeout_s
         ae.acse_timeout = cfg.acse_timeout_s
         ae.dimse_timeout = cfg.dimse_timeout_s
@@ -122,8 +132,13 @@ class Node:
 
     def event_handlers(self) -> list[tuple[Any, ...]]:
         """Events bound to handlers with their collaborators."""
+        cfg = self.config.node
+        max_pdu = max(cfg.max_pdu_size, 1024 * 1024) + 6 if cfg.max_pdu_size else DEFAULT_MAX_PDU_BYTES
         handlers: list[tuple[Any, ...]] = [
-            (evt.EVT_CONN_OPEN, tune_socket),
+            (evt.EVT_CONN_OPEN, tune_socket, [max_pdu, cfg.acse_timeout_s]),
+            (evt.EVT_CONN_OPEN, answer_invalid_requests, [self.files.quarantine]),
+            (evt.EVT_REQUESTED, self.door.requested),
+            (evt.EVT_ESTABLISHED, self.door.established),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.files, self.index, self.store_limits]),
             (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title]),
@@ -131,8 +146,6 @@ class Node:
             (evt.EVT_C_GET, handle_get, [self.index, self.files]),
             (evt.EVT_REJECTED, _log_rejected),
         ]
-        if self.config.node.allowed_addresses:
-            handlers.append((evt.EVT_REQUESTED, _check_address, [self.config.node.allowed_addresses]))
         return handlers
 
     def start_listening(self) -> int:
@@ -145,6 +158,7 @@ class Node:
             evt_handlers=self.event_handlers(),
             ssl_context=ssl_context_from(self.config),
         )
+        self.door.install(self.server)
         self.port = int(self.server.server_address[1])
         log.info("listening as %s on %s:%d", cfg.ae_title, cfg.host, self.port)
         watcher = SeriesWatcher(self.index, self.queue, self.config.pipeline)

@@ -48,10 +48,14 @@ class NodeConfig:
     allowed_calling_aes: tuple[str, ...] = ()  # empty: any calling AE title
     allowed_addresses: tuple[str, ...] = ()  # empty: any peer address
     require_called_ae: bool = True
-    max_pdu_size: int = 0  # 0: no limit, the peer picks its own (faster; see PERFORMANCE-NOTES)
-    max_associations: int = 16
+    max_pdu_size: int = 4 * 1024 * 1024  # advertised; a longer PDU closes the connection (0: 64 MiB cap)
+    max_associations: int = 16  # established associations
+    max_connections: int = 64  # open sockets, negotiating or established
+    max_connections_per_address: int = 16
+    max_negotiating: int = 16  # sockets that have not completed association (idle, slow, malformed peers)
+    max_negotiating_per_address: int = 4
     network_timeout_s: float = 60.0
-    acse_timeout_s: float = 30.0
+    acse_timeout_s: float = 10.0  # to complete association (TLS handshake and A-ASSOCIATE-RQ) and release
     dimse_timeout_s: float = 60.0
     fsync: bool = True  # never turn off in production: the success status promises durability
     max_versions: int = 100  # versions kept of one SOP Instance UID in one series; more are refused (0: no limit)
