@@ -9,7 +9,9 @@ with each network and averages the probabilities (an ensemble of independently t
 simulator two networks trained on different subjects disagree most on small CTA aneurysms, and their mean
 ranks them more steadily than either). A card may also name the patch ``views`` its networks read (default the
 seed's three planes) and ``fine_candidates`` per body part; both travel with the weights because the networks
-were trained on them.
+were trained on them. The card's ``normalisation`` names the input constants the networks were trained with
+(CT scale, clip range, patch ceiling, MR percentile); ``Detector.load`` refuses a card whose constants are not
+the code's (``input_normalisation``), as nnU-Net's plans carry their normalisation with the weights.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import torch
 from models.candidates import Candidates, CandidateSettings, network_input_and_candidates, settings_for
 from models.findings import Finding, VolumeGeometry
 from models.nets import MiniVGG, NetConfig
-from models.patches import PATCH_MM, check_views, extract_views
+from models.patches import CLIP, CT_SCALE, PATCH_CEILING, PATCH_MM, check_views, extract_views
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ TTA = {"head": 1, "chest": 4}
 #: (that one's first reading was under 0.005: no floor above it would catch it). Re-measure for every new card
 #: (``tests/benchmarks/flip_cascade.py``).
 TTA_FLOOR = 0.02
+#: The percentile an MR volume is divided by in ``models.patches.normalise`` (the bright arterial inflow).
+MR_PERCENTILE = 99.9
 
 
 def flipped(x: torch.Tensor, tta: int) -> list[torch.Tensor]:
@@ -60,7 +64,56 @@ def flipped(x: torch.Tensor, tta: int) -> list[torch.Tensor]:
 
 
 class WeightsRefused(RuntimeError):
-    """Weights whose checksum does not match their model card (or no card at all)."""
+    """Weights whose checksum or input normalisation does not match their model card (or no card at all)."""
+
+
+def input_normalisation() -> dict[str, Any]:
+    """The network-input constants this code applies, as a model card's ``normalisation`` block names them.
+
+    Returns
+    -------
+    dict
+        ``ct_scale`` (CT values are divided by it), ``clip`` (the normalised range), ``patch_ceiling`` (per body
+        part, the normalised value patches are flattened above) and ``mr_percentile`` (MR volumes are divided by
+        this percentile of their values): ``models.patches.normalise`` and ``apply_ceiling``.
+    """
+    return {
+        "ct_scale": float(CT_SCALE),
+        "clip": [float(v) for v in CLIP],
+        "patch_ceiling": {body: float(v) for body, v in PATCH_CEILING.items()},
+        "mr_percentile": float(MR_PERCENTILE),
+    }
+
+
+def check_normalisation(card: Mapping[str, Any], card_name: str = CARD_NAME) -> None:
+    """Refuse a model card whose networks were trained on input values other than the code gives.
+
+    Parameters
+    ----------
+    card
+        The model card.
+    card_name
+        Its file name, for the message.
+
+    Raises
+    ------
+    WeightsRefused
+        The card has no ``normalisation`` block, or one whose constants differ from ``input_normalisation()``.
+    """
+    expected = input_normalisation()
+    stated = card.get("normalisation")
+    if not isinstance(stated, Mapping):
+        raise WeightsRefused(
+            f"model card {card_name} names no input normalisation: refused (its networks' inputs are unknown; "
+            f"this code's are {json.dumps(expected)})"
+        )
+    differ = [key for key in sorted({*expected, *stated}) if stated.get(key) != expected.get(key)]
+    if differ:
+        said = "; ".join(f"{k} {json.dumps(stated.get(k))}, the code's {json.dumps(expected.get(k))}" for k in differ)
+        raise WeightsRefused(
+            f"model card {card_name} normalisation differs from the code's ({said}): refused (the networks were "
+            "trained on other input values)"
+        )
 
 
 @dataclass
@@ -177,7 +230,8 @@ class Detector:
         FileNotFoundError
             No weights installed.
         WeightsRefused
-            No card, or the weights' checksum differs from the card's.
+            No card, a card whose input normalisation is not the code's (``check_normalisation``), or weights
+            whose checksum differs from the card's.
         """
         folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
         weights, card_path = folder / WEIGHTS_NAME, folder / CARD_NAME
@@ -186,6 +240,7 @@ class Detector:
         if not card_path.exists():
             raise WeightsRefused(f"weights {weights.name} have no model card {card_path.name}: refused")
         card = json.loads(card_path.read_text())
+        check_normalisation(card, card_path.name)
         files = [(weights, card.get("sha256"))]
         for member in card.get("members", []):
             name = Path(str(member.get("file", "")))

@@ -17,7 +17,8 @@ from models.findings import VolumeGeometry
 from models.nets import MiniVGG, NetConfig
 from models.patches import extract_patches, extract_views, normalise
 from models.patches_torch import extract_views_torch
-from models.train import auc, froc_points, train_classifier
+from models.training.evaluate import auc, froc_points
+from models.training.train import train_classifier
 
 SHIPPED = (WEIGHTS_DIR / "lesion.pt").exists()
 needs_weights = pytest.mark.skipif(not SHIPPED, reason="no shipped weights in models/weights")
@@ -111,7 +112,7 @@ def test_froc_and_auc_bookkeeping():
 
 
 def test_sensitivity_by_lesion_size():
-    from models.train import sensitivity_by_size
+    from models.training.evaluate import sensitivity_by_size
 
     # study 1: a 2 mm lesion found at 0.9 and a 12 mm one only at 0.4; study 2: a 4 mm lesion with no finding
     studies = [
@@ -267,7 +268,7 @@ def test_a_plain_series_is_analysed_by_an_untrained_model(untrained_detector):
 
 def test_training_subjects_can_carry_more_lesions():
     # `harmonode train lesions --lesions-per-study N`: more positives per simulated subject (simulation is the cost)
-    from models.train import simulated
+    from models.training.data import simulated
 
     default = simulated("head-cta", "siemens-force-br40", 20_001, "test")
     four = simulated("head-cta", "siemens-force-br40", 20_001, "test", n_lesions=4)
@@ -280,7 +281,7 @@ def test_rescan_augmentation_changes_noise_and_sharpness_not_anatomy():
     # `train lesions --rescan`: a CT study rescanned through a random kernel and dose; truth and geometry stay
     import scipy.ndimage as ndi
 
-    from models.train import RESCAN, rescanned, simulated
+    from models.training.data import RESCAN, rescanned, simulated
 
     study = simulated("head-cta", "siemens-force-br40", 20_002, "test")
     first = rescanned(study, np.random.default_rng(3))
@@ -362,7 +363,7 @@ def test_the_shipped_cards_figures_were_counted_by_todays_rule():
     import json
 
     from models.detector import CARD_NAME
-    from models.train import HIT_RULE
+    from models.training.evaluate import HIT_RULE
 
     evaluation = json.loads((WEIGHTS_DIR / CARD_NAME).read_text())["evaluation"]
     assert evaluation["hit_rule"] == HIT_RULE, "the hit rule changed: run harmonode evaluate --update-card"
@@ -454,7 +455,7 @@ def test_cuda_patches_equal_cpu_patches():
 
 def test_training_samples_carry_the_views_and_fine_candidates_asked_for():
     # `harmonode train lesions --views planes,mip --fine-candidates 20`: what the network and the card will read
-    from models.train import lesion_samples, simulated
+    from models.training.data import lesion_samples, simulated
 
     study = simulated("head-cta", "siemens-force-br40", 20_002, "eval", n_lesions=2)
     x1, y1 = lesion_samples(study, np.random.default_rng(0))
@@ -466,7 +467,7 @@ def test_training_samples_carry_the_views_and_fine_candidates_asked_for():
 
 
 def test_findings_are_matched_to_lesions_after_nms():
-    from models.train import findings_on_lesions
+    from models.training.evaluate import findings_on_lesions
 
     mm = np.array([[0.0, 0, 0], [2.0, 0, 0], [50.0, 0, 0], [0.0, 30, 0]])  # two on lesion 0, one far, one on 1
     probs = np.array([0.9, 0.8, 0.7, 0.1])
@@ -482,7 +483,7 @@ def test_findings_are_matched_to_lesions_after_nms():
 
 
 def test_one_finding_within_reach_of_two_lesions_finds_both():
-    from models.train import findings_on_lesions, sensitivity_by_size
+    from models.training.evaluate import findings_on_lesions, sensitivity_by_size
 
     # two aneurysms whose centres are 2 mm apart (a pcomm origin beside an ICA terminus): one mark covers both,
     # as the LUNA16 evaluation counts a CAD mark inside two nodules; a far false positive scores in between
@@ -490,7 +491,7 @@ def test_one_finding_within_reach_of_two_lesions_finds_both():
     lesions = [{"center_mm": [0.0, 0, 0], "diameter_mm": 6.0}, {"center_mm": [2.0, 0, 0], "diameter_mm": 2.5}]
     keep, hits, with_candidate = findings_on_lesions(mm, np.array([0.9, 0.5]), np.full(2, 3.0), "head", lesions)
     assert list(keep) == [0, 1] and hits.tolist() == [[True, True], [False, False]] and with_candidate == 2
-    from models.train import lesion_hits, within_lesion
+    from models.training.evaluate import lesion_hits, within_lesion
 
     assert lesion_hits(mm[keep], lesions, within_lesion).tolist() == [[True, True], [False, False]]  # in both sacs
     beside = np.array([[5.0, 0, 0]])  # 3 mm from the small sac's centre: within its 4.5 mm reach, in neither sac
@@ -505,7 +506,7 @@ def test_one_finding_within_reach_of_two_lesions_finds_both():
 
 
 def test_the_head_kinds_can_train_on_more_subjects_than_the_chest():
-    from models.train import lesion_training_plan
+    from models.training.data import lesion_training_plan
 
     plan = lesion_training_plan(40, 20000, "eval", test_size_studies=2, head_studies=400)
     eval_size = [(kind, seed) for kind, _, seed, size in plan if size == "eval"]

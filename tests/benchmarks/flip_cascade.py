@@ -20,10 +20,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import models.train as T
 from models.candidates import network_input_and_candidates
 from models.detector import TTA_FLOOR, Detector, flipped
 from models.patches import extract_views
+from models.training.data import (
+    HELD_OUT_CONDITIONS,
+    SEEDS,
+    fit_rules_by_size,
+    harmonized,
+    rules_for,
+    simulated,
+    study_plan,
+)
+from models.training.evaluate import findings_on_lesions, froc_points
 
 FLOORS = (0.005, 0.01, 0.02, 0.05, 0.1)
 
@@ -33,7 +42,7 @@ def every_reading(item: tuple[str, str, int, str], rules: dict) -> tuple:
     torch.set_num_threads(1)
     detector = Detector.load(device="cpu")
     kind, cond, seed, size = item
-    study = T.harmonized(T.simulated(kind, cond, seed, size), T.rules_for(rules, size))
+    study = harmonized(simulated(kind, cond, seed, size), rules_for(rules, size))
     settings = detector.candidate_settings[study.body]
     spacing = study.geometry.spacing
     vol, cands = network_input_and_candidates(study.values, spacing, study.modality, study.body, settings, None)
@@ -54,20 +63,20 @@ def froc(rows: list[tuple], probs: list[np.ndarray]) -> dict[str, float]:
     """Sensitivity at 0.5/1/2/4 FP per case of the studies ``rows`` scored with ``probs``."""
     per_study = []
     for (_, mm, diam, lesions), p in zip(rows, probs, strict=True):
-        keep, hits, _ = T.findings_on_lesions(mm, p, diam, "chest", lesions)
+        keep, hits, _ = findings_on_lesions(mm, p, diam, "chest", lesions)
         per_study.append((p[keep], hits, len(lesions)))
-    return {k: round(v, 4) for k, v in T.froc_points(per_study).items()}
+    return {k: round(v, 4) for k, v in froc_points(per_study).items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=8, help="held-out chest CTs per condition")
-    parser.add_argument("--base", type=int, default=T.SEEDS["eval"] + 4000, help="first subject (card's plan)")
+    parser.add_argument("--base", type=int, default=SEEDS["eval"] + 4000, help="first subject (card's plan)")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     t0 = time.perf_counter()
-    plan = T.study_plan(("chest-ct",), T.HELD_OUT_CONDITIONS, 4 * args.studies, args.base, "eval")
-    rules = T.fit_rules_by_size(("chest-ct",), ("eval",), progress=True)
+    plan = study_plan(("chest-ct",), HELD_OUT_CONDITIONS, 4 * args.studies, args.base, "eval")
+    rules = fit_rules_by_size(("chest-ct",), ("eval",), progress=True)
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(tqdm(pool.map(every_reading, plan, [rules] * len(plan)), total=len(plan), desc="read"))
     full = [r[0].mean(axis=(1, 2)) for r in rows]

@@ -20,8 +20,17 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
-import models.train as T
 from models.detector import Detector
+from models.training.data import (
+    HELD_OUT_CONDITIONS,
+    SEEDS,
+    TRAIN_CONDITIONS,
+    fit_rules_by_size,
+    harmonized,
+    simulated,
+    study_plan,
+)
+from models.training.evaluate import evaluate_detector
 
 
 class SmoothedDetector(Detector):
@@ -56,20 +65,20 @@ def at_1fp(result: dict[str, Any]) -> dict[str, float]:
 def held_out_figures(detector: Detector, rules: dict, args: argparse.Namespace) -> dict[str, Any]:
     """The held-out scanners' figures: sensitivity at 1 FP, with ``--smooth`` and ``--noise`` when asked."""
     n = args.studies
-    held_out = T.study_plan(("head-cta",), T.HELD_OUT_CONDITIONS, n * 4, T.SEEDS["eval"] + 2000, "eval")
-    held_out += T.study_plan(("head-mra",), T.HELD_OUT_CONDITIONS, n * 2, T.SEEDS["eval"] + 3000, "eval")
-    out: dict[str, Any] = {"held_out_scanners": at_1fp(T.evaluate_detector(detector, held_out, rules, jobs=args.jobs))}
+    held_out = study_plan(("head-cta",), HELD_OUT_CONDITIONS, n * 4, SEEDS["eval"] + 2000, "eval")
+    held_out += study_plan(("head-mra",), HELD_OUT_CONDITIONS, n * 2, SEEDS["eval"] + 3000, "eval")
+    out: dict[str, Any] = {"held_out_scanners": at_1fp(evaluate_detector(detector, held_out, rules, jobs=args.jobs))}
     cta = [item for item in held_out if item[0] == "head-cta"]
     for sigma in args.smooth:
         smoothed = SmoothedDetector(detector.models, detector.card, detector.device)
         smoothed.sigma_mm = sigma
-        out[f"held_out_cta_smoothed_{sigma:g}mm"] = at_1fp(T.evaluate_detector(smoothed, cta, rules, jobs=args.jobs))
+        out[f"held_out_cta_smoothed_{sigma:g}mm"] = at_1fp(evaluate_detector(smoothed, cta, rules, jobs=args.jobs))
     if args.noise:
-        conditions = T.TRAIN_CONDITIONS["head-cta"] + T.HELD_OUT_CONDITIONS["head-cta"]
+        conditions = TRAIN_CONDITIONS["head-cta"] + HELD_OUT_CONDITIONS["head-cta"]
         out["soft_tissue_noise_hu"] = {
             c: [
                 round(soft_tissue_noise(st.values, st.geometry.spacing), 1)
-                for st in (T.harmonized(T.simulated("head-cta", c, s, "eval"), rules["eval"]) for s in (57100, 57101))
+                for st in (harmonized(simulated("head-cta", c, s, "eval"), rules["eval"]) for s in (57100, 57101))
             ]
             for c in conditions
         }
@@ -90,13 +99,13 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
     detector = Detector.load(device="cpu", weights_dir=args.weights_dir)
-    rules = T.fit_rules_by_size(("head-cta", "head-mra"), ("eval",))
+    rules = fit_rules_by_size(("head-cta", "head-mra"), ("eval",))
     n = args.studies
-    training = T.study_plan(("head-cta",), T.TRAIN_CONDITIONS, n * 4, args.training_from, "eval")
-    training += T.study_plan(("head-mra",), T.TRAIN_CONDITIONS, n * 2, args.training_from + 500, "eval")
+    training = study_plan(("head-cta",), TRAIN_CONDITIONS, n * 4, args.training_from, "eval")
+    training += study_plan(("head-mra",), TRAIN_CONDITIONS, n * 2, args.training_from + 500, "eval")
     out: dict[str, Any] = {
         "model": detector.version,
-        "training_scanners": at_1fp(T.evaluate_detector(detector, training, rules, jobs=args.jobs)),
+        "training_scanners": at_1fp(evaluate_detector(detector, training, rules, jobs=args.jobs)),
     }
     if not args.training_only:
         out.update(held_out_figures(detector, rules, args))
