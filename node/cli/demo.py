@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import typer
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
+from models.training.evaluate import count_hits
 from node.config import Config, Destination, load_config, with_overrides
 
 if TYPE_CHECKING:
@@ -186,32 +186,10 @@ def start_pacs(workdir: Path) -> BuiltinPacs | OrthancPacs:
 
 
 def _count_hits(findings: list[dict[str, Any]], lesions: list[dict[str, Any]]) -> tuple[int, int]:
-    """(true positives, false positives) of a series' findings against its true lesions.
-
-    Parameters
-    ----------
-    findings
-        The series' findings as the index stores them (each with ``center_mm``).
-    lesions
-        The simulator's ground truth (each with ``center_mm`` and ``diameter_mm``).
-
-    Returns
-    -------
-    tuple[int, int]
-        Lesions hit by at least one finding; findings that hit no lesion.
-    """
-    # switched to models.training.evaluate at merge
-    hit = set()
-    fp = 0
-    for f in findings:
-        c = np.asarray(f["center_mm"], float)
-        ok = False
-        for i, les in enumerate(lesions):
-            if np.linalg.norm(c - np.asarray(les["center_mm"], float)) <= max(les["diameter_mm"] / 2, 4.0):
-                hit.add(i)
-                ok = True
-        fp += 0 if ok else 1
-    return len(hit), fp
+    """(true positives, false positives) of a series' findings against its true lesions, by the project's
+    one hit rule (``models.training.evaluate``, the rule ``harmonode evaluate`` counts by)."""
+    centres = [les["center_mm"] for les in lesions]
+    return count_hits([f["center_mm"] for f in findings], centres, [les["diameter_mm"] for les in lesions])
 
 
 def fit_demo_rules(plan: list[tuple[str, str]], work: Path, data: Path, seed: int) -> list[str]:
