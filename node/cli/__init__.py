@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -32,13 +33,36 @@ ConfigOption = Annotated[
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")]
 
 
+class NoDatasetDumps(logging.Filter):
+    """Drop pynetdicom's log records that print dataset elements (identifiers, headers: patient identity).
+
+    harmonode's own messages name UIDs, AE titles and counts, never patient values; pynetdicom, at DEBUG,
+    prints whole identifiers and command sets element by element, ``(0010,0010) PN [NAME]``. Those records
+    are dropped at every level; the rest of pynetdicom's debug output (PDUs, states, timings) stays.
+    """
+
+    _ELEMENT = re.compile(r"\([0-9A-Fa-f]{4}, ?[0-9A-Fa-f]{4}\)|\b(PN|LO|SH|DA)\s*\[")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("pynetdicom"):
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot be formatted is not shown either
+            return False
+        return not self._ELEMENT.search(message)
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """Log lines to stderr: time, level, module, message (messages never carry patient identity)."""
+    """Log lines to stderr: time, level, module, message (never patient identity, at any level)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, NoDatasetDumps) for f in handler.filters):
+            handler.addFilter(NoDatasetDumps())
     if not verbose:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
