@@ -47,7 +47,7 @@ from handlers.encoding import (
     dataset_offset,
 )
 from storage.files import FileStore, InvalidUID, TooManyVersions, check_uid
-from storage.index import Index, instance_meta_from_dataset
+from storage.index import Index, InstanceMeta, instance_meta_from_dataset
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,65 @@ def _safe_uid_for_log(value: object) -> str:
         return "<invalid>"
 
 
+def read_header(encoded: bytes, transfer_syntax_uid: str, limits: StoreLimits) -> InstanceMeta:
+    """The indexed header of received bytes, after checking they hold what their transfer syntax says.
+
+    Raises
+    ------
+    StoreRefused
+        0xC213 for bytes that contradict their encoding, 0xC210-0xC212 for bytes that cannot be parsed.
+    """
+    try:
+        meta_only = dcmread(BytesIO(encoded), stop_before_pixels=True, force=False, specific_tags=[])
+        start = dataset_offset(encoded, meta_only)
+        check_inflation(encoded, start, transfer_syntax_uid, limits.max_inflated_bytes)
+        check_explicitness(encoded, start, transfer_syntax_uid)
+        # Large values stay on the wire bytes (deferred): their position and length are all the checks need.
+        ds = dcmread(BytesIO(encoded), defer_size=DEFER_BYTES, force=False)
+        ds.SOPInstanceUID  # noqa: B018 - forces parsing up to the UIDs; errors surface here
+        check_pixel_data(ds, len(encoded), transfer_syntax_uid)
+    except EncodingRefused as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND | 0x213, str(exc)) from exc
+    except (InvalidDicomError, EOFError) as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND | 0x210, f"dataset cannot be parsed: {type(exc).__name__}") from exc
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        raise StoreRefused(CANNOT_UNDERSTAND | 0x211, f"dataset cannot be parsed: {type(exc).__name__}") from exc
+    try:
+        return instance_meta_from_dataset(ds, transfer_syntax_uid)
+    except Exception as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND | 0x212, f"header cannot be read: {type(exc).__name__}") from exc
+
+
+def checked_uids(meta: InstanceMeta, context_sop_class_uid: str, command_sop_instance_uid: str) -> tuple[str, str, str]:
+    """(study, series, SOP Instance UID) of a header, checked against each other and the request.
+
+    Raises
+    ------
+    StoreRefused
+        A UID that cannot become a path, a SOP class the node does not store or that differs from the
+        negotiated one, or a SOP Instance UID that differs from the C-STORE request's.
+    """
+    try:
+        sop_uid = check_uid(meta.sop_instance_uid, "SOPInstanceUID")
+        study_uid = check_uid(meta.study_instance_uid, "StudyInstanceUID")
+        series_uid = check_uid(meta.series_instance_uid, "SeriesInstanceUID")
+        sop_class = check_uid(meta.sop_class_uid, "SOPClassUID")
+    except InvalidUID as exc:
+        raise StoreRefused(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"required UID refused: {exc}") from exc
+    if sop_class not in STORAGE_SOP_CLASSES:
+        raise StoreRefused(SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not stored by this node")
+    if context_sop_class_uid and sop_class != context_sop_class_uid:
+        raise StoreRefused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"dataset SOP class {sop_class} differs from the negotiated {context_sop_class_uid}",
+        )
+    if command_sop_instance_uid and command_sop_instance_uid.strip() != sop_uid:
+        raise StoreRefused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOP Instance UID differs from the C-STORE request's"
+        )
+    return study_uid, series_uid, sop_uid
+
+
 def store_encoded(
     encoded: bytes,
     transfer_syntax_uid: str,
@@ -145,43 +204,8 @@ def store_encoded(
         With the failure status; the caller quarantines and answers it.
     """
     limits = limits or StoreLimits()
-    try:
-        meta_only = dcmread(BytesIO(encoded), stop_before_pixels=True, force=False, specific_tags=[])
-        start = dataset_offset(encoded, meta_only)
-        check_inflation(encoded, start, transfer_syntax_uid, limits.max_inflated_bytes)
-        check_explicitness(encoded, start, transfer_syntax_uid)
-        # Large values stay on the wire bytes (deferred): their position and length are all the checks need.
-        ds = dcmread(BytesIO(encoded), defer_size=DEFER_BYTES, force=False)
-        ds.SOPInstanceUID  # noqa: B018 - forces parsing up to the UIDs; errors surface here
-        check_pixel_data(ds, len(encoded), transfer_syntax_uid)
-    except EncodingRefused as exc:
-        raise StoreRefused(CANNOT_UNDERSTAND | 0x213, str(exc)) from exc
-    except (InvalidDicomError, EOFError) as exc:
-        raise StoreRefused(CANNOT_UNDERSTAND | 0x210, f"dataset cannot be parsed: {type(exc).__name__}") from exc
-    except Exception as exc:  # pydicom raises many types on corrupt input
-        raise StoreRefused(CANNOT_UNDERSTAND | 0x211, f"dataset cannot be parsed: {type(exc).__name__}") from exc
-    try:
-        meta = instance_meta_from_dataset(ds, transfer_syntax_uid)
-    except Exception as exc:
-        raise StoreRefused(CANNOT_UNDERSTAND | 0x212, f"header cannot be read: {type(exc).__name__}") from exc
-    try:
-        sop_uid = check_uid(meta.sop_instance_uid, "SOPInstanceUID")
-        study_uid = check_uid(meta.study_instance_uid, "StudyInstanceUID")
-        series_uid = check_uid(meta.series_instance_uid, "SeriesInstanceUID")
-        sop_class = check_uid(meta.sop_class_uid, "SOPClassUID")
-    except InvalidUID as exc:
-        raise StoreRefused(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"required UID refused: {exc}") from exc
-    if sop_class not in STORAGE_SOP_CLASSES:
-        raise StoreRefused(SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not stored by this node")
-    if context_sop_class_uid and sop_class != context_sop_class_uid:
-        raise StoreRefused(
-            DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            f"dataset SOP class {sop_class} differs from the negotiated {context_sop_class_uid}",
-        )
-    if command_sop_instance_uid and command_sop_instance_uid.strip() != sop_uid:
-        raise StoreRefused(
-            DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOP Instance UID differs from the C-STORE request's"
-        )
+    meta = read_header(encoded, transfer_syntax_uid, limits)
+    study_uid, series_uid, sop_uid = checked_uids(meta, context_sop_class_uid, command_sop_instance_uid)
     try:
         known = index.versions(study_uid, series_uid, sop_uid)
         stored = files.write_instance(

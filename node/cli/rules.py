@@ -168,135 +168,139 @@ def _rules_table(rules: list[Rule]) -> str:
 
 
 # -- commands -------------------------------------------------------------------------------------------------
+rules_app = typer.Typer(help="Conversion rules per imaging condition (seed 000): fit, list, show, exchange.")
+
+
+
+@rules_app.command("fit")
+def fit_cmd(
+    config: ConfigOption = None,
+    from_dir: FromDirOption = None,
+    method: MethodOption = "seed",
+    reference: ReferenceOption = None,
+    divergence: DivergenceOption = "js",
+    holdout: HoldoutOption = 0.0,
+    activate: ActivateOption = False,
+    as_json: FitJsonOption = False,
+    dry_run: DryRunOption = False,
+    from_pacs: FromPacsOption = None,
+    source_name: SourceOption = "",
+) -> None:
+    """Fit one rule per imaging condition against the reference condition and store them (versioned)."""
+    from rules.collect import fit_rules, store_rules
+    from rules.fit import FitError
+    from rules.registry import RuleError, RuleRegistry
+    from storage.store import open_store
+
+    options, reference = _fit_options(method, divergence, reference, holdout)
+    if from_dir is not None and from_pacs is not None:
+        raise fail("give --from-dir or --from-pacs, not both")
+    if source_name and from_pacs is None:
+        raise fail("--from names the PACS for --from-pacs")
+    cfg = load_or_fail(config)
+    progress = _progress(not as_json and os.isatty(2))
+    with open_store(cfg.data_path, cfg.store_settings) as store:
+        series, source = _fit_series(cfg, store, from_dir, from_pacs, source_name, as_json, progress)
+        try:
+            fitted = fit_rules(series, options, reference, holdout, progress)
+            if not dry_run:
+                store_rules(RuleRegistry(store.index.db, store.index.lock), fitted, source, activate)
+        except (FitError, RuleError) as exc:
+            raise fail(str(exc)) from exc
+    typer.echo(json.dumps(fitted.summary, indent=2) if as_json else _fit_table(fitted.summary))
+
+@rules_app.command("list")
+def list_cmd(
+    config: ConfigOption = None, as_json: JsonOption = False, active_only: ActiveOnlyOption = False
+) -> None:
+    """List stored rules (every version; the active one per condition is marked)."""
+    with _registry(config) as registry:
+        rules = registry.active() if active_only else registry.all()
+    if as_json:
+        typer.echo(json.dumps([r.as_dict(with_histograms=False) for r in rules], indent=2))
+    else:
+        typer.echo(_rules_table(rules))
+
+@rules_app.command("show")
+def show_cmd(
+    rule_ref: RuleRefArgument,
+    config: ConfigOption = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG file for the histogram plot.")] = None,
+) -> None:
+    """Show a rule and write a PNG of the histograms before and after it."""
+    from rules.registry import UnknownRule
+
+    with _registry(config) as registry:
+        try:
+            rule = registry.get(rule_ref)
+        except UnknownRule as exc:
+            raise fail(str(exc)) from exc
+    typer.echo(json.dumps(rule.as_dict(with_histograms=False), indent=2))
+    if not rule.provenance.get("histograms"):
+        typer.echo("(no histograms stored with this rule: nothing to plot)")
+        return
+    out = plot or Path(f"rule-{rule.id}-v{rule.version}.png")
+    try:
+        plot_rule(rule, out)
+    except OSError as exc:
+        raise fail(f"cannot write {out}: {exc}") from exc
+    typer.echo(f"plot: {out}")
+
+@rules_app.command("export")
+def export_cmd(
+    file: Annotated[Path, typer.Argument(help="JSON file to write.")],
+    config: ConfigOption = None,
+    active_only: ActiveOnlyOption = False,
+) -> None:
+    """Write the rules as a JSON rule file (for other nodes: `harmonode rules import`)."""
+    with _registry(config) as registry:
+        document = registry.export(only_active=active_only)
+    try:
+        tmp = file.with_name(file.name + ".tmp")
+        tmp.write_text(json.dumps(document, indent=1))
+        tmp.replace(file)
+    except OSError as exc:
+        raise fail(f"cannot write {file}: {exc}") from exc
+    typer.echo(f"{len(document['rules'])} rule(s) written to {file}")
+
+@rules_app.command("import")
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="JSON rule file from `harmonode rules export`.")],
+    config: ConfigOption = None,
+    activate: Annotated[
+        bool | None, typer.Option("--activate/--no-activate", help="Force imported rules (in)active.")
+    ] = None,
+) -> None:
+    """Import a rule file: all rules or none."""
+    from rules.registry import RuleFileError
+
+    try:
+        document = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise fail(f"cannot read rule file {file}: {exc}") from exc
+    with _registry(config) as registry:
+        try:
+            stored = registry.import_document(document, activate=activate)
+        except RuleFileError as exc:
+            raise fail(f"{file}: {exc}; nothing imported") from exc
+    typer.echo(f"{len(stored)} rule(s) imported from {file}")
+
+@rules_app.command("activate")
+def activate_cmd(rule_ref: RuleRefArgument, config: ConfigOption = None) -> None:
+    """Make a rule the active one for its imaging condition."""
+    from rules.registry import UnknownRule
+
+    with _registry(config) as registry:
+        try:
+            rule = registry.activate(rule_ref)
+        except UnknownRule as exc:
+            raise fail(str(exc)) from exc
+    typer.echo(f"{rule.label} active for {rule.key}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``rules`` command group to the ``harmonode`` app."""
-    rules_app = typer.Typer(help="Conversion rules per imaging condition (seed 000): fit, list, show, exchange.")
     app.add_typer(rules_app, name="rules")
-
-    @rules_app.command("fit")
-    def fit_cmd(
-        config: ConfigOption = None,
-        from_dir: FromDirOption = None,
-        method: MethodOption = "seed",
-        reference: ReferenceOption = None,
-        divergence: DivergenceOption = "js",
-        holdout: HoldoutOption = 0.0,
-        activate: ActivateOption = False,
-        as_json: FitJsonOption = False,
-        dry_run: DryRunOption = False,
-        from_pacs: FromPacsOption = None,
-        source_name: SourceOption = "",
-    ) -> None:
-        """Fit one rule per imaging condition against the reference condition and store them (versioned)."""
-        from rules.collect import fit_rules, store_rules
-        from rules.fit import FitError
-        from rules.registry import RuleError, RuleRegistry
-        from storage.store import open_store
-
-        options, reference = _fit_options(method, divergence, reference, holdout)
-        if from_dir is not None and from_pacs is not None:
-            raise fail("give --from-dir or --from-pacs, not both")
-        if source_name and from_pacs is None:
-            raise fail("--from names the PACS for --from-pacs")
-        cfg = load_or_fail(config)
-        progress = _progress(not as_json and os.isatty(2))
-        with open_store(cfg.data_path, cfg.store_settings) as store:
-            series, source = _fit_series(cfg, store, from_dir, from_pacs, source_name, as_json, progress)
-            try:
-                fitted = fit_rules(series, options, reference, holdout, progress)
-                if not dry_run:
-                    store_rules(RuleRegistry(store.index.db, store.index.lock), fitted, source, activate)
-            except (FitError, RuleError) as exc:
-                raise fail(str(exc)) from exc
-        typer.echo(json.dumps(fitted.summary, indent=2) if as_json else _fit_table(fitted.summary))
-
-    @rules_app.command("list")
-    def list_cmd(
-        config: ConfigOption = None, as_json: JsonOption = False, active_only: ActiveOnlyOption = False
-    ) -> None:
-        """List stored rules (every version; the active one per condition is marked)."""
-        with _registry(config) as registry:
-            rules = registry.active() if active_only else registry.all()
-        if as_json:
-            typer.echo(json.dumps([r.as_dict(with_histograms=False) for r in rules], indent=2))
-        else:
-            typer.echo(_rules_table(rules))
-
-    @rules_app.command("show")
-    def show_cmd(
-        rule_ref: RuleRefArgument,
-        config: ConfigOption = None,
-        plot: Annotated[Path | None, typer.Option(help="PNG file for the histogram plot.")] = None,
-    ) -> None:
-        """Show a rule and write a PNG of the histograms before and after it."""
-        from rules.registry import UnknownRule
-
-        with _registry(config) as registry:
-            try:
-                rule = registry.get(rule_ref)
-            except UnknownRule as exc:
-                raise fail(str(exc)) from exc
-        typer.echo(json.dumps(rule.as_dict(with_histograms=False), indent=2))
-        if not rule.provenance.get("histograms"):
-            typer.echo("(no histograms stored with this rule: nothing to plot)")
-            return
-        out = plot or Path(f"rule-{rule.id}-v{rule.version}.png")
-        try:
-            plot_rule(rule, out)
-        except OSError as exc:
-            raise fail(f"cannot write {out}: {exc}") from exc
-        typer.echo(f"plot: {out}")
-
-    @rules_app.command("export")
-    def export_cmd(
-        file: Annotated[Path, typer.Argument(help="JSON file to write.")],
-        config: ConfigOption = None,
-        active_only: ActiveOnlyOption = False,
-    ) -> None:
-        """Write the rules as a JSON rule file (for other nodes: `harmonode rules import`)."""
-        with _registry(config) as registry:
-            document = registry.export(only_active=active_only)
-        try:
-            tmp = file.with_name(file.name + ".tmp")
-            tmp.write_text(json.dumps(document, indent=1))
-            tmp.replace(file)
-        except OSError as exc:
-            raise fail(f"cannot write {file}: {exc}") from exc
-        typer.echo(f"{len(document['rules'])} rule(s) written to {file}")
-
-    @rules_app.command("import")
-    def import_cmd(
-        file: Annotated[Path, typer.Argument(help="JSON rule file from `harmonode rules export`.")],
-        config: ConfigOption = None,
-        activate: Annotated[
-            bool | None, typer.Option("--activate/--no-activate", help="Force imported rules (in)active.")
-        ] = None,
-    ) -> None:
-        """Import a rule file: all rules or none."""
-        from rules.registry import RuleFileError
-
-        try:
-            document = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise fail(f"cannot read rule file {file}: {exc}") from exc
-        with _registry(config) as registry:
-            try:
-                stored = registry.import_document(document, activate=activate)
-            except RuleFileError as exc:
-                raise fail(f"{file}: {exc}; nothing imported") from exc
-        typer.echo(f"{len(stored)} rule(s) imported from {file}")
-
-    @rules_app.command("activate")
-    def activate_cmd(rule_ref: RuleRefArgument, config: ConfigOption = None) -> None:
-        """Make a rule the active one for its imaging condition."""
-        from rules.registry import UnknownRule
-
-        with _registry(config) as registry:
-            try:
-                rule = registry.activate(rule_ref)
-            except UnknownRule as exc:
-                raise fail(str(exc)) from exc
-        typer.echo(f"{rule.label} active for {rule.key}")
 
 
 def plot_rule(rule: Rule, out: Path) -> None:
