@@ -203,6 +203,9 @@ class Node:
     def start(self, roles: tuple[str, ...] = ROLES) -> None:
         """Recover, then start the roles asked for."""
         self.recovery = recover(self.files, self.index)
+        released = self.queue.release_orphans()
+        if released:
+            log.warning("recovery: %d job(s) a dead process of this host had claimed are ready again", released)
         binding: JobBinding
         for binding in job_bindings(self.config, self.store, roles, self.detector):
             self.job_handlers[binding.kind] = binding

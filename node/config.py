@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from handlers.peer import Peer, check_ae_title
-from storage.queue import QueueSettings
+from storage.queue import DELIVERY_POLICY, QueueSettings
 from storage.store import StoreSettings
 
 ENV_PREFIX = "HARMONODE_"
@@ -74,7 +74,20 @@ class PipelineConfig:
     device: str = "auto"  # auto | cpu | cuda
 
 
-QueueConfig = QueueSettings  # the [queue] section: the durable queue's leases, retries, dead letters
+QueueConfig = QueueSettings  # the [queue] section: analysis jobs' leases, retries, dead letters
+
+
+@dataclass(frozen=True)
+class DeliveryConfig(QueueSettings):
+    """The [delivery] section: how long results keep being sent to a destination that is down.
+
+    The defaults retry for about 16 hours (5 s doubling to 30 min, 40 attempts) before a result is
+    dead-lettered (``harmonode resend`` brings it back).
+    """
+
+    max_attempts: int = DELIVERY_POLICY.max_attempts
+    backoff_base_s: float = DELIVERY_POLICY.backoff_base_s
+    backoff_max_s: float = DELIVERY_POLICY.backoff_max_s
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,7 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     destinations: tuple[Destination, ...] = ()
 
@@ -109,7 +123,7 @@ class Config:
     @property
     def store_settings(self) -> StoreSettings:
         """How ``storage.store.open_store`` opens this node's data directory."""
-        return StoreSettings(fsync=self.node.fsync, queue=self.queue)
+        return StoreSettings(fsync=self.node.fsync, queue=self.queue, delivery=self.delivery)
 
     @property
     def result_destinations(self) -> tuple[str, ...]:
@@ -128,6 +142,7 @@ _SECTIONS: dict[str, type] = {
     "node": NodeConfig,
     "pipeline": PipelineConfig,
     "queue": QueueConfig,
+    "delivery": DeliveryConfig,
     "tls": TlsConfig,
 }
 

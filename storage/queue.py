@@ -9,10 +9,12 @@ Every job must therefore be safe to run twice.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -78,12 +80,54 @@ class AnalyzeSeriesPayload:
 
 @dataclass(frozen=True)
 class QueueSettings:
-    """The queue's policy: leases, retries, dead letters (``[queue]`` in the config)."""
+    """A retry policy: leases, retries, dead letters (``[queue]`` for analysis, ``[delivery]`` for sends)."""
 
     lease_seconds: float = 300.0
     max_attempts: int = 5
     backoff_base_s: float = 2.0
     backoff_max_s: float = 300.0
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt: doubling from the base, capped."""
+        return min(self.backoff_max_s, self.backoff_base_s * (2 ** max(0, attempts - 1)))
+
+    @property
+    def retry_window_s(self) -> float:
+        """How long a job keeps being retried before it is dead-lettered (the sum of its delays)."""
+        return sum(self.delay(n) for n in range(1, self.max_attempts))
+
+
+#: Delivery retries for hours: a PACS down for a night's maintenance gets its results in the morning.
+DELIVERY_POLICY = QueueSettings(lease_seconds=300.0, max_attempts=40, backoff_base_s=5.0, backoff_max_s=1800.0)
+
+
+def worker_id() -> str:
+    """Who claims a job: ``host:pid:start`` (the start time tells a live process from a reused pid)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (``/proc``), or '' where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _worker_alive(worker: str) -> bool:
+    """Whether the process named by a claim still runs (unknown forms count as alive: wait the lease)."""
+    parts = worker.split(":")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True
+    pid, started = int(parts[1]), parts[2]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not started or _process_start(pid) == started
 
 
 @dataclass(frozen=True)
@@ -105,8 +149,11 @@ class JobQueue:
         self,
         path: str | Path,
         settings: QueueSettings | None = None,
+        policies: Mapping[str, QueueSettings] | None = None,
     ) -> None:
         settings = settings or QueueSettings()
+        self.settings = settings
+        self.policies = dict(policies or {})  # a job kind's own retry policy (delivery: hours, not seconds)
         self.path = str(path)
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -118,7 +165,7 @@ class JobQueue:
         self.max_attempts = settings.max_attempts
         self.backoff_base_s = settings.backoff_base_s
         self.backoff_max_s = settings.backoff_max_s
-        self.worker_id = f"{socket.gethostname()}:{id(self):x}"
+        self.worker_id = worker_id()
         self.db["jobs"].create(
             {
                 "id": int,
@@ -172,7 +219,7 @@ class JobQueue:
                     "INSERT INTO jobs (kind, key, payload, state, attempts, max_attempts, next_attempt_at,"
                     " lease_until, worker, last_error, created_at, updated_at)"
                     " VALUES (?,?,?,?,0,?,?,0,'','',?,?)",
-                    (kind, key, body, READY, max_attempts or self.max_attempts, now, now, now),
+                    (kind, key, body, READY, max_attempts or self.policy(kind).max_attempts, now, now, now),
                 )
                 conn.execute("COMMIT")
                 return int(cur.lastrowid or 0)
@@ -204,14 +251,18 @@ class JobQueue:
                 "UPDATE jobs SET state=?, last_error='', updated_at=? WHERE id=?", (DONE, time.time(), job.id)
             )
 
-    def fail(self, job: Job, error: str, retry: bool = True) -> str:
-        """Record a failure: back to ``ready`` after a backoff, or ``dead`` when attempts are spent.
+    def policy(self, kind: str) -> QueueSettings:
+        """The retry policy of a job kind (its own when configured, else the queue's)."""
+        return self.policies.get(str(kind), self.settings)
+
+    def fail(self, job: Job, error: str, retry: bool = True, now: float | None = None) -> str:
+        """Record a failure: back to ``ready`` after its kind's backoff, or ``dead`` when attempts are spent.
 
         Returns the new state.
         """
-        now = time.time()
+        now = time.time() if now is None else now
         dead = not retry or job.attempts >= job.max_attempts
-        delay = min(self.backoff_max_s, self.backoff_base_s * (2 ** max(0, job.attempts - 1)))
+        delay = self.policy(job.kind).delay(job.attempts)
         state = DEAD if dead else READY
         with self.lock:
             self.db.conn.execute(
@@ -219,6 +270,28 @@ class JobQueue:
                 (state, error[:2000], now + (0 if dead else delay), now, job.id),
             )
         return state
+
+    def release_orphans(self) -> int:
+        """Put back to ``ready`` the jobs that a dead process of this host had claimed; return how many.
+
+        A process that dies (SIGKILL, power cut) leaves its claimed jobs ``running`` until their lease runs
+        out (minutes). A claim names its process (host, pid and the process's start time), so at startup the
+        claims of processes of this host that no longer run are released at once. Claims of other hosts, or
+        of processes still running, wait out their lease as before.
+        """
+        host = socket.gethostname()
+        with self.lock:
+            rows = self.db.conn.execute(
+                "SELECT id, worker FROM jobs WHERE state=? AND worker LIKE ?", (RUNNING, f"{host}:%")
+            ).fetchall()
+            orphans = [job_id for job_id, worker in rows if not _worker_alive(worker)]
+            now = time.time()
+            for job_id in orphans:
+                self.db.conn.execute(
+                    "UPDATE jobs SET state=?, lease_until=0, next_attempt_at=?, updated_at=? WHERE id=? AND state=?",
+                    (READY, now, now, job_id, RUNNING),
+                )
+        return len(orphans)
 
     def retry_dead(self, kind: str | None = None, key_prefix: str = "") -> int:
         """Put dead jobs back to ``ready`` with fresh attempts (``harmonode resend``); return how many."""

@@ -15,7 +15,7 @@ from types import TracebackType
 from storage import deliveries
 from storage.files import FileStore
 from storage.index import Index
-from storage.queue import JobQueue, QueueSettings
+from storage.queue import DELIVERY_POLICY, JobKind, JobQueue, QueueSettings
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class StoreSettings:
     """How a data directory is opened: durability of the file store and the queue's retry policy."""
 
     fsync: bool = True  # never off in production: the success status promises durability
-    queue: QueueSettings = field(default_factory=QueueSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)  # analysis jobs
+    delivery: QueueSettings = DELIVERY_POLICY  # send jobs: retried for hours
 
 
 @dataclass
@@ -69,5 +70,5 @@ def open_store(data_dir: str | Path, settings: StoreSettings | None = None) -> S
     index = Index(root / "index.sqlite")
     with index.lock:
         deliveries.create_table(index.db)
-    queue = JobQueue(root / "queue.sqlite", settings.queue)
+    queue = JobQueue(root / "queue.sqlite", settings.queue, {JobKind.SEND: settings.delivery})
     return Store(root, files, index, queue)

@@ -23,6 +23,7 @@ def make_config(data_dir: Path, **sections) -> Config:  # noqa: ANN003
         node={"port": free_port(), "data_dir": str(data_dir)},
         pipeline={"quiet_seconds": 1.0, "poll_seconds": 0.1},
         queue={"backoff_base_s": 0.2, "backoff_max_s": 2.0},
+        delivery={"backoff_base_s": 0.2, "backoff_max_s": 2.0},
     )
     return with_overrides(base, **sections) if sections else base
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -82,9 +83,12 @@ def dciodvfy_errors(path: str | Path) -> list[str]:
 class Orthanc:
     """A running Orthanc on free loopback ports with its own temp storage."""
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC", modalities: dict[str, list] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, aet: str = "ORTHANC", modalities: dict[str, list] | None = None, count_receptions: bool = False
+    ) -> None:
         self.workdir = workdir
         self.aet = aet
+        self.count_receptions = count_receptions
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.modalities = modalities or {}
@@ -111,9 +115,23 @@ class Orthanc:
             "HttpServerEnabled": True,
             "DicomServerEnabled": True,
         }
+        if self.count_receptions:
+            # Orthanc keeps one copy of an instance stored twice; this logs every C-STORE it receives.
+            lua = self.workdir / "receptions.lua"
+            lua.write_text(
+                "function ReceivedInstanceFilter(dicom, origin, info)\n"
+                "  print('RECEIVED ' .. dicom.SOPInstanceUID)\n  return true\nend\n"
+            )
+            cfg["LuaScripts"] = [str(lua)]
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(cfg))
         return path
+
+    def receptions(self) -> list[str]:
+        """SOP Instance UIDs of every C-STORE received, duplicates included (``count_receptions=True``)."""
+        self.log.flush()
+        text = (self.workdir / "orthanc.log").read_text(errors="replace")
+        return re.findall(r"RECEIVED (\S+)", text)
 
     def start(self) -> Orthanc:
         binary = system_tool("Orthanc")

@@ -40,7 +40,7 @@ def results() -> list[Dataset]:
 
 def _node(data: Path, port: int, **queue: float) -> Node:
     dest = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=port)
-    config = make_config(data, destinations=[dest], queue={"backoff_base_s": 0.1, "backoff_max_s": 0.5, **queue})
+    config = make_config(data, destinations=[dest], delivery={"backoff_base_s": 0.1, "backoff_max_s": 0.5, **queue})
     node = Node(config)
     node.start(roles=("dispatch",))
     return node
