@@ -84,7 +84,11 @@ class Orthanc:
     """A running Orthanc on free loopback ports with its own temp storage."""
 
     def __init__(
-        self, workdir: Path, aet: str = "ORTHANC", modalities: dict[str, list] | None = None, count_receptions: bool = False
+        self,
+        workdir: Path,
+        aet: str = "ORTHANC",
+        modalities: dict[str, list] | None = None,
+        count_receptions: bool = False,
     ) -> None:
         self.workdir = workdir
         self.aet = aet
