@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from handlers.permissions import NOT_AUTHORIZED, Permissions, Service
 from storage.index import Index
 
 log = logging.getLogger(__name__)
@@ -343,7 +344,9 @@ def _response(
     return ds
 
 
-def handle_find(event: evt.Event, index: Index, ae_title: str = "") -> Iterator[tuple[int, Dataset | None]]:
+def handle_find(
+    event: evt.Event, index: Index, ae_title: str = "", permissions: Permissions | None = None
+) -> Iterator[tuple[int, Dataset | None]]:
     """EVT_C_FIND handler: pending responses per match, then success; cancel and failures as statuses.
 
     Parameters
@@ -354,6 +357,8 @@ def handle_find(event: evt.Event, index: Index, ae_title: str = "") -> Iterator[
         The node's index.
     ae_title
         The node's AE title (returned as Retrieve AE Title).
+    permissions
+        Who may query (``NOT_AUTHORIZED`` for the others).
 
     Yields
     ------
@@ -361,6 +366,9 @@ def handle_find(event: evt.Event, index: Index, ae_title: str = "") -> Iterator[
         ``(0xFF00, identifier)`` per match, then nothing more (pynetdicom sends success), or a failure
         or cancel status.
     """
+    if permissions is not None and not permissions.check(event, Service.FIND):
+        yield NOT_AUTHORIZED, None
+        return
     root = MODEL_ROOTS.get(str(event.request.AffectedSOPClassUID), STUDY_ROOT)
     try:
         identifier = event.identifier

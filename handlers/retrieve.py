@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (
 )
 
 from handlers.peer import Peer
+from handlers.permissions import NOT_AUTHORIZED, Permissions, Service
 from handlers.query import PATIENT_ROOT, STUDY_ROOT, UNIQUE_KEYS, BadIdentifier, query_level, where_clause
 from handlers.transport import StoredInstance, prepare_store_association, send_stored_files
 from storage.files import FileStore
@@ -111,7 +112,13 @@ def _failure(status: int) -> Iterator[Any]:
     yield status, failed
 
 
-def handle_move(event: evt.Event, destinations: Sequence[Peer], index: Index, files: FileStore) -> Iterator[Any]:
+def handle_move(
+    event: evt.Event,
+    destinations: Sequence[Peer],
+    index: Index,
+    files: FileStore,
+    permissions: Permissions | None = None,
+) -> Iterator[Any]:
     """EVT_C_MOVE handler: the destination, the number of sub-operations, then one yield per instance.
 
     Parameters
@@ -137,6 +144,15 @@ def handle_move(event: evt.Event, destinations: Sequence[Peer], index: Index, fi
         log.warning("C-MOVE from %s refused: move destination %r is not configured", caller, move_ae)
         yield None, None
         return
+    if permissions is not None and not (
+        permissions.check(event, Service.MOVE)
+        and permissions.may_move_to(caller, event.assoc.requestor.address, dest.ae_title)
+    ):
+        # pynetdicom takes the destination before anything else and associates with it before a failure
+        # status could be yielded: a destination the caller may not use is, to it, an unknown one (0xA801).
+        log.warning("C-MOVE from %s to %s refused: not authorized", caller, dest.name)
+        yield None, None
+        return
     root = RETRIEVE_ROOTS.get(str(event.request.AffectedSOPClassUID), STUDY_ROOT)
     try:
         rows = retrieve_instances(index, event.identifier, root)
@@ -157,7 +173,9 @@ def handle_move(event: evt.Event, destinations: Sequence[Peer], index: Index, fi
     yield from _sub_operations(event, rows, files)
 
 
-def handle_get(event: evt.Event, index: Index, files: FileStore) -> Iterator[Any]:
+def handle_get(
+    event: evt.Event, index: Index, files: FileStore, permissions: Permissions | None = None
+) -> Iterator[Any]:
     """EVT_C_GET handler: the number of sub-operations, then one yield per instance (sent to the caller).
 
     Parameters
@@ -173,6 +191,9 @@ def handle_get(event: evt.Event, index: Index, files: FileStore) -> Iterator[Any
         The number of sub-operations, then ``(status, dataset)`` pairs as pynetdicom expects.
     """
     caller = event.assoc.requestor.ae_title
+    if permissions is not None and not permissions.check(event, Service.GET):
+        yield from _failure(NOT_AUTHORIZED)
+        return
     root = RETRIEVE_ROOTS.get(str(event.request.AffectedSOPClassUID), STUDY_ROOT)
     try:
         rows = retrieve_instances(index, event.identifier, root)

@@ -46,6 +46,7 @@ from handlers.encoding import (
     check_pixel_data,
     dataset_offset,
 )
+from handlers.permissions import NOT_AUTHORIZED, Permissions, Service
 from storage.files import FileStore, InvalidUID, TooManyVersions, check_uid
 from storage.index import Index, InstanceMeta, instance_meta_from_dataset
 
@@ -227,9 +228,13 @@ def store_encoded(
 
 
 def handle_store(
-    event: evt.Event, files: FileStore, index: Index, limits: StoreLimits | None = None
+    event: evt.Event,
+    files: FileStore,
+    index: Index,
+    limits: StoreLimits | None = None,
+    permissions: Permissions | None = None,
 ) -> int | tuple[int, Any]:
-    """EVT_C_STORE handler bound with the file store, the index and the store's limits."""
+    """EVT_C_STORE handler bound with the file store, the index, the store's limits and the permissions."""
     calling_ae = event.assoc.requestor.ae_title
     try:
         encoded = event.encoded_dataset(include_meta=True)
@@ -237,6 +242,9 @@ def handle_store(
         log.warning("C-STORE from %s: file meta cannot be encoded (%s)", calling_ae, type(exc).__name__)
         files.quarantine(None, f"file meta cannot be encoded: {type(exc).__name__}", {"calling_ae": calling_ae})
         return CANNOT_UNDERSTAND
+    if permissions is not None and not permissions.check(event, Service.STORE):
+        files.quarantine(encoded, "C-STORE from a peer not allowed to store", {"calling_ae": calling_ae})
+        return NOT_AUTHORIZED
     ts = str(event.context.transfer_syntax)
     req = event.request
     try:

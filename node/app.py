@@ -25,6 +25,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 
 from handlers.echo import handle_echo
+from handlers.permissions import Permissions
 from handlers.query import handle_find
 from handlers.retrieve import QR_SOP_CLASSES, handle_get, handle_move
 from handlers.store import STORAGE_SOP_CLASSES, StoreLimits, handle_store
@@ -84,6 +85,7 @@ class Node:
         self.store = open_store(config.data_path, config.store_settings)
         self.files, self.index, self.queue = self.store.files, self.store.index, self.store.queue
         self.detector = DetectorSlot(config.pipeline.device)
+        self.permissions = Permissions(config.peers)
         node = config.node
         self.door = Door(
             DoorPolicy(
@@ -139,11 +141,12 @@ class Node:
             (evt.EVT_CONN_OPEN, answer_invalid_requests, [self.files.quarantine]),
             (evt.EVT_REQUESTED, self.door.requested),
             (evt.EVT_ESTABLISHED, self.door.established),
-            (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.files, self.index, self.store_limits]),
-            (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title]),
-            (evt.EVT_C_MOVE, handle_move, [self.config.destinations, self.index, self.files]),
-            (evt.EVT_C_GET, handle_get, [self.index, self.files]),
+            (evt.EVT_REQUESTED, self.permissions.admit),
+            (evt.EVT_C_ECHO, handle_echo, [self.permissions]),
+            (evt.EVT_C_STORE, handle_store, [self.files, self.index, self.store_limits, self.permissions]),
+            (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title, self.permissions]),
+            (evt.EVT_C_MOVE, handle_move, [self.config.destinations, self.index, self.files, self.permissions]),
+            (evt.EVT_C_GET, handle_get, [self.index, self.files, self.permissions]),
             (evt.EVT_REJECTED, _log_rejected),
         ]
         return handlers

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from handlers.peer import Peer, check_ae_title
+from handlers.permissions import PeerPermission
 from storage.queue import DELIVERY_POLICY, QueueSettings
 from storage.store import StoreSettings
 
@@ -114,6 +115,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     destinations: tuple[Destination, ...] = ()
+    peers: tuple[PeerPermission, ...] = ()  # [[peers]]: who may use which service; none: every admitted caller
 
     @property
     def data_path(self) -> Path:
@@ -226,9 +228,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
-    unknown = set(raw) - set(_SECTIONS) - {"destinations"}
+    unknown = set(raw) - set(_SECTIONS) - {"destinations", "peers"}
     if unknown:
-        raise ConfigError(f"unknown section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)} and destinations")
+        raise ConfigError(f"unknown section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)}, destinations, peers")
     sections = {name: _build_section(cls, raw.get(name, {}), name, env) for name, cls in _SECTIONS.items()}
     _check_ae_title(sections["node"].ae_title, "[node] ae_title")
     for ae in sections["node"].allowed_calling_aes:
@@ -247,7 +249,35 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             )
         except KeyError as exc:
             raise ConfigError(f"[[destinations]] #{i + 1}: missing key {exc.args[0]!r}") from exc
-    return Config(destinations=tuple(dests), **sections)
+    return Config(destinations=tuple(dests), peers=_peers(raw.get("peers", []), dests), **sections)
+
+
+_PEER_KEYS = {"ae_title", "services", "addresses", "move_destinations"}
+
+
+def _peers(raw: list[Mapping[str, Any]], destinations: list[Destination]) -> tuple[PeerPermission, ...]:
+    """The ``[[peers]]`` tables as permissions, each checked (AE titles, services, move destinations)."""
+    known_destinations = {d.ae_title for d in destinations}
+    peers = []
+    for i, p in enumerate(raw):
+        where = f"[[peers]] #{i + 1}"
+        unknown = set(p) - _PEER_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_PEER_KEYS)}")
+        if "ae_title" not in p:
+            raise ConfigError(f"{where}: missing key 'ae_title'")
+        _check_ae_title(str(p["ae_title"]), f"{where} ae_title")
+        moves = tuple(str(a) for a in p.get("move_destinations", []))
+        strangers = sorted(set(moves) - known_destinations)
+        if strangers:
+            raise ConfigError(f"{where}: move_destinations {strangers} are not the AE titles of [[destinations]]")
+        try:
+            peers.append(
+                PeerPermission.of(str(p["ae_title"]), p.get("services", ["echo"]), p.get("addresses", []), moves)
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    return tuple(peers)
 
 
 def with_overrides(config: Config, **sections: Mapping[str, Any]) -> Config:
@@ -257,7 +287,7 @@ def with_overrides(config: Config, **sections: Mapping[str, Any]) -> Config:
     """
     changes: dict[str, Any] = {}
     for name, values in sections.items():
-        if name == "destinations":
+        if name in ("destinations", "peers"):
             changes[name] = tuple(values)  # type: ignore[arg-type]
         else:
             changes[name] = dataclasses.replace(getattr(config, name), **values)
