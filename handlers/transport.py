@@ -8,7 +8,9 @@ versions they were checked against):
    the TLS handshake in the connection's own thread under the set-up timeout.
 2. The door (``Door.install``): who may open a connection at all, and how many, before anything is read.
 3. A request pynetdicom cannot turn into a service call gets a failure status (``answer_invalid_requests``).
-4. Sending stored files as stored (``send_stored_files``, ``StoredInstance``, ``enable_raw_sending``).
+4. A DIMSE message that grows past the dataset cap aborts its association (``bound_datasets``): pynetdicom
+   gathers a message's fragments in memory without a limit.
+5. Sending stored files as stored (``send_stored_files``, ``StoredInstance``, ``enable_raw_sending``).
 
 Socket tuning: pynetdicom reads each PDU in 4 KiB ``recv`` calls from Python and trusts the length a peer
 declares; a 128 KiB P-DATA PDU costs 32 calls, and a peer that declares a 4 GiB PDU can make it buffer
@@ -316,6 +318,32 @@ def answer_invalid_requests(event: evt.Event, quarantine: Callable[..., Any] | N
         return None
 
     assoc._serve_request = types.MethodType(serve_request, assoc)  # type: ignore[method-assign]
+
+
+def bound_datasets(event: evt.Event, max_bytes: int) -> None:
+    """EVT_CONN_OPEN handler: abort an association whose DIMSE message grows past ``max_bytes``.
+
+    pynetdicom keeps a message's data set fragments in memory until the last one; without a bound one peer
+    can stream until the node runs out of memory. The message is dropped and the association aborted (a
+    status cannot be sent before the peer has sent the whole message).
+    """
+    if max_bytes <= 0:
+        return
+    dimse = event.assoc.dimse
+    original = dimse.receive_primitive
+
+    def receive_primitive(self: Any, primitive: Any) -> None:
+        original(primitive)
+        message = self.message
+        data = getattr(message, "data_set", None)
+        if data is not None and hasattr(data, "tell") and data.tell() > max_bytes:
+            log.warning(
+                "a DIMSE message from %s passed %d bytes: association aborted", self.assoc.requestor.address, max_bytes
+            )
+            self.message = None
+            self.assoc.abort()
+
+    dimse.receive_primitive = types.MethodType(receive_primitive, dimse)
 
 
 # -- sending stored files as stored -----------------------------------------------------------------------

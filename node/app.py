@@ -34,6 +34,7 @@ from handlers.transport import (
     Door,
     DoorPolicy,
     answer_invalid_requests,
+    bound_datasets,
     enable_raw_sending,
     tune_socket,
 )
@@ -139,6 +140,7 @@ class Node:
         handlers: list[tuple[Any, ...]] = [
             (evt.EVT_CONN_OPEN, tune_socket, [max_pdu, cfg.acse_timeout_s]),
             (evt.EVT_CONN_OPEN, answer_invalid_requests, [self.files.quarantine]),
+            (evt.EVT_CONN_OPEN, bound_datasets, [cfg.max_dataset_mb * 1024 * 1024]),
             (evt.EVT_REQUESTED, self.door.requested),
             (evt.EVT_ESTABLISHED, self.door.established),
             (evt.EVT_REQUESTED, self.permissions.admit),

@@ -61,6 +61,7 @@ class NodeConfig:
     fsync: bool = True  # never turn off in production: the success status promises durability
     max_versions: int = 100  # versions kept of one SOP Instance UID in one series; more are refused (0: no limit)
     max_inflated_mb: int = 64  # a deflated dataset that inflates further is refused (0: no limit)
+    max_dataset_mb: int = 1024  # a DIMSE message larger than this aborts its association (0: no limit)
 
 
 @dataclass(frozen=True)

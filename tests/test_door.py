@@ -228,3 +228,22 @@ def test_a_c_store_with_an_unusable_uid_gets_a_status_at_once(node: Node) -> Non
     finally:
         assoc.release()
     assert len(node.files.quarantined()) == 3
+
+
+def test_a_dataset_past_the_cap_aborts_its_association_and_the_node_keeps_serving(tmp_path: Path) -> None:
+    n = Node(make_config(tmp_path / "node", node={"max_dataset_mb": 4}))
+    n.start(("listen",))
+    try:
+        ds = synthetic_instance(SeriesSpec("P1", "BIG^ONE", "1.2.3.4", "20240101", "1", "A", "1.2.3.5", "CT", 1), 1)
+        ds.Rows = ds.Columns = 2048  # 8 MiB of pixels: over the 4 MiB cap
+        ds.PixelData = bytes(2048 * 2048 * 2)
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", n.port, ae_title="HARMONODE")
+        assert assoc.is_established
+        assoc.send_c_store(ds)
+        wait_until(lambda: assoc.is_aborted, timeout=10, what="the association to be aborted")
+        assert n.index.counts()["instances"] == 0
+        assert echo_seconds(n.port) < LEGIT_WITHIN_S
+    finally:
+        n.stop()
