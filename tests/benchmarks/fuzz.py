@@ -71,8 +71,18 @@ def _split(raw: bytes) -> tuple[bytes, bytes]:
     return raw[:start], raw[start:]
 
 
+def fresh_uid(raw: bytes, rng: random.Random) -> bytes:
+    """The seed with a new SOP Instance UID of the same length (file meta and dataset alike), so each mutant is
+    a new instance rather than the next version of one (the versions limit would answer most of them)."""
+    uid = dcmread(io.BytesIO(raw), stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID.encode()
+    tail = "".join(rng.choice("123456789") for _ in range(min(20, len(uid) - 12)))
+    new = uid[: len(uid) - len(tail)] + tail.encode()
+    return raw.replace(uid, new)
+
+
 def mutate(raw: bytes, rng: random.Random) -> tuple[bytes, str]:
     """One mutation of a seed's dataset bytes (the file meta kept, so the sender can name its syntax)."""
+    raw = fresh_uid(raw, rng)
     meta, body = _split(raw)
     body = bytearray(body)
     kind = rng.choice(("flip", "truncate", "insert", "length", "duplicate", "zero", "uid", "syntax"))
