@@ -333,6 +333,8 @@ def bound_datasets(event: evt.Event, max_bytes: int) -> None:
     original = dimse.receive_primitive
 
     def receive_primitive(self: Any, primitive: Any) -> None:
+        if getattr(self, "_harmonode_over_cap", False):
+            return  # the rest of an oversized message: dropped while the abort goes out
         original(primitive)
         message = self.message
         data = getattr(message, "data_set", None)
@@ -341,7 +343,9 @@ def bound_datasets(event: evt.Event, max_bytes: int) -> None:
                 "a DIMSE message from %s passed %d bytes: association aborted", self.assoc.requestor.address, max_bytes
             )
             self.message = None
-            self.assoc.abort()
+            self._harmonode_over_cap = True
+            # This runs in the DUL's own thread, which abort() waits for: abort from another thread.
+            threading.Thread(target=self.assoc.abort, name="harmonode-abort", daemon=True).start()
 
     dimse.receive_primitive = types.MethodType(receive_primitive, dimse)
 
