@@ -27,9 +27,21 @@ class EncodingRefused(ValueError):
     """The bytes do not hold what their transfer syntax and header say; the message says what is wrong."""
 
 
-def dataset_offset(encoded: bytes, ds: Dataset) -> int:
-    """Where the dataset starts after the Part 10 preamble and file meta of ``encoded``."""
-    return PREAMBLE_AND_PREFIX + _META_GROUP_LENGTH_ELEMENT + int(ds.file_meta.FileMetaInformationGroupLength)
+def dataset_offset(encoded: bytes) -> int:
+    """Where the dataset starts after the Part 10 preamble and file meta of ``encoded``.
+
+    Read from the file meta's group length, (0002,0000) UL, the first element after the prefix in the
+    form the C-STORE SCP builds.
+
+    Raises
+    ------
+    EncodingRefused
+        The bytes do not begin with a preamble, ``DICM`` and a file meta group length.
+    """
+    head = encoded[PREAMBLE_AND_PREFIX - 4 : PREAMBLE_AND_PREFIX + _META_GROUP_LENGTH_ELEMENT]
+    if len(head) < 16 or head[:4] != b"DICM" or head[4:10] != b"\x02\x00\x00\x00UL":
+        raise EncodingRefused("the file meta does not start with its group length")
+    return PREAMBLE_AND_PREFIX + _META_GROUP_LENGTH_ELEMENT + int.from_bytes(head[12:16], "little")
 
 
 def check_inflation(encoded: bytes, start: int, transfer_syntax_uid: str, max_bytes: int) -> None:

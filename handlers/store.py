@@ -119,8 +119,7 @@ def read_header(encoded: bytes, transfer_syntax_uid: str, limits: StoreLimits) -
         0xC213 for bytes that contradict their encoding, 0xC210-0xC212 for bytes that cannot be parsed.
     """
     try:
-        meta_only = dcmread(BytesIO(encoded), stop_before_pixels=True, force=False, specific_tags=[])
-        start = dataset_offset(encoded, meta_only)
+        start = dataset_offset(encoded)
         check_inflation(encoded, start, transfer_syntax_uid, limits.max_inflated_bytes)
         check_explicitness(encoded, start, transfer_syntax_uid)
         # Large values stay on the wire bytes (deferred): their position and length are all the checks need.
