@@ -34,6 +34,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,11 +103,47 @@ def tune_socket(
         pass
     if isinstance(raw, socket.socket):  # SSLSocket is one too: recv_into decrypts into the buffer
         assoc_sock.recv = types.MethodType(_make_recv(max_pdu_bytes), assoc_sock)
+    _end_waits_with_the_connection(event.assoc.dul)
     # The DUL thread sleeps this long whenever it finds nothing to do (1 ms by default): a store
     # response waits for it. A shorter poll costs some idle CPU per open association, which is short-lived.
     dul = event.assoc.dul
     if hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_POLL_SECONDS
+
+
+_IDLE_STATE = "Sta1"  # the DUL's state once the transport connection is gone
+_WAIT_STEP_S = 0.1
+
+
+def _end_waits_with_the_connection(dul: Any) -> None:
+    """Let the association stop waiting for a PDU once its connection is gone.
+
+    A peer that closes its connection before sending its A-ASSOCIATE-RQ puts the DUL back to idle (AA-5)
+    without telling the association, whose thread then waits out the whole ``acse_timeout``: a flood of
+    short connections leaves hundreds of threads (a quarter of a MiB each) waiting. The wait is taken in
+    short steps and ends as soon as the DUL is idle and the socket closed.
+    """
+    original = dul.receive_pdu
+
+    def receive_pdu(self: Any, wait: bool = False, timeout: float | None = None) -> Any:
+        if not wait or timeout is None or timeout <= _WAIT_STEP_S:
+            return original(wait, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            primitive = original(True, max(0.0, min(_WAIT_STEP_S, remaining)))
+            if primitive is not None or remaining <= _WAIT_STEP_S:
+                return primitive
+            if self.state_machine.current_state == _IDLE_STATE and _closed(self.socket) and self.to_user_queue.empty():
+                return None
+
+    dul.receive_pdu = types.MethodType(receive_pdu, dul)
+
+
+def _closed(assoc_sock: Any) -> bool:
+    """Whether an AssociationSocket's connection is closed (before it opens, it is not)."""
+    raw = getattr(assoc_sock, "socket", None)
+    return raw is None or raw.fileno() == -1
 
 
 def _handshake(sock: ssl.SSLSocket, timeout_s: float | None) -> bool:

@@ -247,3 +247,19 @@ def test_a_dataset_past_the_cap_aborts_its_association_and_the_node_keeps_servin
         assert echo_seconds(n.port) < LEGIT_WITHIN_S
     finally:
         n.stop()
+
+
+def test_connections_closed_before_associating_do_not_leave_threads_waiting(node: Node) -> None:
+    def acceptors() -> int:
+        return sum(1 for t in threading.enumerate() if "AcceptorThread" in t.name)
+
+    for i in range(100):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as s:
+            s.sendall(b"\x01\x00" if i % 2 else b"\xff\xff\xff")
+            s.shutdown(socket.SHUT_WR)
+            try:
+                s.recv(16)
+            except OSError:
+                pass
+    # Each used to wait out the whole set-up timeout (3 s here, 10 s by default) for a PDU that cannot come.
+    wait_until(lambda: acceptors() < 10, timeout=2.5, what="the closed connections' threads to end")
