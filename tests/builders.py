@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -253,3 +254,14 @@ def encoded(ds) -> bytes:  # noqa: ANN001
     buf = BytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
+
+
+def tls_files(directory: Path) -> tuple[Path, Path]:
+    """A self-signed key and certificate for 127.0.0.1 (OpenSSL), for TLS tests."""
+    key, crt = directory / "node.key", directory / "node.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
+         "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return key, crt

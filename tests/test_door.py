@@ -23,7 +23,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from builders import SeriesSpec, synthetic_instance
+from builders import SeriesSpec, synthetic_instance, tls_files
 from conftest import make_config
 from handlers.transport import INVALID_REQUEST
 from node.app import Node
@@ -135,18 +135,8 @@ def test_a_refused_address_is_closed_before_anything_is_read(tmp_path: Path) -> 
         n.stop()
 
 
-def _tls_files(tmp_path: Path) -> tuple[Path, Path]:
-    key, crt = tmp_path / "node.key", tmp_path / "node.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return key, crt
-
-
 def test_an_idle_plain_connection_on_the_tls_port_does_not_block_tls_clients(tmp_path: Path) -> None:
-    key, crt = _tls_files(tmp_path)
+    key, crt = tls_files(tmp_path)
     tls = {"enabled": True, "cert_file": str(crt), "key_file": str(key)}
     n = Node(make_config(tmp_path / "node", tls=tls, node={"acse_timeout_s": 3.0}))
     n.start(("listen",))
@@ -161,7 +151,7 @@ def test_an_idle_plain_connection_on_the_tls_port_does_not_block_tls_clients(tmp
 
 
 def test_a_tls_peer_cannot_stream_a_pdu_past_the_cap(tmp_path: Path) -> None:
-    key, crt = _tls_files(tmp_path)
+    key, crt = tls_files(tmp_path)
     tls = {"enabled": True, "cert_file": str(crt), "key_file": str(key)}
     n = Node(make_config(tmp_path / "node", tls=tls, node={"max_pdu_size": 65536}))
     n.start(("listen",))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.filewriter import dcmwrite
 
+from builders import encoded
 from handlers.store import store_encoded
 from models.volume import build_volume
 from node.config import PipelineConfig
@@ -51,9 +50,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def _receive(store: Store, datasets) -> str:  # noqa: ANN001
     """Store instances as a C-STORE would (bytes as encoded); return their series UID."""
     for ds in datasets:
-        buffer = io.BytesIO()
-        dcmwrite(buffer, ds, enforce_file_format=True)
-        store_encoded(buffer.getvalue(), str(ds.file_meta.TransferSyntaxUID), "", "", store.files, store.index)
+        store_encoded(encoded(ds), str(ds.file_meta.TransferSyntaxUID), "", "", store.files, store.index)
     return str(datasets[0].SeriesInstanceUID)
 
 

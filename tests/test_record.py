@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from builders import SeriesSpec, findscu, study_uids, synthetic_instance
+from builders import SeriesSpec, encoded, findscu, study_uids, synthetic_instance
 from conftest import make_config
 from handlers.store import OUT_OF_RESOURCES, StoreLimits, StoreRefused, store_encoded
 from node.app import Node
@@ -139,18 +137,12 @@ def test_an_instance_that_names_another_patient_than_its_study_is_recorded(node:
     assert conflict["kind"] == ConflictKind.STUDY_PATIENT and conflict["detail"] == "patient_id,patient_name"
 
 
-def _encoded(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def test_versions_are_found_by_the_index_and_limited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ds = synthetic_instance(spec("P1", "V^ONE"), 1)
     with open_store(tmp_path / "node") as store:
         for n in range(5):
             ds.InstanceNumber = n + 1
-            status, _ = store_encoded(_encoded(ds), ExplicitVRLittleEndian, "", "", store.files, store.index)
+            status, _ = store_encoded(encoded(ds), ExplicitVRLittleEndian, "", "", store.files, store.index)
             assert status == 0x0000
         # Storing again, and storing an old version again: the index knows both, no old file is read back.
         import storage.files
@@ -160,12 +152,12 @@ def test_versions_are_found_by_the_index_and_limited(tmp_path: Path, monkeypatch
 
         monkeypatch.setattr(storage.files, "file_sha256", no_reading)
         ds.InstanceNumber = 3
-        assert store_encoded(_encoded(ds), ExplicitVRLittleEndian, "", "", store.files, store.index) == (
+        assert store_encoded(encoded(ds), ExplicitVRLittleEndian, "", "", store.files, store.index) == (
             0x0000,
             "duplicate of version 3, not stored again",
         )
         ds.InstanceNumber = 6
         with pytest.raises(StoreRefused) as refused:
-            store_encoded(_encoded(ds), ExplicitVRLittleEndian, "", "", store.files, store.index, "", StoreLimits(5))
+            store_encoded(encoded(ds), ExplicitVRLittleEndian, "", "", store.files, store.index, "", StoreLimits(5))
         assert refused.value.status == OUT_OF_RESOURCES and "5 versions" in refused.value.reason
         assert len(store.index.instances_of_series(ds.SeriesInstanceUID, latest_only=False)) == 5

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ssl
-import subprocess
 
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from builders import tls_files
 from conftest import make_config
 from node.app import Node
 
@@ -53,29 +53,7 @@ def test_address_allow_list(tmp_path, started):
 
 
 def test_tls(tmp_path, started):
-    key, crt = tmp_path / "node.key", tmp_path / "node.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(crt),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    key, crt = tls_files(tmp_path)
     n = started(make_config(tmp_path / "n", tls={"enabled": True, "cert_file": str(crt), "key_file": str(key)}))
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(crt))
     assert echo(n.port, tls=client)
