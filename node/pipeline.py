@@ -12,7 +12,6 @@ series through ``processing`` to ``done`` or ``failed`` (or ``skipped`` when it 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from rules.registry import Rule, RuleMatch, RuleRegistry
 from storage.deliveries import StoredResult, enqueue_deliveries, store_results
 from storage.files import FileStore
 from storage.index import Index, SeriesState
+from storage.meta import series_condition_tags
 from storage.queue import AnalyzeSeriesPayload, Job, JobQueue
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def run_series(worker: Worker, series_uid: str) -> SeriesOutcome:
     row = worker.index.series(series_uid)
     if row is None:
         raise LookupError(f"series {series_uid} is not in the index")
-    tags = json.loads(row.get("condition_tags") or "{}")
+    tags = series_condition_tags(row)
     modality = row.get("modality") or ""
     t: dict[str, float] = {}
     loaded = _timed(t, "load", load_series, worker.files, worker.index.instances_of_series(series_uid))

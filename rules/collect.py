@@ -1,8 +1,9 @@
-"""Series for fitting: per-image histograms by imaging condition, hold-out splits, one fit per modality.
+"""Series for fitting: per-image histograms by imaging condition, hold-out splits, one fit per modality and region.
 
 What ``harmonode rules fit`` does between reading its options and printing its table: collect the per-slice
 histograms of every series (from a folder of DICOM files or from the node's store), hold whole series out
-for evaluation, fit one rule per condition against each modality's reference (``rules.fit``), report the
+for evaluation, fit one rule per condition against the reference of its modality and body region
+(``rules.fit``: head CT against a head CT of the reference condition, chest against chest), report the
 similarity before and after (and with the other method, and on the held-out series), and store the rules
 with their provenance (``rules.registry``). Nothing here knows the node's config: the caller passes the
 store's index and file store, the registry and plain options.
@@ -10,7 +11,6 @@ store's index and file store, the registry and plain options.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,10 +30,11 @@ from rules.histogram import (
     js_divergence,
     stored_histogram,
 )
-from rules.keys import ConditionKey
+from rules.keys import ANY, ConditionKey, KeyParseError
 from rules.registry import Rule, RuleRegistry
 from storage.files import FileStore
 from storage.index import CONDITION_KEYWORDS, Index
+from storage.meta import series_condition_tags
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,18 @@ class SeriesImages:
 
 @dataclass
 class FittedRules:
-    """One fit of every condition found: the per-modality results and the per-condition report rows.
+    """One fit of every condition found: the per-modality-and-region results and the per-condition report rows.
 
-    ``summary`` holds one row per condition (``GroupFit.summary`` plus ``n_series``, the other method's
-    similarity and, with a hold-out, the held-out JSD before and after); :func:`store_rules` adds ``rule``.
+    ``summary`` holds one row per condition (``GroupFit.summary`` plus ``region``, ``n_series``, the other
+    method's similarity and, with a hold-out, the held-out JSD before and after); :func:`store_rules` adds
+    ``rule``. ``skipped`` says which regions were not fitted and what to do about it.
     """
 
     results: list[FitResult]
     summary: list[dict[str, Any]]
     n_series: dict[str, int]
     options: FitOptions
+    skipped: list[str] = field(default_factory=list)
 
 
 # -- collecting histograms ------------------------------------------------------------------------------------
@@ -158,7 +161,7 @@ def series_from_store(
         The series with at least one readable image (unreadable instances are skipped with a warning).
     """
     sql = (
-        "SELECT series_instance_uid, modality, condition_tags FROM series"
+        "SELECT series_instance_uid, modality, condition_tags, series_description, body_part_examined FROM series"
         " WHERE (origin IS NULL OR origin = 'received') AND modality IN ('CT', 'MR')"
     )
     params: tuple[str, ...] = ()
@@ -170,7 +173,7 @@ def series_from_store(
     out = []
     for row in progress(index.query(sql, params), "series", "series"):
         modality = row["modality"] or ""
-        tags = json.loads(row["condition_tags"] or "{}")
+        tags = series_condition_tags(row)
         item = SeriesImages(row["series_instance_uid"], modality, str(ConditionKey.from_tags(tags, modality)))
         for inst in index.instances_of_series(row["series_instance_uid"]):
             try:
@@ -205,11 +208,61 @@ def split_holdout(
     return fit, held
 
 
-def _by_modality(keys: Iterable[str]) -> Iterator[tuple[str, list[str]]]:
-    groups: dict[str, list[str]] = defaultdict(list)
+def _modality_region(key: str) -> tuple[str, str]:
+    """The modality and region of a condition key string (``*`` for one that does not parse)."""
+    try:
+        parsed = ConditionKey.parse(key)
+    except KeyParseError:
+        return key.split("|", 1)[0], ANY
+    return parsed.modality, parsed.region
+
+
+def _by_modality_region(keys: Iterable[str]) -> Iterator[tuple[str, str, list[str]]]:
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for k in keys:
-        groups[k.split("|", 1)[0]].append(k)
-    yield from sorted(groups.items())
+        groups[_modality_region(k)].append(k)
+    for (modality, region), members in sorted(groups.items()):
+        yield modality, region, sorted(members)
+
+
+def _reference_in(reference: ConditionKey | None, modality: str, region: str) -> str | None:
+    """The reference key of one modality and region: ``reference`` itself, or for region ``*`` that scanner
+    condition in ``region``; None when ``reference`` is of another modality or region (the group picks its own)."""
+    if reference is None or reference.modality != modality:
+        return None
+    if reference.region == ANY:
+        return str(replace(reference, region=region))
+    return str(reference) if reference.region == region else None
+
+
+def regions_without_reference(groups: Iterable[str], reference: str | None) -> dict[tuple[str, str], str]:
+    """The (modality, region) groups a reference for every region (``…|*``) has no series in, with what to do.
+
+    Parameters
+    ----------
+    groups
+        The condition keys found.
+    reference
+        The ``--reference`` key in its canonical form, or None (then nothing is missing).
+
+    Returns
+    -------
+    dict
+        ``(modality, region)`` → the message that says why the region is not fitted and what to do.
+    """
+    ref = ConditionKey.parse(reference) if reference else None
+    if ref is None or ref.region != ANY:
+        return {}
+    out = {}
+    for modality, region, keys in _by_modality_region(groups):
+        wanted = _reference_in(ref, modality, region)
+        if wanted is not None and wanted not in keys and len(keys) > 1:
+            out[(modality, region)] = (
+                f"{modality} {region}: no {region} series of the reference condition {reference}, so its "
+                f"{len(keys)} conditions were not fitted; add {region} series of that scanner condition, or fit "
+                f"the region against one of its own conditions with --reference (one of {', '.join(keys)})"
+            )
+    return out
 
 
 def fit_conditions(
@@ -218,7 +271,7 @@ def fit_conditions(
     reference: str | None = None,
     progress: Progress = no_progress,
 ) -> list[FitResult]:
-    """Fit every condition against its modality's reference; a modality with one condition is skipped.
+    """Fit every condition against the reference of its modality and region; a lone condition is skipped.
 
     Parameters
     ----------
@@ -227,26 +280,32 @@ def fit_conditions(
     options
         Method and optimizer settings (MR gets a wider scale range: it has no absolute scale).
     reference
-        A parsed condition key: the reference of its modality (the others pick the group with most images).
+        A parsed condition key: the reference of its modality and region; with region ``*`` that scanner
+        condition is the reference in every region (a region without it is skipped with a warning,
+        :func:`regions_without_reference`). Other groups pick the condition with most images.
     progress
-        Wraps the iteration over each modality's groups.
+        Wraps the iteration over each group's conditions.
 
     Returns
     -------
     list[FitResult]
-        One per modality fitted, in modality order.
+        One per modality and region fitted, in that order.
 
     Raises
     ------
     FitError
-        A modality's groups cannot be fitted, no modality has two conditions, or ``reference`` is not found.
+        A group cannot be fitted, no modality and region has two conditions, or ``reference`` is not found.
     """
+    ref_key = ConditionKey.parse(reference) if reference else None
+    missing = regions_without_reference(groups, reference)
     results = []
-    for modality, keys in _by_modality(groups):
+    for modality, region, keys in _by_modality_region(groups):
         if len(keys) < 2:
-            log.warning("%s: only one condition (%s); nothing to fit against", modality, keys[0])
+            log.warning("%s %s: only one condition (%s); nothing to fit against", modality, region, keys[0])
             continue
-        ref = reference if reference and reference.startswith(modality + "|") else None
+        if (modality, region) in missing:
+            log.warning("%s", missing[(modality, region)])
+            continue
         # MR has no absolute scale: vendors' stored units differ several-fold, so a needs a wider range
         mod_options = replace(options, scale_bounds=(0.1, 10.0)) if modality == "MR" else options
         try:
@@ -254,17 +313,22 @@ def fit_conditions(
                 {k: groups[k] for k in keys},
                 default_spec(modality),
                 mod_options,
-                reference=ref,
-                progress=lambda it, m=modality: progress(it, f"fit {m}", "group"),
+                reference=_reference_in(ref_key, modality, region),
+                progress=lambda it, m=f"{modality} {region}": progress(it, f"fit {m}", "group"),
             )
         except FitError as exc:
-            raise FitError(f"{modality}: {exc}") from exc
+            raise FitError(f"{modality} {region}: {exc}") from exc
         results.append(result)
     found = ", ".join(sorted(groups))
-    if not results:
-        raise FitError(f"need images under at least two imaging conditions of one modality to fit rules; found {found}")
-    if reference and not any(r.reference_key == reference for r in results):
+    if ref_key is not None and not any(
+        _reference_in(ref_key, *_modality_region(r.reference_key)) == r.reference_key for r in results
+    ):
         raise FitError(f"reference {reference} is not one of the conditions found: {found}")
+    if not results:
+        raise FitError(
+            "need images under at least two imaging conditions of one modality and body region to fit rules; "
+            f"found {found}"
+        )
     return results
 
 
@@ -292,6 +356,7 @@ def report_rows(
                 ref_held = None
         for g in result.groups:
             row = g.summary()
+            row["region"] = _modality_region(g.key)[1]
             row["n_series"] = n_series[g.key]
             if not g.reference:
                 _, _, alt_after, _ = other(g.histogram, result.reference_histogram, result.spec, options)
@@ -313,7 +378,7 @@ def fit_rules(
     holdout: float = 0.0,
     progress: Progress = no_progress,
 ) -> FittedRules:
-    """Hold out, fit every condition against its modality's reference and report (nothing stored).
+    """Hold out, fit every condition against the reference of its modality and region, report (nothing stored).
 
     Parameters
     ----------
@@ -322,7 +387,7 @@ def fit_rules(
     options
         Method and optimizer settings.
     reference
-        A parsed condition key to use as its modality's reference.
+        A parsed condition key to use as the reference of its modality and region (region ``*``: every region).
     holdout
         Fraction of each condition's series held out to report the JSD on unseen data, in [0, 1).
     progress
@@ -342,7 +407,9 @@ def fit_rules(
     for s in series:
         n_series[s.key] += 1
     results = fit_conditions(fit_hists, options, reference, progress)
-    return FittedRules(results, report_rows(results, held_hists, n_series, options), dict(n_series), options)
+    skipped = list(regions_without_reference(fit_hists, reference).values())
+    rows = report_rows(results, held_hists, n_series, options)
+    return FittedRules(results, rows, dict(n_series), options, skipped)
 
 
 def _compact(hist: np.ndarray) -> list[float]:

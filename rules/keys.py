@@ -1,9 +1,14 @@
 """The imaging condition of a series, from its header tags: a small value object with a stable string form.
 
-CT: ``CT|manufacturer|model|kernel|dose|kvp`` (for example ``CT|ge|optima-ct660|bone|ctdi5-15|100kv``).
-MR: ``MR|manufacturer|model|field|sequence`` (for example ``MR|siemens|skyra|3t|tof``).
+CT: ``CT|manufacturer|model|kernel|dose|kvp|region`` (for example ``CT|ge|optima-ct660|bone|ctdi5-15|100kv|head``).
+MR: ``MR|manufacturer|model|field|sequence|region`` (for example ``MR|siemens|skyra|3t|tof|head``).
 Any other modality uses the CT layout. A part that cannot be read from the tags is ``unknown``; a part
 dropped by a lookup fallback is ``*``. Building a key from tags never raises.
+
+The region is the body region the series shows (:func:`body_region`: BodyPartExamined, else keywords of
+ProtocolName, SeriesDescription, StudyDescription), so head and chest CT of one scanner get rules fitted on
+their own anatomy. Keys written before keys had a region (5 CT / 4 MR parts after the modality) parse with
+region ``*``: a rule stored under such a key serves every region.
 """
 
 from __future__ import annotations
@@ -36,8 +41,38 @@ _MANUFACTURERS = (
     ("neusoft", ("neusoft",)),
 )
 _PART_RE = re.compile(r"^(\*|[a-z0-9][a-z0-9.+<>-]*)$")
-_MR_LAYOUT = ("manufacturer", "model", "field", "sequence")
-_CT_LAYOUT = ("manufacturer", "model", "kernel", "dose", "kvp")
+_MR_LAYOUT = ("manufacturer", "model", "field", "sequence", "region")
+_CT_LAYOUT = ("manufacturer", "model", "kernel", "dose", "kvp", "region")
+
+#: The body regions, in the order a combined region names them (``head-neck``, ``chest-abdomen-pelvis``), each
+#: with the words (upper case, whole words of the header text) that say it. Stems end in ``\w*``.
+REGIONS: tuple[tuple[str, str], ...] = (
+    ("head", r"HEADS?|BRAIN|SKULL|CRANI\w*|INTRACRANI\w*|CEREBR\w*|WILLIS|ORBITS?|SCHAEDEL|KOPF"),
+    ("neck", r"NECK|CAROTIDS?|THYROID|LARYN\w*|HALS"),
+    ("chest", r"CHEST|THORAX|LUNGS?|PULMO\w*"),
+    ("abdomen", r"ABDOMEN|ABDO?|ABDOMINAL|LIVER|PANCREA\w*|KIDNEYS?|RENAL"),
+    ("pelvis", r"PELVIS|PELVIC|PROSTATE|BLADDER"),
+    ("spine", r"SPINE|SPINAL|[CTLS]SPINE|VERTEBR\w*|LUMBAR|SACRUM|COCCYX|WIRBELSAEULE"),
+    (
+        "extremity",
+        r"EXTREMIT\w*|ARMS?|LEGS?|KNEES?|ANKLES?|FOOT|FEET|HANDS?|WRISTS?|ELBOWS?|SHOULDERS?|HIPS?|FEMUR"
+        r"|TIBIA|HUMERUS|FOREARM|RUNOFF",
+    ),
+)
+_REGION_RES = tuple((name, re.compile(rf"\b(?:{words})\b")) for name, words in REGIONS)
+#: BodyPartExamined defined terms that run words together (DICOM PS3.16 Annex L).
+_BODY_PART_CODES = {
+    "CIRCLEOFWILLIS": "head",
+    "HEADNECK": "head-neck",
+    "CHESTABDOMEN": "chest-abdomen",
+    "ABDOMENPELVIS": "abdomen-pelvis",
+    "CHESTABDPELVIS": "chest-abdomen-pelvis",
+    "WHOLEBODY": "whole-body",
+}
+#: Free-text words that imply the head when no region word is found: the node's angiography is intracranial.
+_HEAD_ANGIO_RE = re.compile(r"\b(?:TOF|MRA|COW)\b")
+#: Where the region is read from, in order; the free-text ones count only through :data:`REGIONS` words.
+REGION_SOURCES = ("BodyPartExamined", "ProtocolName", "SeriesDescription", "StudyDescription")
 
 
 class KeyParseError(ValueError):
@@ -158,6 +193,50 @@ def sequence_family(tags: Mapping[str, object]) -> str:
     return UNKNOWN
 
 
+def _words(text: str) -> str:
+    """Header text as upper-case words: anything but letters and digits separates (``tof_fl3d`` → ``TOF FL3D``)."""
+    return re.sub(r"[^A-Z0-9]+", " ", text.upper())
+
+
+def _regions_in(text: str) -> list[str]:
+    """The regions whose words occur in ``text``, in :data:`REGIONS` order."""
+    words = _words(text)
+    return [name for name, pattern in _REGION_RES if pattern.search(words)]
+
+
+def body_region(tags: Mapping[str, object]) -> str:
+    """The body region of a series, normalised: ``head``, ``neck``, ``chest``, ``abdomen``, ``pelvis``, ``spine``,
+    ``extremity``, a combination of them (``head-neck``), another BodyPartExamined as its slug, or ``unknown``.
+
+    BodyPartExamined decides when present; otherwise the first of ProtocolName, SeriesDescription and
+    StudyDescription that names a region (``CTA HEAD``, ``Thorax low dose``); a TOF or MRA protocol naming no
+    region is the head.
+
+    Parameters
+    ----------
+    tags
+        Header values by keyword (``storage.meta.CONDITION_KEYWORDS`` holds the four read here).
+
+    Returns
+    -------
+    str
+        A valid key part; never ``*``. Never raises.
+    """
+    body = " ".join(_values(tags.get("BodyPartExamined")))
+    if body:
+        code = re.sub(r"[^A-Z]", "", body.upper())
+        found = _regions_in(body)
+        return _BODY_PART_CODES.get(code) or ("-".join(found) if found else slug(body))
+    texts = [" ".join(_values(tags.get(keyword))) for keyword in REGION_SOURCES[1:]]
+    for text in texts:
+        found = _regions_in(text)
+        if found:
+            return "-".join(found)
+    if any(_HEAD_ANGIO_RE.search(_words(text)) for text in texts):
+        return "head"
+    return UNKNOWN
+
+
 def _modality(raw: object) -> str:
     text = slug(raw) if isinstance(raw, str) and raw.strip() else UNKNOWN
     return text.upper() if text in ("ct", "mr") else text
@@ -175,6 +254,7 @@ class ConditionKey:
     kvp: str = UNKNOWN
     field: str = UNKNOWN
     sequence: str = UNKNOWN
+    region: str = UNKNOWN
 
     def __post_init__(self) -> None:
         if self.modality not in ("CT", "MR") and not _PART_RE.match(self.modality or ""):
@@ -202,7 +282,7 @@ class ConditionKey:
         ctdi_edges: Sequence[float] = CTDI_EDGES,
         mas_edges: Sequence[float] = MAS_EDGES,
     ) -> ConditionKey:
-        """The condition of a series from its header values (``storage.index.CONDITION_KEYWORDS``).
+        """The condition of a series from its header values (``storage.meta.CONDITION_KEYWORDS``).
 
         Parameters
         ----------
@@ -224,6 +304,7 @@ class ConditionKey:
             common = {
                 "manufacturer": normalize_manufacturer(tags.get("Manufacturer")),
                 "model": slug(" ".join(_values(tags.get("ManufacturerModelName"))) or UNKNOWN),
+                "region": body_region(tags),
             }
             if mod == "MR":
                 tesla = _float(tags.get("MagneticFieldStrength"))
@@ -245,7 +326,7 @@ class ConditionKey:
 
     @classmethod
     def parse(cls, text: str) -> ConditionKey:
-        """The key whose ``str()`` is ``text``.
+        """The key whose ``str()`` is ``text``; a key written before keys had a region reads as region ``*``.
 
         Raises
         ------
@@ -257,12 +338,19 @@ class ConditionKey:
         parts = text.strip().split(SEPARATOR)
         modality, rest = parts[0], parts[1:]
         layout = _MR_LAYOUT if modality == "MR" else _CT_LAYOUT
+        if len(rest) == len(layout) - 1:  # stored before the region part: every region
+            rest = [*rest, ANY]
         if len(rest) != len(layout) or (modality not in ("CT", "MR") and not _PART_RE.match(modality)):
             raise KeyParseError(
-                f"not a condition key: {text!r} (expected CT|manufacturer|model|kernel|dose|kvp "
-                "or MR|manufacturer|model|field|sequence)"
+                f"not a condition key: {text!r} (expected CT|manufacturer|model|kernel|dose|kvp[|region] "
+                "or MR|manufacturer|model|field|sequence[|region])"
             )
         return cls(modality, **dict(zip(layout, rest, strict=True)))
+
+    def stored_forms(self) -> tuple[str, ...]:
+        """Every string this key may be stored under: ``str(self)``, and for region ``*`` the form without it."""
+        text = str(self)
+        return (text, text.rsplit(SEPARATOR, 1)[0]) if self.region == ANY else (text,)
 
     def parts(self) -> dict[str, str]:
         """The parts after the modality, by name."""
@@ -287,11 +375,13 @@ class ConditionKey:
 
 
 #: Lookup fallbacks, in order: (match name, parts dropped). ``drop-dose`` is skipped for MR keys (no dose part).
+#: Every level after ``exact`` drops the region; among a level's hits the series' own region wins.
 FALLBACKS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("exact", ()),
-    ("drop-dose", ("dose",)),
-    ("drop-model", ("dose", "model")),
-    ("manufacturer", ("model", "kernel", "dose", "kvp", "field", "sequence")),
+    ("drop-region", ("region",)),
+    ("drop-dose", ("dose", "region")),
+    ("drop-model", ("dose", "model", "region")),
+    ("manufacturer", ("model", "kernel", "dose", "kvp", "field", "sequence", "region")),
 )
 
 
@@ -302,12 +392,31 @@ class BodyPart(StrEnum):
     CHEST = "chest"
 
 
-def body_part_of(tags: Mapping[str, object], series_description: str, modality: str) -> BodyPart:
-    """``chest`` for a CT whose BodyPartExamined or description says chest/thorax/lung, else ``head``.
+def body_part_for(region: str, modality: str) -> BodyPart:
+    """The detector's task for a key's region: ``chest`` for a CT whose region includes the chest, else ``head``.
 
     MR series are head (TOF MRA) here: the node reads no body MR.
     """
-    text = f"{tags.get('BodyPartExamined', '') or ''} {series_description or ''}".upper()
-    if modality.upper() == "CT" and any(word in text for word in ("CHEST", "THORAX", "LUNG")):
-        return BodyPart.CHEST
-    return BodyPart.HEAD
+    return BodyPart.CHEST if modality.upper() == "CT" and "chest" in region.split("-") else BodyPart.HEAD
+
+
+def body_part_of(tags: Mapping[str, object], series_description: str, modality: str) -> BodyPart:
+    """The detector's task for a series, from the same region its condition key carries (:func:`body_region`).
+
+    Parameters
+    ----------
+    tags
+        The condition tags kept at ingest.
+    series_description
+        The series' description, used when ``tags`` hold none.
+    modality
+        The series' Modality.
+
+    Returns
+    -------
+    BodyPart
+        ``chest`` for a CT whose region includes the chest, else ``head``.
+    """
+    if series_description and not _values(tags.get("SeriesDescription")):
+        tags = {**tags, "SeriesDescription": series_description}
+    return body_part_for(body_region(tags), modality)

@@ -4,12 +4,14 @@ Table ``rules`` (in the given ``sqlite_utils.Database``, normally the node's ``i
 ``(id, version)``. ``id`` names a rule for one condition key and method and stays the same when it is fitted
 again; each fit adds a version. At most one rule per condition key is active.
 
-Lookup (what the pipeline calls, and what the SR reports as ``match``): the active rule for the exact key,
-then with the dose bucket dropped (``drop-dose``, CT only), then with dose and model dropped (``drop-model``),
-then the manufacturer alone (``manufacturer``), else ``identity`` (no rule). Among several rules that match at
-one level (they agree on every part the level keeps), a rule written for that level (``*`` in the dropped
-parts, e.g. a manufacturer-wide rule from a central site) wins over one fitted for another model, then the
-latest fit.
+Lookup (what the pipeline calls, and what the SR reports as ``match``): the active rule for the exact key
+(body region included), then with the region dropped (``drop-region``), then with dose bucket and region
+dropped (``drop-dose``, CT only), then with dose, model and region dropped (``drop-model``), then the
+manufacturer alone (``manufacturer``), else ``identity`` (no rule). Among several rules that match at one
+level (they agree on every part the level keeps), a rule of the series' own region wins, then one for every
+region (``*``: rules stored before keys had a region read so), then one of another region; then a rule
+written for that level (``*`` in the dropped parts, e.g. a manufacturer-wide rule from a central site) wins
+over one fitted for another model, then the latest fit.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class MatchKind(StrEnum):
     """How a lookup found its rule (what the SR reports as the rule's match)."""
 
     EXACT = "exact"
+    DROP_REGION = "drop-region"
     DROP_DOSE = "drop-dose"
     DROP_MODEL = "drop-model"
     MANUFACTURER = "manufacturer"
@@ -156,6 +159,11 @@ def _serves(rule_key: ConditionKey, wanted: ConditionKey) -> bool:
     if rule_key.modality != wanted.modality:
         return False
     return all(w == ANY or r == w for r, w in zip(rule_key.parts().values(), wanted.parts().values(), strict=True))
+
+
+def _region_rank(rule_key: ConditionKey, region: str) -> int:
+    """2 for a rule of the series' own region, 1 for one of every region (``*``), 0 for another region."""
+    return 2 if rule_key.region == region else 1 if rule_key.region == ANY else 0
 
 
 def rule_id_for(key: ConditionKey, method: str) -> str:
@@ -259,7 +267,8 @@ class RuleRegistry:
         Returns
         -------
         RuleMatch
-            ``match`` is ``exact``, ``drop-dose``, ``drop-model``, ``manufacturer`` or ``identity``.
+            ``match`` is ``exact``, ``drop-region``, ``drop-dose``, ``drop-model``, ``manufacturer`` or
+            ``identity``; among one level's hits the series' region wins (module docstring).
         """
         candidates = [r for r in self._rows("active = 1 AND key LIKE ?", (key.modality + "|%",))]
         for match, drop in FALLBACKS:
@@ -268,7 +277,10 @@ class RuleRegistry:
             wanted = key.generalize(drop)
             hits = [r for r in candidates if _serves(r.key, wanted)]
             if hits:
-                best = max(hits, key=lambda r: (-r.key.specificity(), r.fitted_at, r.version))
+                best = max(
+                    hits,
+                    key=lambda r: (_region_rank(r.key, key.region), -r.key.specificity(), r.fitted_at, r.version),
+                )
                 return RuleMatch(best, MatchKind(match), str(wanted))
         return RuleMatch(None, MatchKind.IDENTITY, str(key))
 
@@ -318,7 +330,8 @@ class RuleRegistry:
         self.db.conn.execute(f"INSERT INTO {TABLE} ({cols}) VALUES ({marks})", list(data.values()))
 
     def _activate(self, rule: Rule) -> None:
-        self.db.execute(f"UPDATE {TABLE} SET active = 0 WHERE key = ?", [str(rule.key)])
+        forms = rule.key.stored_forms()  # a rule stored before keys had a region keeps its old key string
+        self.db.execute(f"UPDATE {TABLE} SET active = 0 WHERE key IN ({', '.join('?' * len(forms))})", list(forms))
         self.db.execute(f"UPDATE {TABLE} SET active = 1 WHERE id = ? AND version = ?", [rule.id, rule.version])
 
     def activate(self, ref: str) -> Rule:

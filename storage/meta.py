@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,7 +63,8 @@ class InstanceMeta:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-# Header tags that end up in ``series.condition_tags``, for the imaging-condition key (rules/keys.py).
+# Header tags that end up in ``series.condition_tags`` (a JSON object: a new keyword needs no schema change),
+# for the imaging-condition key (rules/keys.py); the last four give its body region.
 CONDITION_KEYWORDS = (
     "Manufacturer",
     "ManufacturerModelName",
@@ -79,6 +82,9 @@ CONDITION_KEYWORDS = (
     "ImageType",
     "SliceThickness",
     "BodyPartExamined",
+    "ProtocolName",
+    "SeriesDescription",
+    "StudyDescription",
 )
 
 
@@ -112,6 +118,33 @@ def instance_meta_from_dataset(ds: Dataset, transfer_syntax_uid: str = "") -> In
         frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
         extra={k: _text(ds, k) for k in CONDITION_KEYWORDS if k in ds},
     )
+
+
+def series_condition_tags(row: Mapping[str, Any]) -> dict[str, str]:
+    """The condition tags of an index ``series`` row, as the condition key reads them.
+
+    A series indexed before SeriesDescription was a condition keyword gets it (and BodyPartExamined, when
+    missing) from the row's own columns, so its key and its detector task see the same region.
+
+    Parameters
+    ----------
+    row
+        A row of the ``series`` table (``condition_tags`` JSON, ``series_description``, ``body_part_examined``).
+
+    Returns
+    -------
+    dict[str, str]
+        Header values by keyword; an unreadable ``condition_tags`` gives the row's columns only.
+    """
+    try:
+        tags = json.loads(row.get("condition_tags") or "{}")
+    except ValueError:
+        tags = {}
+    tags = tags if isinstance(tags, dict) else {}
+    for keyword, column in (("SeriesDescription", "series_description"), ("BodyPartExamined", "body_part_examined")):
+        if not tags.get(keyword) and row.get(column):
+            tags[keyword] = str(row[column])
+    return tags
 
 
 def meta_as_dict(meta: InstanceMeta) -> dict[str, Any]:

@@ -34,7 +34,7 @@ ALGORITHM = AlgorithmInfo(
     version="0.1.0",
     rule_id="ct-acme-b30-std-v1",
     rule_match="exact",
-    condition_key="CT|ACME|B30|std",
+    condition_key="CT|siemens|somatom-force|br40d|ctdi15-30|100kv|head",  # 65 characters with its name
     parameters={"threshold": "0.5"},
 )
 

@@ -92,6 +92,7 @@ def test_sr_content(with_findings: list[Dataset], ct_series: list[Dataset]) -> N
     assert "81827009" in nums and "122157" in nums  # diameter, probability
     texts = " ".join(str(i.get("TextValue", "")) for i in items)
     assert f"rule_id={ALGORITHM.rule_id}" in texts and "rule_match=exact" in texts
+    assert f"condition_key={ALGORITHM.condition_key} " in f"{texts} "  # whole, region included
     evidence = {
         r.ReferencedSOPInstanceUID
         for s in sr.CurrentRequestedProcedureEvidenceSequence
@@ -156,6 +157,8 @@ def test_seg_spheres(with_findings: list[Dataset]) -> None:
     assert len(seg.SegmentSequence) == 2
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "85659009"
     assert seg.NumberOfFrames >= 3
+    parameters = str(seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters)
+    assert f"condition_key={ALGORITHM.condition_key}" in parameters
 
 
 @pytest.mark.parametrize("index", range(5))

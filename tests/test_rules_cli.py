@@ -28,10 +28,10 @@ def _config(tmp_path: Path) -> Path:
     return cfg
 
 
-def _studies(conditions: tuple[str, ...], per_condition: int = 2) -> list:
+def _studies(conditions: tuple[str, ...], per_condition: int = 2, ct_kind: str = "head-cta") -> list:
     out = []
     for i, name in enumerate(conditions):
-        kind = "head-mra" if simulate.CONDITIONS[name].modality == "MR" else "head-cta"
+        kind = "head-mra" if simulate.CONDITIONS[name].modality == "MR" else ct_kind
         for j in range(per_condition):
             out.append(simulate.simulate_study(kind, name, 100 * i + j, "test", slices=16, matrix=64))
     return out
@@ -102,18 +102,17 @@ def test_fit_with_named_reference_and_holdout(tmp_path: Path, study_dir: Path) -
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = {r["key"]: r for r in json.loads(result.stdout)}
-    assert rows[ref]["reference"] is True
+    assert rows[ref + "|head"]["reference"] is True  # a reference without a region: that condition in each region
     assert all("heldout_jsd_after" in r for r in rows.values() if not r["reference"])
     assert _registry_rows(cfg) == []  # dry run stores nothing
 
 
-def test_fit_from_store(tmp_path: Path) -> None:
+def _into_store(tmp_path: Path, studies: list) -> None:
     from storage.files import FileStore
     from storage.index import instance_meta_from_dataset
 
-    cfg = _config(tmp_path)
     files, index = FileStore(tmp_path / "var", fsync=False), Index(tmp_path / "var" / "index.sqlite")
-    for study in _studies(CT_CONDITIONS[:2], per_condition=1):
+    for study in studies:
         for ds in study.datasets:
             buf = io.BytesIO()
             dcmwrite(buf, ds, enforce_file_format=True)
@@ -122,9 +121,40 @@ def test_fit_from_store(tmp_path: Path) -> None:
                 instance_meta_from_dataset(ds), files.relpath(stored.path), stored.size, stored.sha256, stored.version
             )
     index.close()
+
+
+def test_fit_from_store(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    _into_store(tmp_path, _studies(CT_CONDITIONS[:2], per_condition=1))
     result = _invoke("rules", "fit", "-c", str(cfg), "--json")
     assert result.exit_code == 0, result.output
     assert sorted(r["n_images"] for r in json.loads(result.stdout)) == [16, 16]
+
+
+def test_fit_from_store_with_head_and_chest_fits_two_rules_per_scanner(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    scanners = CT_CONDITIONS[:2]
+    _into_store(tmp_path, _studies(scanners, 1) + _studies(scanners, 1, ct_kind="chest-ct"))
+    result = _invoke("rules", "fit", "-c", str(cfg), "--activate")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and sorted(line.split()[1] for line in lines) == ["chest", "chest", "head", "head"]
+    rules = RuleRegistry(Index(cfg.parent / "var" / "index.sqlite").db).active()
+    by_scanner: dict[str, set[str]] = {}
+    for rule in rules:
+        by_scanner.setdefault(rule.key.model, set()).add(rule.key.region)
+    assert by_scanner == {"revolution-ct": {"head", "chest"}, "optima-ct660": {"head", "chest"}}
+    assert all(r.provenance["reference_key"].endswith("|" + r.key.region) for r in rules)
+
+
+def test_fit_skips_a_region_without_the_reference_and_says_so(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    _into_store(tmp_path, _studies(CT_CONDITIONS, 1) + _studies(CT_CONDITIONS[1:], 1, ct_kind="chest-ct"))
+    ref = "CT|ge|revolution-ct|standard|ctdi30-60|120kv"  # no chest series of it in the store
+    result = runner.invoke(app, ["rules", "fit", "-c", str(cfg), "--json", "--reference", ref, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert {r["region"] for r in json.loads(result.stdout)} == {"head"}
+    assert "warning: CT chest: no chest series of the reference condition" in result.stderr
 
 
 @pytest.mark.parametrize(

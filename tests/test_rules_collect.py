@@ -119,16 +119,18 @@ def test_fit_conditions_skips_a_lone_modality_and_names_a_missing_reference(
     ct_series: list[SeriesImages], caplog: pytest.LogCaptureFixture
 ) -> None:
     groups, _ = split_holdout(ct_series, 0.0)
-    groups["MR|siemens|skyra|tof|3t"] = groups[next(iter(groups))]
+    groups["MR|siemens|skyra|tof|3t|head"] = groups[next(iter(groups))]
     with caplog.at_level(logging.WARNING, logger="rules.collect"):
         results = fit_conditions(groups, FitOptions())
     assert [r.reference_key.split("|")[0] for r in results] == ["CT"]
-    assert "MR: only one condition" in caplog.text
+    assert "MR head: only one condition" in caplog.text
     with pytest.raises(FitError, match="reference MR|.* is not one of the conditions found"):
-        fit_conditions(groups, FitOptions(), reference="MR|siemens|skyra|tof|3t")
-    with pytest.raises(FitError, match="CT: reference .* is not one of the groups"):
+        fit_conditions(groups, FitOptions(), reference="MR|siemens|skyra|tof|3t|head")
+    with pytest.raises(FitError, match="reference CT|acme|.* is not one of the conditions found"):
         fit_conditions(groups, FitOptions(), reference="CT|acme|x|y|z|w")
-    with pytest.raises(FitError, match="at least two imaging conditions of one modality"):
+    with pytest.raises(FitError, match="CT head: reference .* is not one of the groups"):
+        fit_conditions(groups, FitOptions(), reference="CT|acme|x|y|z|w|head")
+    with pytest.raises(FitError, match="at least two imaging conditions of one modality and body region"):
         fit_conditions({"CT|a": groups[next(iter(groups))]}, FitOptions())
 
 
@@ -138,3 +140,52 @@ def test_fit_rules_refuses_nothing_to_fit_and_a_bad_holdout(
 ) -> None:
     with pytest.raises(FitError, match=message):
         fit_rules([] if holdout == 0.0 else ct_series, FitOptions(), holdout=holdout)
+
+
+@pytest.fixture(scope="module")
+def head_and_chest(tmp_path_factory: pytest.TempPathFactory) -> list[SeriesImages]:
+    root = tmp_path_factory.mktemp("regions")
+    studies = _studies(CT) + _studies(CT, kind="chest-ct") + _studies(("siemens-force-br40",), kind="chest-ct")
+    for k, study in enumerate(studies):
+        simulate.write_study(study, root / f"s{k}")
+    return series_from_dir(root)
+
+
+def test_fit_groups_by_region_each_against_its_own_reference(head_and_chest: list[SeriesImages]) -> None:
+    fitted = fit_rules(head_and_chest, FitOptions(starts=2, max_steps=40))
+    assert [(r.reference_key.rsplit("|", 1)[1], len(r.groups)) for r in fitted.results] == [("chest", 3), ("head", 2)]
+    assert {(row["region"], row["key"].rsplit("|", 1)[1]) for row in fitted.summary} == {
+        ("chest", "chest"),
+        ("head", "head"),
+    }
+    registry = RuleRegistry(sqlite_utils.Database(memory=True))
+    stored = store_rules(registry, fitted, "dir:test", activate=True)
+    assert len(stored) == 5 and all(r.provenance["reference_key"].endswith("|" + r.key.region) for r in stored)
+
+
+def test_a_reference_without_region_is_that_condition_in_every_region(head_and_chest: list[SeriesImages]) -> None:
+    optima = next(s.key for s in head_and_chest if "optima" in s.key and s.key.endswith("|head"))
+    options = FitOptions(starts=2, max_steps=40)
+    every = optima.rsplit("|", 1)[0] + "|*"
+    fitted = fit_rules(head_and_chest, options, reference=every)
+    assert sorted(r.reference_key for r in fitted.results) == sorted([optima, optima[: -len("head")] + "chest"])
+    assert fitted.skipped == []
+    revolution = next(s.key for s in head_and_chest if "revolution" in s.key and s.key.endswith("|head"))
+    only_head = fit_rules(head_and_chest, options, reference=revolution)
+    refs = {r.reference_key.rsplit("|", 1)[1]: r.reference_key for r in only_head.results}
+    assert refs["head"] == revolution and "revolution" not in refs["chest"]  # chest picks its own reference
+
+
+def test_a_region_without_the_reference_condition_is_skipped_and_says_what_to_do(
+    head_and_chest: list[SeriesImages], caplog: pytest.LogCaptureFixture
+) -> None:
+    no_optima_chest = [s for s in head_and_chest if not ("optima" in s.key and s.key.endswith("|chest"))]
+    every = next(s.key for s in head_and_chest if "optima" in s.key).rsplit("|", 1)[0] + "|*"
+    with caplog.at_level(logging.WARNING, logger="rules.collect"):
+        fitted = fit_rules(no_optima_chest, FitOptions(starts=2, max_steps=40), reference=every)
+    assert [r.reference_key.rsplit("|", 1)[1] for r in fitted.results] == ["head"]
+    (message,) = fitted.skipped
+    assert message.startswith("CT chest: no chest series of the reference condition") and "--reference" in message
+    assert message in caplog.text
+    with pytest.raises(FitError, match="is not one of the conditions found"):
+        fit_rules([s for s in no_optima_chest if s.key.endswith("|chest")], FitOptions(), reference=every)

@@ -61,7 +61,8 @@ def test_ct_key_and_round_trip() -> None:
         "CTDIvol": "14.5",
     }
     key = ConditionKey.from_tags(tags, "CT")
-    assert str(key) == "CT|ge|optima-ct660|bone|ctdi5-15|100kv"
+    assert str(key) == "CT|ge|optima-ct660|bone|ctdi5-15|100kv|unknown"
+    assert str(ConditionKey.from_tags({**tags, "BodyPartExamined": "HEAD"}, "CT")).endswith("|100kv|head")
     assert ConditionKey.parse(str(key)) == key
     assert str(ConditionKey.parse(str(key))) == str(key)
 
@@ -77,7 +78,8 @@ def test_mr_key() -> None:
         "MRAcquisitionType": "3D",
     }
     key = ConditionKey.from_tags(tags, "MR")
-    assert str(key) == "MR|siemens|skyra|3t|tof"
+    assert str(key) == "MR|siemens|skyra|3t|tof|unknown"
+    assert ConditionKey.from_tags({**tags, "ProtocolName": "tof_fl3d_tra_p3"}, "MR").region == "head"
     assert ConditionKey.from_tags({**tags, "MagneticFieldStrength": "15000"}, "MR").field == "1.5t"
     assert ConditionKey.from_tags({"SequenceName": "T1FFE TOF"}, "MR").sequence == "tof"
     assert ConditionKey.from_tags({"ScanningSequence": "SE"}, "MR").sequence == "se"
@@ -95,12 +97,24 @@ def test_odd_tags_give_unknown_never_raise(tags: object) -> None:
 
 
 def test_unknown_modality() -> None:
-    assert str(ConditionKey.from_tags({}, "")) == "unknown|unknown|unknown|unknown|unknown|unknown"
+    assert str(ConditionKey.from_tags({}, "")) == "unknown|unknown|unknown|unknown|unknown|unknown|unknown"
     assert ConditionKey.from_tags({}, "PT").modality == "pt"
 
 
 @pytest.mark.parametrize(
-    "text", ["", "CT|ge", "CT|ge|a|b|c|d|e", "MR|ge|a|b|c|d", "CT|GE|a|b|c|d", "ct|a b|c|d|e|f", 3]
+    "text",
+    [
+        "",
+        "CT|ge",
+        "CT|ge|a|b",
+        "CT|ge|a|b|c|d|e|f",
+        "MR|ge|a|b",
+        "MR|ge|a|b|c|d|e",
+        "CT|GE|a|b|c|d",
+        "ct|a b|c|d|e|f",
+        "CT|ge|a|b|c|d|HEAD",
+        3,
+    ],
 )
 def test_parse_rejects(text: object) -> None:
     with pytest.raises(KeyParseError):
@@ -108,6 +122,7 @@ def test_parse_rejects(text: object) -> None:
 
 
 def test_generalize() -> None:
-    key = ConditionKey.parse("CT|ge|optima-ct660|bone|ctdi5-15|100kv")
-    assert str(key.generalize(("dose",))) == "CT|ge|optima-ct660|bone|*|100kv"
-    assert str(ConditionKey.parse("MR|ge|x|3t|tof").generalize(("dose",))) == "MR|ge|x|3t|tof"
+    key = ConditionKey.parse("CT|ge|optima-ct660|bone|ctdi5-15|100kv|head")
+    assert str(key.generalize(("dose",))) == "CT|ge|optima-ct660|bone|*|100kv|head"
+    assert str(key.generalize(("dose", "region"))) == "CT|ge|optima-ct660|bone|*|100kv|*"
+    assert str(ConditionKey.parse("MR|ge|x|3t|tof|head").generalize(("dose",))) == "MR|ge|x|3t|tof|head"

@@ -1,4 +1,4 @@
-"""The rule registry: versions, activation, lookup fallbacks, export/import all-or-nothing."""
+"""The rule registry: versions, activation, lookup fallbacks (body region first), export/import all-or-nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sqlite_utils
 from rules.keys import ConditionKey
 from rules.registry import FORMAT_VERSION, RuleError, RuleFileError, RuleRegistry, UnknownRule
 
-KEY = ConditionKey.parse("CT|ge|optima-ct660|bone|ctdi5-15|100kv")
+KEY = ConditionKey.parse("CT|ge|optima-ct660|bone|ctdi5-15|100kv|head")
 SEED = {"a": 0.9, "b": 15.0, "c": 150.0}
 
 
@@ -42,31 +42,35 @@ def test_lookup_fallbacks(registry: RuleRegistry) -> None:
     assert registry.lookup(KEY).match == "identity" and registry.lookup(KEY).rule is None
     registry.add(KEY, "seed", SEED, activate=True)
     cases = {
-        "CT|ge|optima-ct660|bone|ctdi5-15|100kv": "exact",
-        "CT|ge|optima-ct660|bone|ctdi30-60|100kv": "drop-dose",
-        "CT|ge|revolution-ct|bone|ctdi30-60|100kv": "drop-model",
-        "CT|ge|revolution-ct|standard|ctdi30-60|120kv": "manufacturer",
-        "CT|siemens|somatom-force|br40d|ctdi15-30|100kv": "identity",
-        "MR|ge|signa|1.5t|tof": "identity",
+        "CT|ge|optima-ct660|bone|ctdi5-15|100kv|head": "exact",
+        "CT|ge|optima-ct660|bone|ctdi5-15|100kv|chest": "drop-region",
+        "CT|ge|optima-ct660|bone|ctdi30-60|100kv|head": "drop-dose",
+        "CT|ge|optima-ct660|bone|ctdi30-60|100kv|chest": "drop-dose",
+        "CT|ge|revolution-ct|bone|ctdi30-60|100kv|head": "drop-model",
+        "CT|ge|revolution-ct|standard|ctdi30-60|120kv|unknown": "manufacturer",
+        "CT|siemens|somatom-force|br40d|ctdi15-30|100kv|head": "identity",
+        "MR|ge|signa|1.5t|tof|head": "identity",
     }
     for text, match in cases.items():
         found = registry.lookup(ConditionKey.parse(text))
         assert found.match == match, text
         assert (found.rule is None) == (match == "identity")
-    assert registry.lookup(ConditionKey.parse("CT|ge|optima-ct660|bone|ctdi30-60|100kv")).key_used.endswith("|*|100kv")
+    used = registry.lookup(ConditionKey.parse("CT|ge|optima-ct660|bone|ctdi30-60|100kv|head")).key_used
+    assert used == "CT|ge|optima-ct660|bone|*|100kv|*"
 
 
 def test_more_specific_rule_wins(registry: RuleRegistry) -> None:
-    registry.add(ConditionKey.parse("CT|ge|*|*|*|*"), "seed", {**SEED, "a": 1.2}, activate=True)
+    registry.add(ConditionKey.parse("CT|ge|*|*|*|*|head"), "seed", {**SEED, "a": 1.2}, activate=True)
     registry.add(KEY, "seed", SEED, activate=True)
     assert registry.lookup(KEY).rule.parameters["a"] == 0.9
-    found = registry.lookup(ConditionKey.parse("CT|ge|revolution-ct|standard|ctdi30-60|120kv"))
+    found = registry.lookup(ConditionKey.parse("CT|ge|revolution-ct|standard|ctdi30-60|120kv|head"))
     assert (found.match, found.rule.parameters["a"]) == ("manufacturer", 1.2)
 
 
 def test_mr_lookup_skips_drop_dose(registry: RuleRegistry) -> None:
-    registry.add(ConditionKey.parse("MR|siemens|skyra|3t|tof"), "seed", SEED, activate=True)
-    assert registry.lookup(ConditionKey.parse("MR|siemens|prisma|3t|tof")).match == "drop-model"
+    registry.add(ConditionKey.parse("MR|siemens|skyra|3t|tof|head"), "seed", SEED, activate=True)
+    assert registry.lookup(ConditionKey.parse("MR|siemens|skyra|3t|tof|neck")).match == "drop-region"
+    assert registry.lookup(ConditionKey.parse("MR|siemens|prisma|3t|tof|head")).match == "drop-model"
 
 
 def test_bad_rules_not_stored(registry: RuleRegistry) -> None:

@@ -70,7 +70,9 @@ class AlgorithmInfo:
             "condition_key": self.condition_key or "unknown",
             **{str(k): str(v) for k, v in self.parameters.items()},
         }
-        return [f"{k}={v}"[:64] for k, v in items.items()]
+        # TEXT items in the SR (UT) and the SEG's LT hold far more than 64 characters; a condition key with its
+        # region is often longer than 50, and a cut key names another condition
+        return [f"{k}={v}"[:1024] for k, v in items.items()]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,11 @@ FromDirOption = Annotated[
 ]
 MethodOption = Annotated[str, typer.Option(help="seed (a·d + b above c) or piecewise (quantile knots).")]
 ReferenceOption = Annotated[
-    str | None, typer.Option(help="Reference condition key (default: the group with most images).")
+    str | None,
+    typer.Option(
+        help="Reference condition key; without a region (or region *) that scanner condition in every body "
+        "region (default: per modality and region, the condition with most images)."
+    ),
 ]
 DivergenceOption = Annotated[str, typer.Option(help="js (1 − Jensen–Shannon) or kl.")]
 HoldoutOption = Annotated[
@@ -148,7 +152,10 @@ def _fit_table(summary: list[dict[str, Any]]) -> str:
         tag = "reference" if row["reference"] else f"{row['similarity_before']:.4f} → {row['similarity_after']:.4f}"
         alt = [k for k in row if k.startswith("similarity_after_")]
         alt_text = f" ({alt[0][17:]}: {row[alt[0]]:.4f})" if alt else ""
-        lines.append(f"{row.get('rule', '-'):<16} {row['key']:<52} n={row['n_images']:<6} {tag}{alt_text}{held}")
+        lines.append(
+            f"{row.get('rule', '-'):<16} {row.get('region', '-'):<9} {row['key']:<58} n={row['n_images']:<6} "
+            f"{tag}{alt_text}{held}"
+        )
     return "\n".join(lines)
 
 
@@ -163,7 +170,7 @@ def _rules_table(rules: list[Rule]) -> str:
             if "similarity_before" in p and "similarity_after" in p
             else ""
         )
-        lines.append(f"{'*' if r.active else ' '} {r.label:<16} {r.method:<9} {str(r.key):<52} {sim}")
+        lines.append(f"{'*' if r.active else ' '} {r.label:<16} {r.method:<9} {str(r.key):<58} {sim}")
     return "\n".join(lines)
 
 
@@ -186,7 +193,8 @@ def fit_cmd(
     from_pacs: FromPacsOption = None,
     source_name: SourceOption = "",
 ) -> None:
-    """Fit one rule per imaging condition against the reference condition and store them (versioned)."""
+    """Fit one rule per imaging condition against the reference condition of its modality and body region,
+    and store them (versioned)."""
     from rules.collect import fit_rules, store_rules
     from rules.fit import FitError
     from rules.registry import RuleError, RuleRegistry
@@ -207,6 +215,8 @@ def fit_cmd(
                 store_rules(RuleRegistry(store.index.db, store.index.lock), fitted, source, activate)
         except (FitError, RuleError) as exc:
             raise fail(str(exc)) from exc
+    for message in fitted.skipped:
+        typer.echo(f"warning: {message}", err=True)
     typer.echo(json.dumps(fitted.summary, indent=2) if as_json else _fit_table(fitted.summary))
 
 @rules_app.command("list")
