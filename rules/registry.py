@@ -167,8 +167,12 @@ def _region_rank(rule_key: ConditionKey, region: str) -> int:
 
 
 def rule_id_for(key: ConditionKey, method: str) -> str:
-    """The stable id of the rule for a condition key and method."""
-    return "r" + hashlib.sha1(f"{key}#{method}".encode()).hexdigest()[:10]
+    """The stable id of the rule for a condition key and method.
+
+    A key for every region (``*``) is hashed in the form it had before keys had a region, so a rule stored
+    then keeps its id when a new version of it is added.
+    """
+    return "r" + hashlib.sha1(f"{key.stored_forms()[-1]}#{method}".encode()).hexdigest()[:10]
 
 
 def _row_to_rule(row: Mapping[str, Any]) -> Rule:

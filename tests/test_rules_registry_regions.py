@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import sqlite_utils
 
@@ -114,3 +116,12 @@ def test_a_rule_file_written_before_regions_imports_for_every_region(registry: R
     (rule,) = registry.import_document(document, activate=True)
     assert str(rule.key) == f"{SCANNER}|*"
     assert registry.lookup(ConditionKey.parse(f"{SCANNER}|chest")).rule.id == "r0123456789"
+
+
+def test_a_new_version_of_a_rule_stored_before_regions_keeps_its_id(registry: RuleRegistry) -> None:
+    rule_id = _stored_before_regions(registry, SCANNER, 1.4)
+    assert rule_id == "r" + hashlib.sha1(f"{SCANNER}#seed".encode()).hexdigest()[:10]  # as the old node named it
+    again = registry.add(ConditionKey.parse(SCANNER), "seed", {**SEED, "a": 1.5}, activate=True)
+    assert (again.id, again.version) == (rule_id, 2)
+    assert [r.label for r in registry.active()] == [f"{rule_id}@v2"]
+    assert registry.add(ConditionKey.parse(f"{SCANNER}|head"), "seed", SEED).id != rule_id
