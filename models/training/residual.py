@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from models.detector import pick_device, sha256_of
 from models.nets import ResidualNetConfig, ResidualUNet
-from models.residual import CARD_NAME, NORMALISATION, WEIGHTS_NAME, run_network, scale_of
+from models.residual import CARD_NAME, NORMALISATION, WEIGHTS_NAME, scale_of
+from models.residual_net import run_network
 from simulator.pairs import ResidualPair, ct_pair, mr_pair, named_pair, random_ct_condition, random_mr_condition
 from simulator.scanner import CONDITIONS
 
