@@ -57,8 +57,9 @@ class ResidualStage:
 
     @property
     def text(self) -> str:
-        """How results name the stage: ``residual α_blur=0.90 α_noise=0.75 (model residual-1.0)``."""
-        return f"residual α_blur={self.alpha_blur:.2f} α_noise={self.alpha_noise:.2f} (model {self.model_version})"
+        """How results name the stage, in ASCII for DICOM text: ``residual alpha_blur=0.90 alpha_noise=0.75 …``."""
+        strengths = f"alpha_blur={self.alpha_blur:.2f} alpha_noise={self.alpha_noise:.2f}"
+        return f"residual {strengths} (model {self.model_version})"
 
     def as_dict(self) -> dict[str, Any]:
         """The stored and exported form."""
