@@ -314,4 +314,7 @@ def register(app: typer.Typer) -> None:
     train_app.command("lesions")(train_lesions_cmd)
     train_app.command("sweep")(train_sweep_cmd)
     train_app.command("card")(train_card_cmd)
+    from node.cli.harmonize import train_residual_cmd
+
+    train_app.command("residual")(train_residual_cmd)
     app.command("evaluate")(evaluate_cmd)
