@@ -217,14 +217,16 @@ class Proposal:
         return {k: round(float(v), 4) for k, v in self.__dict__.items()}
 
 
-Measure = Callable[[np.ndarray, tuple[float, float], str], float]
+#: A figure of an image, called as ``measure(image, spacing_mm=…, modality=…)`` (``rules.quality``).
+Measure = Callable[..., float]
 
 
 def _mean(samples: Sequence[Sample], measure: Measure, ab: float, an: float) -> float:
     out = []
     for s in samples:
         model = noise_model_for(s.modality, s.noise)
-        out.append(measure(apply_strengths(s.values, s.blur, s.noise, ab, an, model), s.spacing_mm, s.modality))
+        image = apply_strengths(s.values, s.blur, s.noise, ab, an, model)
+        out.append(measure(image, spacing_mm=s.spacing_mm, modality=s.modality))
     return float(np.mean(out))
 
 

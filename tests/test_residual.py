@@ -263,3 +263,21 @@ def test_the_pipeline_runs_both_stages_or_says_why_not(store: Store, tmp_path: P
     else:
         assert not outcome.residual.applied and model.calls == 0
         assert "residual stage not applied: pixel spacing 2.40 × 2.40 mm is outside the trained" in text
+
+
+def test_the_evaluation_proposes_a_stage_per_condition_and_reads_studies_through_it() -> None:
+    from models.training.data import simulated
+    from models.training.residual_eval import residual_plan, with_residual
+
+    model = tiny_model()
+    plan = residual_plan(model, [("head-cta", "ge-optima-bone-lowdose"), ("head-cta", "ge-revolution-standard")],
+                         "test", None)
+    stage = plan.stage_for("head-cta", "ge-optima-bone-lowdose")
+    assert stage is not None and stage.model_version == VERSION
+    assert plan.stage_for("head-cta", "ge-revolution-standard") is None  # the reference: nothing to bring to it
+    figures = plan.proposals["head-cta"]["ge-optima-bone-lowdose"]
+    assert {"noise_before", "noise_after", "edge_before", "edge_after"} <= figures.keys()
+    study = simulated("head-cta", "ge-optima-bone-lowdose", 3, "test")
+    through = with_residual(study, plan)
+    assert through.values.shape == study.values.shape
+    assert (stage.alpha_blur == 0 and stage.alpha_noise == 0) or not np.array_equal(through.values, study.values)
