@@ -1,4 +1,4 @@
-"""The seed-002 network: a mini-VGG for 32×32 2.5D patches (3 orthogonal planes as channels).
+"""The networks: seed 002's mini-VGG for 32×32 2.5D patches, and seed 003's residual encoder–decoder.
 
 Three VGG blocks (two 3×3 convolutions + batch norm + ReLU, then 2×2 max-pool) take 32×32 to 4×4; a small
 fully connected head classifies. The same trunk serves landmark classification (pretraining, many classes) and
@@ -77,6 +77,56 @@ class MiniVGG(nn.Module):
             new.weight[:, : old.in_channels] = old.weight
         self.features[0][0] = new
         self.config = NetConfig(**{**asdict(self.config), "in_channels": in_channels})
+
+    def n_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+# -- seed 003: the residual network of the harmonization stage ------------------------------------------------
+@dataclass
+class ResidualNetConfig:
+    """Constructor arguments of :class:`ResidualUNet` (stored in every checkpoint)."""
+
+    in_channels: int = 3  # a thin slab: the slice and its two neighbours
+    width: int = 12
+    out_channels: int = 2  # the blur residual map, the noise residual map
+
+
+def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
+
+
+class ResidualUNet(nn.Module):
+    """The seed's FIG. 3: convolutions down, deconvolutions up, skip connections summed element-wise.
+
+    Input (B, slab, H, W) with H and W multiples of 4, in normalised units; output (B, 2, H, W): channel 0
+    the blur residual map, channel 1 the noise residual map of the slab's centre slice, each the correction
+    that, added to the input, removes that component (seed 003: the estimated patch is input + residual).
+    Most convolutions run at half and quarter resolution, so a 512² slice costs about 2 GMAC.
+    """
+
+    def __init__(self, config: ResidualNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.head = _conv(config.in_channels, w)
+        self.down1 = nn.Sequential(_conv(w, 2 * w, stride=2), _conv(2 * w, 2 * w))
+        self.down2 = nn.Sequential(_conv(2 * w, 4 * w, stride=2), _conv(4 * w, 4 * w), _conv(4 * w, 4 * w))
+        self.up1 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2)
+        self.dec1 = _conv(2 * w, 2 * w)
+        self.up0 = nn.ConvTranspose2d(2 * w, w, 2, stride=2)
+        self.dec0 = _conv(w, w)
+        self.out = nn.Conv2d(w, config.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual maps (B, 2, H, W)."""
+        s0 = self.head(x)
+        s1 = self.down1(s0)
+        deep = self.down2(s1)
+        d1 = self.dec1(self.up1(deep) + s1)
+        d0 = self.dec0(self.up0(d1) + s0)
+        return self.out(d0)
 
     def n_parameters(self) -> int:
         """Number of trainable parameters."""

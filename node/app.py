@@ -40,7 +40,7 @@ from handlers.transport import (
 )
 from node.config import Config
 from node.jobs import ROLE_JOBS, JobBinding, job_bindings
-from node.pipeline import DetectorSlot
+from node.pipeline import DetectorSlot, ResidualSlot
 from node.series import SeriesWatcher
 from storage.queue import GiveUp, Job, RetryLater
 from storage.recovery import RecoveryReport, recover
@@ -86,6 +86,7 @@ class Node:
         self.store = open_store(config.data_path, config.store_settings)
         self.files, self.index, self.queue = self.store.files, self.store.index, self.store.queue
         self.detector = DetectorSlot(config.pipeline.device)
+        self.residual = ResidualSlot(config.pipeline.device)
         self.permissions = Permissions(config.peers)
         node = config.node
         self.door = Door(
@@ -212,7 +213,7 @@ class Node:
         if released:
             log.warning("recovery: %d job(s) a dead process of this host had claimed are ready again", released)
         binding: JobBinding
-        for binding in job_bindings(self.config, self.store, roles, self.detector):
+        for binding in job_bindings(self.config, self.store, roles, self.detector, self.residual):
             self.job_handlers[binding.kind] = binding
         if "listen" in roles:
             self.start_listening()

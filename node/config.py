@@ -74,6 +74,7 @@ class PipelineConfig:
     write_seg: bool = False
     write_harmonized_series: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    residual_cache_gb: float = 8.0  # residual maps kept per series (a change of strength reuses them)
 
 
 QueueConfig = QueueSettings  # the [queue] section: analysis jobs' leases, retries, dead letters

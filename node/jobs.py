@@ -15,6 +15,7 @@ from handlers.peer import Peer
 from handlers.send import send_job
 from node.config import Config
 from node.pipeline import DetectorSlot, Worker, analyze_series
+from storage.maps import MapCache
 from storage.queue import Job, JobKind
 from storage.store import Store
 
@@ -34,7 +35,13 @@ class JobBinding:
         self.handler(job, **self.collaborators)
 
 
-def job_bindings(config: Config, store: Store, roles: tuple[str, ...], detector: DetectorSlot) -> list[JobBinding]:
+def job_bindings(
+    config: Config,
+    store: Store,
+    roles: tuple[str, ...],
+    detector: DetectorSlot,
+    residual: DetectorSlot | None = None,
+) -> list[JobBinding]:
     """The job kinds of ``roles``, bound to their handlers and collaborators.
 
     Parameters
@@ -47,11 +54,20 @@ def job_bindings(config: Config, store: Store, roles: tuple[str, ...], detector:
         The roles this process runs (``work`` and/or ``dispatch`` bind jobs).
     detector
         The worker's detector slot (loaded on the first series).
+    residual
+        The worker's residual-model slot (loaded on the first series whose rule has a residual stage).
     """
     bindings = []
     if "work" in roles:
         worker = Worker(
-            store.files, store.index, store.queue, config.pipeline, config.result_destinations, detector
+            store.files,
+            store.index,
+            store.queue,
+            config.pipeline,
+            config.result_destinations,
+            detector,
+            residual,
+            MapCache(store.root / "cache" / "residual", int(config.pipeline.residual_cache_gb * 1024**3)),
         )
         bindings.append(JobBinding(JobKind.ANALYZE_SERIES, analyze_series, {"worker": worker}))
     if "dispatch" in roles:

@@ -3,10 +3,11 @@
 Each stage is a plain function that takes what it reads and returns what it writes; ``run_series`` calls
 them in order, so what flows from one to the next is visible at the call site, and times each one:
 
-    load → key → rule → harmonize → detect → results → deliver
+    load → key → rule → harmonize (histogram) → residual → detect → results → deliver
 
 A series that cannot be analysed (a refused volume, an MR series for the CT model, no detector installed)
-still gets its results: an SR that says why. ``analyze_series`` is the ``analyze-series`` job: it moves the
+still gets its results: an SR that says why. A series the residual stage cannot take keeps the histogram
+stage's values, and its SR says why. ``analyze_series`` is the ``analyze-series`` job: it moves the
 series through ``processing`` to ``done`` or ``failed`` (or ``skipped`` when it holds no image).
 """
 
@@ -26,6 +27,7 @@ from pydicom.dataset import Dataset
 from handlers.results import AlgorithmInfo, build_results
 from handlers.results.derived import derived_series
 from models.findings import Finding
+from models.residual import ResidualOutcome, residual_stage
 from models.volume import IMAGE_SOP_CLASSES, Volume, VolumeRefused, build_volume, load_datasets
 from node.config import PipelineConfig
 from rules.apply import apply_rule, apply_rule_stored, map_of
@@ -34,6 +36,7 @@ from rules.registry import Rule, RuleMatch, RuleRegistry
 from storage.deliveries import StoredResult, enqueue_deliveries, store_results
 from storage.files import FileStore
 from storage.index import Index, SeriesState
+from storage.maps import MapCache
 from storage.meta import series_condition_tags
 from storage.queue import AnalyzeSeriesPayload, Job, JobQueue
 
@@ -52,6 +55,14 @@ class LoadedSeries:
     datasets: list[Dataset]  # the readable instances (the results' sources)
     volume: Volume | None
     refused: str = ""
+
+
+@dataclass(frozen=True)
+class Harmonized:
+    """The values the detector reads, and what each harmonization stage did to get them."""
+
+    values: np.ndarray
+    residual: ResidualOutcome
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,7 @@ class SeriesOutcome:
     detection: DetectionOutcome
     results: list[StoredResult]
     timings: dict[str, float]
+    residual: ResidualOutcome | None = None
 
     @property
     def findings(self) -> list[Finding]:
@@ -86,6 +98,8 @@ class DetectorSlot:
 
     Loaded lazily so that a node that only receives stays small (torch and the weights are ~200 MB).
     """
+
+    what = "detector"
 
     def __init__(self, device: str = "auto", loader: Callable[[str], Any] | None = None) -> None:
         self.device = device
@@ -101,7 +115,7 @@ class DetectorSlot:
                 try:
                     self._detector = self._load()
                 except (FileNotFoundError, ImportError) as exc:
-                    log.error("no detector installed (%s): series will get a 'not analysed' SR", exc)
+                    log.error("no %s installed (%s): series' SRs will say so", self.what, exc)
                     self._missing = True
             return self._detector
 
@@ -111,6 +125,19 @@ class DetectorSlot:
         from models.detector import Detector
 
         return Detector.load(device=self.device)
+
+
+class ResidualSlot(DetectorSlot):
+    """The residual model of the harmonization stage, loaded on the first series whose rule needs it."""
+
+    what = "residual model"
+
+    def _load(self) -> Any:
+        if self._loader is not None:
+            return self._loader(self.device)
+        from models.residual_net import ResidualModel
+
+        return ResidualModel.load(device=self.device)
 
 
 @dataclass(frozen=True)
@@ -123,6 +150,8 @@ class Worker:
     settings: PipelineConfig
     destinations: tuple[str, ...]  # names of the destinations results are sent to
     detector: DetectorSlot
+    residual: DetectorSlot | None = None  # the residual model (None: the histogram stage only)
+    maps: MapCache | None = None  # residual maps per series, so a change of strength never re-runs the net
 
 
 # -- the stages ----------------------------------------------------------------------------------------
@@ -171,6 +200,32 @@ def harmonize(volume: Volume, rule: Rule | None) -> np.ndarray:
     return volume.values if rule is None else apply_rule(rule, volume.values)
 
 
+def residual(
+    values: np.ndarray, volume: Volume, match: RuleMatch, model: Any, maps: MapCache | None, series_uid: str
+) -> Harmonized:
+    """The rule's residual stage after its histogram stage (seed 003); the histogram output when none runs."""
+    stage = match.rule.residual if match.rule is not None else None
+    key = (series_uid, match.rule_id)
+    outcome = residual_stage(values, volume.geometry, volume.modality, stage, model, maps, key)
+    if stage is not None and not outcome.applied:
+        log.warning("series %s: residual stage not applied: %s", series_uid, outcome.reason)
+    return Harmonized(outcome.values, outcome)
+
+
+def harmonization_text(match: RuleMatch, outcome: ResidualOutcome | None) -> str:
+    """Both stages in one sentence, as the SR records them."""
+    if match.rule is None:
+        histogram = f"no conversion rule ({match.match})"
+    else:
+        histogram = f"histogram rule {match.rule_id} ({match.rule.method}, {match.match} match)"
+    stage = match.rule.residual if match.rule is not None else None
+    if stage is None:
+        return f"{histogram}; no residual stage"
+    if outcome is not None and not outcome.applied:
+        return f"{histogram}; residual stage not applied: {outcome.reason}"
+    return f"{histogram}; {stage.text}"
+
+
 def detect(detector: Any, values: np.ndarray, volume: Volume, body: BodyPart) -> DetectionOutcome:
     """Run the lesion detector on the harmonized values (``detector`` None: not installed)."""
     if detector is None:
@@ -187,17 +242,25 @@ def result_objects(
     match: RuleMatch,
     detection: DetectionOutcome,
     settings: PipelineConfig,
+    harmonized: Harmonized | None = None,
 ) -> list[Dataset]:
     """The SR, key images, GSPS (and SEG, and the harmonized copy when configured) of one series."""
     volume = loaded.volume
     refused = loaded.refused or detection.refused
+    outcome = harmonized.residual if harmonized is not None else None
+    stage = match.rule.residual if match.rule is not None else None
+    residual_parameter = "none" if stage is None else (
+        f"a_blur {stage.alpha_blur:.2f} a_noise {stage.alpha_noise:.2f} {stage.model_version}"
+        if outcome is None or outcome.applied else "not applied"
+    )
     algorithm = AlgorithmInfo(
         name=ALGORITHM_NAME,
         version=detection.model_version or "none",
         rule_id=match.rule_id,
         rule_match=str(match.match),
         condition_key=str(key),
-        parameters={"task": detection.task or "none"},
+        parameters={"task": detection.task or "none", "residual": residual_parameter},
+        harmonization=harmonization_text(match, outcome),
     )
     objects = build_results(
         source=volume.datasets if volume is not None else loaded.datasets,
@@ -211,7 +274,11 @@ def result_objects(
     )
     if settings.write_harmonized_series and volume is not None:
         label = f"{match.rule_id} ({match.match}) for {key}"
-        derived = derived_series(volume.datasets, match.rule, label)
+        values = None
+        if outcome is not None and outcome.applied and harmonized is not None:
+            label = f"{label}, {stage.text}" if stage is not None else label
+            values = harmonized.values
+        derived = derived_series(volume.datasets, match.rule, label, values=values)
         objects = [*objects, *derived]
     return objects
 
@@ -246,22 +313,29 @@ def run_series(worker: Worker, series_uid: str) -> SeriesOutcome:
     key = _timed(t, "key", condition_key, tags, modality)
     match = _timed(t, "rule", find_rule, RuleRegistry(worker.index.db, worker.index.lock), key)
     detection = DetectionOutcome(refused=loaded.refused)
+    harmonized = None
     if loaded.volume is not None:
         values = _timed(t, "harmonize", harmonize, loaded.volume, match.rule)
-        body = body_part_of(tags, row.get("series_description") or "", loaded.volume.modality)
-        detection = _timed(t, "detect", detect, worker.detector.get(), values, loaded.volume, body)
+        model = worker.residual.get() if worker.residual is not None and _needs_residual(match) else None
+        harmonized = _timed(t, "residual", residual, values, loaded.volume, match, model, worker.maps, series_uid)
         del values
+        body = body_part_of(tags, row.get("series_description") or "", loaded.volume.modality)
+        detection = _timed(t, "detect", detect, worker.detector.get(), harmonized.values, loaded.volume, body)
     results: list[StoredResult] = []
     if loaded.datasets or loaded.volume is not None:
-        objects = _timed(t, "results", result_objects, loaded, key, match, detection, worker.settings)
+        objects = _timed(t, "results", result_objects, loaded, key, match, detection, worker.settings, harmonized)
         results = _timed(t, "results", store_results, worker.files, worker.index, objects)
         if worker.destinations:
             _timed(t, "deliver", enqueue_deliveries, worker.queue, worker.destinations, results, worker.index)
     else:
         log.error("series %s: no readable source instance; no result can reference it", series_uid)
-    outcome = SeriesOutcome(series_uid, key, match, detection, results, t)
+    outcome = SeriesOutcome(series_uid, key, match, detection, results, t, harmonized.residual if harmonized else None)
     _record(worker.index, outcome, loaded)
     return outcome
+
+
+def _needs_residual(match: RuleMatch) -> bool:
+    return match.rule is not None and match.rule.residual is not None
 
 
 def _record(index: Index, outcome: SeriesOutcome, loaded: LoadedSeries) -> None:

@@ -32,11 +32,14 @@ import sqlite_utils
 
 from rules.apply import IntensityMap, RuleParameterError, make_map
 from rules.keys import ANY, FALLBACKS, ConditionKey, KeyParseError
+from rules.strengths import ResidualStage, StageError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "harmonode-rules"
-FORMAT_VERSION = 1
+#: 2 adds the optional residual stage of a rule (seed 003); files of version 1 are read as without one.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 TABLE = "rules"
 
 
@@ -64,8 +67,11 @@ class Rule:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     fitted_at: float = 0.0
     active: bool = False
+    residual: ResidualStage | None = None  # seed 003's stage after the histogram stage, when fitted
 
     def __post_init__(self) -> None:
+        if self.residual is not None and not isinstance(self.residual, ResidualStage):
+            raise RuleError(f"rule residual stage must be a ResidualStage, got {self.residual!r}")
         if not isinstance(self.key, ConditionKey):
             raise RuleError(f"rule key must be a ConditionKey, got {self.key!r}")
         try:
@@ -99,6 +105,7 @@ class Rule:
             "provenance": provenance,
             "fitted_at": float(self.fitted_at),
             "active": bool(self.active),
+            "residual": self.residual.as_dict() if self.residual is not None else None,
         }
 
     @classmethod
@@ -120,8 +127,9 @@ class Rule:
                 provenance=dict(data.get("provenance") or {}),
                 fitted_at=float(data.get("fitted_at") or 0.0),
                 active=bool(data.get("active", False)),
+                residual=ResidualStage.from_dict(data.get("residual")),
             )
-        except KeyParseError as exc:
+        except (KeyParseError, StageError) as exc:
             raise RuleError(str(exc)) from exc
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, RuleError):
@@ -185,6 +193,7 @@ def _row_to_rule(row: Mapping[str, Any]) -> Rule:
         provenance=json.loads(row["provenance"] or "{}"),
         fitted_at=float(row["fitted_at"] or 0.0),
         active=bool(row["active"]),
+        residual=ResidualStage.from_dict(json.loads(row.get("residual") or "null")),
     )
 
 
@@ -213,11 +222,15 @@ class RuleRegistry:
                     "provenance": str,
                     "fitted_at": float,
                     "active": int,
+                    "residual": str,
                 },
                 pk=("id", "version"),
                 if_not_exists=True,
             )
             db[TABLE].create_index(["key", "active"], if_not_exists=True)
+        elif "residual" not in db[TABLE].columns_dict:  # a registry from before the residual stage
+            with self.lock:
+                db.execute(f"ALTER TABLE {TABLE} ADD COLUMN residual TEXT")
 
     # -- reading --------------------------------------------------------------------------------------
     def _rows(self, where: str = "", params: Iterable[Any] = ()) -> list[Rule]:
@@ -297,8 +310,9 @@ class RuleRegistry:
         provenance: Mapping[str, Any] | None = None,
         activate: bool = False,
         fitted_at: float | None = None,
+        residual: ResidualStage | None = None,
     ) -> Rule:
-        """Store a new version of the rule for ``key`` and ``method``.
+        """Store a new version of the rule for ``key`` and ``method`` (with its residual stage, if any).
 
         Raises
         ------
@@ -317,6 +331,7 @@ class RuleRegistry:
                 provenance=dict(provenance or {}),
                 fitted_at=time.time() if fitted_at is None else fitted_at,
                 active=False,
+                residual=residual,
             )
             self._insert(rule)
             if activate:
@@ -328,6 +343,7 @@ class RuleRegistry:
         data = rule.as_dict()
         data["parameters"] = json.dumps(data["parameters"], sort_keys=True)
         data["provenance"] = json.dumps(data["provenance"], sort_keys=True)
+        data["residual"] = json.dumps(data["residual"], sort_keys=True) if data["residual"] else None
         data["active"] = int(rule.active)
         cols = ", ".join(data)
         marks = ", ".join("?" for _ in data)
@@ -337,6 +353,21 @@ class RuleRegistry:
         forms = rule.key.stored_forms()  # a rule stored before keys had a region keeps its old key string
         self.db.execute(f"UPDATE {TABLE} SET active = 0 WHERE key IN ({', '.join('?' * len(forms))})", list(forms))
         self.db.execute(f"UPDATE {TABLE} SET active = 1 WHERE id = ? AND version = ?", [rule.id, rule.version])
+
+    def with_residual(self, ref: str, stage: ResidualStage | None, provenance: Mapping[str, Any] | None = None) -> Rule:
+        """A new version of a rule with the same histogram stage and this residual stage (None removes it).
+
+        The new version is active when the rule's current one was. Strengths are versioned like the rest
+        of a rule: the SR names the version a series was harmonized with.
+
+        Raises
+        ------
+        UnknownRule
+            No such rule.
+        """
+        rule = self.get(ref)
+        merged = {**dict(rule.provenance), **dict(provenance or {})}
+        return self.add(rule.key, rule.method, rule.parameters, merged, activate=rule.active, residual=stage)
 
     def activate(self, ref: str) -> Rule:
         """Make a rule (``id`` = latest version, or ``id@vN``) the active one for its key.
@@ -389,9 +420,10 @@ class RuleRegistry:
         if not isinstance(document, Mapping) or document.get("format") != FORMAT:
             raise RuleFileError(f'not a harmonode rule file (expected "format": "{FORMAT}")')
         version = document.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise RuleFileError(
-                f"rule file format_version {version!r} is not supported (this node reads {FORMAT_VERSION})"
+                f"rule file format_version {version!r} is not supported (this node reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"
             )
         items = document.get("rules")
         if not isinstance(items, list):
@@ -410,6 +442,7 @@ class RuleRegistry:
                     existing
                     and dict(existing[0].parameters) == dict(rule.parameters)
                     and existing[0].method == rule.method
+                    and existing[0].residual == rule.residual
                 ):
                     continue
                 if existing:

@@ -190,7 +190,7 @@ def test_fit_one_group_only(tmp_path: Path) -> None:
     "content",
     [
         "{not json",
-        json.dumps({"format": "harmonode-rules", "format_version": 2, "rules": []}),
+        json.dumps({"format": "harmonode-rules", "format_version": 3, "rules": []}),
         json.dumps(
             {
                 "format": "harmonode-rules",

@@ -50,6 +50,7 @@ class AlgorithmInfo:
     rule_match: str = ""
     condition_key: str = ""
     parameters: dict[str, str] = field(default_factory=dict)
+    harmonization: str = ""  # both stages and their strengths, one sentence (the SR's comment)
 
     def __post_init__(self) -> None:
         if not self.name or not self.version:

@@ -33,6 +33,7 @@ def derived_series(
     rule: RuleLike | None,
     rule_label: str,
     series_number: int = SERIES_NUMBER,
+    values: np.ndarray | None = None,
 ) -> list[Dataset]:
     """A derived copy of a series with harmonized pixels: new series, references to its sources.
 
@@ -51,6 +52,9 @@ def derived_series(
         of the UIDs, so another rule gives another series.
     series_number
         The new series' Series Number.
+    values
+        The harmonized real values (slices in the order of ``sources``) when a stage after the histogram
+        rule changed them (the residual stage); None applies ``rule`` to each source's stored pixels.
 
     Returns
     -------
@@ -59,17 +63,22 @@ def derived_series(
     Raises
     ------
     ValueError
-        No source instance.
+        No source instance, or ``values`` whose slices do not match the sources.
     """
     if not sources:
         raise ValueError("a derived series needs at least one source instance")
+    if values is not None and len(values) != len(sources):
+        raise ValueError(f"{len(values)} harmonized slices for {len(sources)} source instances")
     series_uid, sop_uids = derived_uids(sources, rule_label)
     out = []
-    for src, sop_uid in zip(sources, sop_uids, strict=True):
+    for k, (src, sop_uid) in enumerate(zip(sources, sop_uids, strict=True)):
         ds = copy.deepcopy(src)
         stored = src.pixel_array
         slope, intercept = float(src.get("RescaleSlope", 1) or 1), float(src.get("RescaleIntercept", 0) or 0)
-        pixels = apply_rule_stored(rule, stored, slope, intercept, out_dtype=stored.dtype)
+        if values is None:
+            pixels = apply_rule_stored(rule, stored, slope, intercept, out_dtype=stored.dtype)
+        else:
+            pixels = _stored_from_values(values[k], slope, intercept, stored.dtype)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.PixelData = np.ascontiguousarray(pixels).tobytes()
         ds.SeriesInstanceUID = series_uid
@@ -85,3 +94,12 @@ def derived_series(
         ds.SourceImageSequence = [ref]
         out.append(ds)
     return out
+
+
+def _stored_from_values(values: np.ndarray, slope: float, intercept: float, dtype: np.dtype) -> np.ndarray:
+    """Real values back to the source's stored type through its rescale (rounded, clipped to the type)."""
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    stored = np.rint((np.asarray(values, dtype=np.float64) - intercept) / (slope or 1.0))
+    if info is not None:
+        stored = np.clip(stored, info.min, info.max)
+    return stored.astype(dtype)

@@ -151,6 +151,8 @@ def build_sr(ctx: ResultContext, findings: list[Finding], analysed: bool, reason
         groups = [summary_group(ctx, analysed, reason)]
     elif reason:
         groups[0][0].ContentSequence.append(_comment(reason))
+    if ctx.algorithm.harmonization:
+        groups[0][0].ContentSequence.append(_comment(f"harmonization: {ctx.algorithm.harmonization}"))
     modality = str(ctx.sources[0].get("Modality", "CT"))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),

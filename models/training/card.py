@@ -423,6 +423,7 @@ def evaluate_card(
     jobs: int = 1,
     subjects_from: int = EVAL_SUBJECTS_FROM,
     progress: bool = True,
+    residual_dir: Path | None = None,
 ) -> EvaluationReport:
     """FROC and patch AUC of a card's detector on held-out conditions, with (and without) the rules.
 
@@ -446,6 +447,9 @@ def evaluate_card(
         First held-out subject (kind k from here + 1000 k).
     progress
         Show progress bars.
+    residual_dir
+        Residual weights: also read every study after the rules and the residual stage
+        (``harmonized+residual``), strengths proposed per condition on the rules' subjects.
 
     Returns
     -------
@@ -465,7 +469,16 @@ def evaluate_card(
     results = {"harmonized": evaluate_detector(detector, plan, rules, progress=progress, jobs=jobs)}
     if raw:
         results["raw"] = evaluate_detector(detector, plan, None, progress=progress, jobs=jobs)
+    if residual_dir is not None:
+        from models.residual_net import ResidualModel
+        from models.training.residual_eval import residual_plan
+
+        stages = residual_plan(ResidualModel.load("auto", residual_dir), [p[:2] for p in plan], size, rules)
+        results["harmonized+residual"] = evaluate_detector(detector, plan, rules, progress, jobs, stages)
+        results["harmonized+residual"]["residual_stages"] = stages.proposals
     summary = {**results["harmonized"], "without_harmonization": results.get("raw"), "model": detector.version}
+    if "harmonized+residual" in results:
+        summary["with_residual_stage"] = results["harmonized+residual"]
     if plot is not None:
         froc_plot(results, plot)
     if update_card:

@@ -251,13 +251,24 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _score_study(
-    detector: Any, kind: str, cond: str, seed: int, size: str, rules: dict | None, threads: int = 0
+    detector: Any,
+    kind: str,
+    cond: str,
+    seed: int,
+    size: str,
+    rules: dict | None,
+    threads: int = 0,
+    residual: Any = None,
 ) -> tuple[str, tuple]:
     """One study's row for ``evaluate_detector``: (key, (finding scores, hits, lesions, probs, labels, found,
     lesion diameters, hits within the lesions' own spheres))."""
     if threads:
         torch.set_num_threads(threads)
     study = harmonized(simulated(kind, cond, seed, size), rules_for(rules, size))
+    if residual is not None:
+        from models.training.residual_eval import with_residual
+
+        study = with_residual(study, residual)
     cands, probs = detector.score(study.values, study.geometry, study.modality, study.body)
     labels = candidate_labels(study, cands.centres)
     mm = study.geometry.index_to_patient(cands.centres) if len(cands) else np.zeros((0, 3))
@@ -292,6 +303,7 @@ def evaluate_detector(
     rules: dict[str, dict[str, Any]] | None,
     progress: bool = True,
     jobs: int = 1,
+    residual: Any = None,
 ) -> dict[str, Any]:
     """FROC (sensitivity at 0.5/1/2/4 FP per case) and candidate-patch AUC, overall, per condition and per kind.
 
@@ -310,6 +322,9 @@ def evaluate_detector(
         Show a progress bar.
     jobs
         > 1: score studies in that many processes (one torch thread each); the result is the same.
+    residual
+        A ``models.training.residual_eval.ResidualPlan``: each study also goes through its condition's
+        residual stage after the rules (None: the histogram stage only).
 
     Returns
     -------
@@ -325,13 +340,13 @@ def evaluate_detector(
         on_cuda = getattr(getattr(detector, "device", None), "type", "cpu") == "cuda"
         context = multiprocessing.get_context("spawn" if on_cuda else None)
         with ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            futures = [pool.submit(_score_study, detector, *item, rules, 1) for item in plan]
+            futures = [pool.submit(_score_study, detector, *item, rules, 1, residual) for item in plan]
             for future in tqdm(futures, desc="evaluate", disable=not progress):
                 key, row = future.result()
                 rows.setdefault(key, []).append(row)
     else:
         for item in tqdm(plan, desc="evaluate", disable=not progress):
-            key, row = _score_study(detector, *item, rules)
+            key, row = _score_study(detector, *item, rules, 0, residual)
             rows.setdefault(key, []).append(row)
     everything = [it for items in rows.values() for it in items]
     result = _summary(everything)

@@ -187,6 +187,7 @@ def _register_optional_commands() -> None:
         ("node.cli.rules", "register"),
         ("node.cli.models", "register"),
         ("node.cli.qr", "register"),
+        ("node.cli.harmonize", "register"),
     ):
         try:
             mod = importlib.import_module(module)

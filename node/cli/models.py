@@ -283,6 +283,10 @@ def evaluate_cmd(
             " (50000-59999) draws other studies of the same held-out conditions."
         ),
     ] = EVAL_SUBJECTS_FROM,
+    residual: Annotated[
+        bool, typer.Option(help="Also read every study after rules + the residual stage (seed 003).")
+    ] = False,
+    residual_dir: Annotated[Path, typer.Option(help="Folder with residual.pt and residual.json.")] = WEIGHTS,
 ) -> None:
     """FROC (sensitivity at 0.5/1/2/4 FP per case) and patch AUC on held-out conditions, with/without rules."""
     from models.detector import WeightsRefused
@@ -293,7 +297,7 @@ def evaluate_cmd(
     try:
         report = evaluate_card(
             weights_dir, studies=studies, size=size, raw=raw, plot=plot, update_card=update_card, jobs=jobs,
-            subjects_from=subjects_from, progress=not as_json,
+            subjects_from=subjects_from, progress=not as_json, residual_dir=residual_dir if residual else None,
         )  # fmt: skip
     except (SubjectsOutOfRange, FileNotFoundError, WeightsRefused) as exc:
         raise _error(str(exc)) from exc
@@ -314,4 +318,7 @@ def register(app: typer.Typer) -> None:
     train_app.command("lesions")(train_lesions_cmd)
     train_app.command("sweep")(train_sweep_cmd)
     train_app.command("card")(train_card_cmd)
+    from node.cli.harmonize import train_residual_cmd
+
+    train_app.command("residual")(train_residual_cmd)
     app.command("evaluate")(evaluate_cmd)

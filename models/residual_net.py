@@ -1,0 +1,122 @@
+"""The residual network loaded from its card: maps of a volume, slab by slab (torch)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.detector import WeightsRefused, pick_device, sha256_of
+from models.findings import VolumeGeometry
+from models.nets import ResidualNetConfig, ResidualUNet
+from models.residual import (
+    CARD_NAME,
+    NORMALISATION,
+    WEIGHTS_DIR,
+    WEIGHTS_NAME,
+    ResidualMaps,
+    ResidualRefused,
+    check_takes,
+    scale_of,
+)
+
+log = logging.getLogger(__name__)
+
+
+def slab_batches(values: np.ndarray, batch: int) -> Any:
+    """(first slice, slabs (B, 3, H, W)) over the volume, each slice with its neighbours (edges repeated)."""
+    n = values.shape[0]
+    for start in range(0, n, batch):
+        idx = np.arange(start, min(n, start + batch))
+        around = np.stack([np.clip(idx - 1, 0, n - 1), idx, np.clip(idx + 1, 0, n - 1)], axis=1)
+        yield start, values[around]
+
+
+def run_network(net: ResidualUNet, slabs: torch.Tensor) -> torch.Tensor:
+    """The network's maps of slabs (B, 3, H, W) of any size: reflect-padded to a multiple of 4, then cropped."""
+    h, w = slabs.shape[-2:]
+    ph, pw = (-h) % 4, (-w) % 4
+    x = F.pad(slabs, (0, pw, 0, ph), mode="reflect") if ph or pw else slabs
+    return net(x)[..., :h, :w]
+
+
+class ResidualModel:
+    """The loaded residual networks (CT and MR) with their card; one per worker process."""
+
+    def __init__(self, nets: Mapping[str, ResidualUNet], card: Mapping[str, Any], device: torch.device) -> None:
+        self.nets = {m: n.to(device).eval() for m, n in nets.items()}
+        self.card = dict(card)
+        self.device = device
+        self.version = str(card.get("version", "0"))
+        self.calls = 0  # network runs (tests check that a change of strength makes none)
+
+    @classmethod
+    def load(cls, device: str = "auto", weights_dir: str | Path | None = None) -> ResidualModel:
+        """Load the shipped residual weights after checking them against their card.
+
+        Raises
+        ------
+        FileNotFoundError
+            No residual weights installed.
+        WeightsRefused
+            No card, a card whose normalisation is not the code's, or a checksum that differs (tampered).
+        """
+        folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+        weights, card_path = folder / WEIGHTS_NAME, folder / CARD_NAME
+        if not weights.exists():
+            raise FileNotFoundError(f"no residual weights at {weights}")
+        if not card_path.exists():
+            raise WeightsRefused(f"weights {weights.name} have no model card {card_path.name}: refused")
+        card = json.loads(card_path.read_text())
+        if card.get("normalisation") != NORMALISATION:
+            raise WeightsRefused(
+                f"{card_path.name} was trained with normalisation {card.get('normalisation')}, this code "
+                f"applies {NORMALISATION}: refused (retrain with `harmonode train residual`)"
+            )
+        actual = sha256_of(weights)
+        if actual != card.get("sha256"):
+            raise WeightsRefused(
+                f"weights {weights.name} have sha256 {actual[:16]}…, the card says {str(card.get('sha256'))[:16]}…: "
+                "refused (tampered or mismatched file)"
+            )
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+        nets = {}
+        for modality, entry in ckpt["nets"].items():
+            net = ResidualUNet(ResidualNetConfig(**entry["config"]))
+            net.load_state_dict(entry["state_dict"])
+            nets[modality] = net
+        log.info("residual model %s loaded from %s (%s)", card.get("version"), folder, ", ".join(sorted(nets)))
+        return cls(nets, card, pick_device(device))
+
+    @torch.no_grad()
+    def maps(
+        self, values: np.ndarray, geometry: VolumeGeometry | None, modality: str, batch: int = 8
+    ) -> ResidualMaps:
+        """The blur and noise residual maps of a volume (slices, rows, cols) in its real units.
+
+        Raises
+        ------
+        ResidualRefused
+            A series the network was not trained for (``check_takes``), or no network for the modality.
+        """
+        check_takes(values, geometry, modality)
+        if modality not in self.nets:
+            raise ResidualRefused(f"the residual model {self.version} has no {modality} network")
+        self.calls += 1
+        net, scale = self.nets[modality], scale_of(values, modality)
+        blur = np.empty(values.shape, np.float32)
+        noise = np.empty(values.shape, np.float32)
+        for start, slabs in slab_batches(values, batch):
+            x = torch.from_numpy(np.ascontiguousarray(slabs, dtype=np.float32) / np.float32(scale)).to(self.device)
+            out = run_network(net, x).float().cpu().numpy() * np.float32(scale)
+            blur[start : start + len(out)] = out[:, 0]
+            noise[start : start + len(out)] = out[:, 1]
+        return ResidualMaps(blur, noise)
+
+

@@ -1,0 +1,229 @@
+"""Training the residual network (seed 003) on the synthetic scanner's pairs, and its model card.
+
+Every step draws fresh slabs (``simulator.pairs``): random anatomy (head or chest, random level and pixel
+spacing 0.4–1.8 mm) under a random kernel and dose (CT) or a random Rician noise level and bias field (MR),
+never one of the named conditions, which are kept for the held-out evaluation. The network reads the
+three-slice slab and is fitted, as the seed's variant that outputs the maps directly, to the exact blur
+and noise residual maps of the centre slice (L1). One network per modality; both in one checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.detector import pick_device, sha256_of
+from models.nets import ResidualNetConfig, ResidualUNet
+from models.residual import CARD_NAME, NORMALISATION, WEIGHTS_NAME, scale_of
+from models.residual_net import run_network
+from simulator.pairs import ResidualPair, ct_pair, mr_pair, named_pair, random_ct_condition, random_mr_condition
+from simulator.scanner import CONDITIONS
+
+log = logging.getLogger(__name__)
+
+SPACINGS_MM = (0.4, 1.8)
+#: Subjects of the held-out evaluation pairs (training draws its own from the step number).
+EVAL_SEEDS = (7001, 7002)
+
+
+@dataclass(frozen=True)
+class ResidualRecipe:
+    """How the residual networks are trained (recorded in the card)."""
+
+    steps_ct: int = 2500
+    steps_mr: int = 1200
+    batch: int = 16
+    patch: int = 80
+    crops_per_slab: int = 4
+    width: int = 12
+    lr: float = 2e-3
+    seed: int = 0
+
+    @property
+    def command(self) -> str:
+        """The CLI command that reproduces this recipe."""
+        return (
+            f"harmonode train residual --steps-ct {self.steps_ct} --steps-mr {self.steps_mr} --batch {self.batch} "
+            f"--patch {self.patch} --width {self.width} --lr {self.lr:g} --seed {self.seed}"
+        )
+
+
+def draw_pair(modality: str, rng: np.random.Generator) -> ResidualPair:
+    """One training slab of 3 slices under a random condition (random body, level and pixel spacing)."""
+    spacing = float(np.exp(rng.uniform(np.log(SPACINGS_MM[0]), np.log(SPACINGS_MM[1]))))
+    matrix = 160
+    if modality == "MR":
+        return mr_pair(random_mr_condition(rng), rng, 3, matrix, spacing)
+    body = "head" if rng.random() < 0.6 else "chest"
+    return ct_pair(random_ct_condition(rng), rng, body, 3, matrix, spacing)
+
+
+def training_batch(
+    modality: str, rng: np.random.Generator, batch: int, patch: int, crops: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (B, 3, P, P) and targets (B, 2, P, P: blur, noise residual of the centre slice), network units."""
+    xs, ys = [], []
+    while len(xs) < batch:
+        pair = draw_pair(modality, rng)
+        scale = np.float32(scale_of(pair.input, modality))
+        x = pair.input / scale
+        y = np.stack([pair.blur_residual[1], pair.noise_residual[1]]) / scale
+        n = x.shape[-1]
+        for _ in range(crops):
+            r, c = rng.integers(0, n - patch + 1, 2)
+            xc, yc = x[:, r : r + patch, c : c + patch], y[:, r : r + patch, c : c + patch]
+            if rng.random() < 0.5:
+                xc, yc = xc[..., ::-1], yc[..., ::-1]
+            xs.append(np.ascontiguousarray(xc))
+            ys.append(np.ascontiguousarray(yc))
+    return torch.from_numpy(np.stack(xs[:batch])), torch.from_numpy(np.stack(ys[:batch]))
+
+
+def fit_network(
+    modality: str,
+    recipe: ResidualRecipe,
+    steps: int,
+    device: torch.device,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[ResidualUNet, list[float]]:
+    """Train one modality's network; returns it and the loss per 50 steps."""
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng([recipe.seed, 0 if modality == "CT" else 1])
+    net = ResidualUNet(ResidualNetConfig(width=recipe.width)).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=max(steps, 1), pct_start=0.1)
+    losses, window = [], []
+    net.train()
+    for step in range(steps):
+        x, y = training_batch(modality, rng, recipe.batch, recipe.patch, recipe.crops_per_slab)
+        loss = F.l1_loss(net(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        window.append(loss.item())
+        if len(window) == 50 or step == steps - 1:
+            losses.append(round(float(np.mean(window)), 6))
+            window = []
+        if progress is not None:
+            progress(step, window[-1] if window else losses[-1])
+    return net.eval(), losses
+
+
+@torch.no_grad()
+def held_out_figures(nets: dict[str, ResidualUNet], device: torch.device) -> dict[str, Any]:
+    """RMSE against the noise-free reference-kernel image, input vs full correction (α = 1), per named condition.
+
+    Held out: the named conditions are never drawn in training, and neither are these subjects.
+    """
+    out: dict[str, Any] = {}
+    for name, cond in CONDITIONS.items():
+        if cond.modality not in nets:
+            continue
+        before, after = [], []
+        for seed in EVAL_SEEDS:
+            pair = named_pair(name, seed, "head", slices=3, matrix=256, spacing_mm=0.6)
+            scale = np.float32(scale_of(pair.input, cond.modality))
+            x = torch.from_numpy(pair.input[None] / scale).to(device)
+            maps = run_network(nets[cond.modality], x)[0].cpu().numpy() * scale
+            corrected = pair.input[1] + maps[0] + maps[1]
+            before.append(float(np.sqrt(np.mean((pair.input[1] - pair.clean[1]) ** 2))))
+            after.append(float(np.sqrt(np.mean((corrected - pair.clean[1]) ** 2))))
+        out[name] = {"rmse_before": round(float(np.mean(before)), 3), "rmse_after": round(float(np.mean(after)), 3)}
+    return out
+
+
+def train_residual(
+    out: Path,
+    recipe: ResidualRecipe,
+    device: str = "auto",
+    progress: Callable[[str, int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train the CT and MR networks, save ``residual.pt`` and its card ``residual.json`` into ``out``.
+
+    Parameters
+    ----------
+    out
+        Folder for the weights and card (created).
+    recipe
+        Steps, batch, patch size, width, learning rate, seed.
+    device
+        ``auto``, ``cpu``, ``cuda`` …
+    progress
+        Called as ``progress(modality, step, steps, loss)`` after every step.
+
+    Returns
+    -------
+    dict
+        The card.
+    """
+    dev = pick_device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    nets, losses = {}, {}
+    for modality, steps in (("CT", recipe.steps_ct), ("MR", recipe.steps_mr)):
+        if steps <= 0:
+            continue
+        report = (lambda s, loss, m=modality, n=steps: progress(m, s, n, loss)) if progress else None
+        nets[modality], losses[modality] = fit_network(modality, recipe, steps, dev, report)
+    train_s = time.perf_counter() - t0
+    ckpt = {
+        "nets": {
+            m: {"config": asdict(n.config), "state_dict": {k: v.cpu() for k, v in n.state_dict().items()}}
+            for m, n in nets.items()
+        }
+    }
+    weights = out / WEIGHTS_NAME
+    torch.save(ckpt, weights)
+    card = residual_card(recipe, nets, losses, held_out_figures(nets, dev), str(dev), train_s)
+    card["sha256"] = sha256_of(weights)
+    (out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    log.info("residual model %s written to %s (%.0f s)", card["version"], out, train_s)
+    return card
+
+
+def residual_card(
+    recipe: ResidualRecipe,
+    nets: dict[str, ResidualUNet],
+    losses: dict[str, list[float]],
+    figures: dict[str, Any],
+    device: str,
+    train_s: float,
+) -> dict[str, Any]:
+    """The model card of the residual networks (the sha256 is added once the weights are written)."""
+    return {
+        "name": "harmonode residual harmonization network (seed 003)",
+        "version": f"residual-1.0-w{recipe.width}-s{recipe.steps_ct}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "architecture": "ResidualUNet: conv, 2 stride-2 levels, transposed convs, skips summed (seed FIG. 3)",
+        "parameters": {m: n.n_parameters() for m, n in nets.items()},
+        "inputs": "a 3-slice slab after the histogram stage; outputs blur and noise residual maps of its centre",
+        "normalisation": NORMALISATION,
+        "spacing_range_mm": list(SPACINGS_MM),
+        "training_data": {
+            "source": "simulator.pairs: synthetic scanner, fresh slabs every step (160² px, 3 slices)",
+            "ct": "head 60 % / chest 40 %, random kernel (σ 0.1–0.75 mm, boost 0–1.8, cut-off 0.7–1.35 "
+            "cycles/mm) and dose (25–400 mAs) against ge-revolution-standard's kernel",
+            "mr": "head TOF, Rician noise 0.6–6 % of the signal scale, bias field 0–0.35, 1.5 and 3 T",
+            "named_conditions": "none: every named condition is held out for evaluation",
+        },
+        "recipe": asdict(recipe),
+        "command": recipe.command,
+        "device": device,
+        "train_seconds": round(train_s, 1),
+        "loss_per_50_steps": losses,
+        "held_out": {
+            "pairs": f"subjects {list(EVAL_SEEDS)}, 256² head slices at 0.6 mm, each named condition",
+            "metric": "RMSE (real units) against the noise-free reference-kernel image, input vs α = 1",
+            "figures": figures,
+        },
+    }

@@ -1,0 +1,180 @@
+"""Pairs for the residual stage (seed 003): one anatomy seen clean, blurred, noisy, and by the reference scanner.
+
+The seed trains its two residual maps on patches whose components are known exactly: a component-free patch,
+the same patch blurred, a noise patch (component-free + noise) and a noise-blur patch (blurred + the *same*
+noise). Here the scanner model provides them directly, for CT and for TOF-MRA:
+
+- CT: ``clean`` is the anatomy through the reference kernel's MTF (no noise); ``blurred`` through the
+  condition's kernel; ``noise`` the condition's dose noise (ramp-shaped spectrum through its kernel);
+  ``input`` = blurred + noise. The blur residual's target is clean − blurred, the noise residual's −noise.
+- MR: the acquisition window is the same for every condition, so ``blurred`` = ``clean`` (the noise-free
+  magnitude with the condition's bias field) and ``input`` its Rician magnitude at the condition's noise;
+  the noise residual's target clean − input (Rician bias included).
+
+``reference`` is the same anatomy as the reference condition scans it (its own noise), for evaluation.
+Calibration is the reference's on both sides: the histogram rules (seed 000) correct it before this stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft
+
+from simulator import phantom
+from simulator.scanner import CONDITIONS, ScannerCondition, _bias_field, _freq, ct_values, mtf
+
+#: Anatomy centres (x, y, z mm) of the slabs drawn per body part, and the ranges they are jittered over.
+CENTRES = {"head": ((0.0, 5.0, 5.0), (25.0, 25.0, 45.0)), "chest": ((0.0, 0.0, -20.0), (60.0, 40.0, 90.0))}
+#: The reference conditions of the residual stage (the rules' references in ``models.training.data``).
+REFERENCE = {"CT": "ge-revolution-standard", "MR": "siemens-skyra-3t-tof"}
+
+
+@dataclass(frozen=True)
+class ResidualPair:
+    """One slab (slices, rows, cols) in real units (CT HU, MR stored scale), with its known components."""
+
+    input: np.ndarray  # what the condition's scanner shows: blurred + noise
+    clean: np.ndarray  # the reference kernel, no noise (the component-free patch)
+    blurred: np.ndarray  # the condition's kernel, no noise (the blur patch)
+    reference: np.ndarray  # the reference condition's scan: clean + the reference's own noise
+    spacing: tuple[float, float, float]
+    modality: str
+    condition: str
+
+    @property
+    def blur_residual(self) -> np.ndarray:
+        """The exact blur residual map: what, added to the input, removes the condition's blur."""
+        return self.clean - self.blurred
+
+    @property
+    def noise_residual(self) -> np.ndarray:
+        """The exact noise residual map: what, added to the input, removes the condition's noise."""
+        return self.blurred - self.input
+
+
+def random_ct_condition(rng: np.random.Generator, name: str = "random-ct") -> ScannerCondition:
+    """A CT kernel and dose drawn from soft to sharp and 25–400 mAs (training conditions, none of the named)."""
+    return ScannerCondition(
+        name,
+        "CT",
+        "synthetic",
+        "random",
+        kvp=120.0,
+        mas=float(np.exp(rng.uniform(np.log(25.0), np.log(400.0)))),
+        kernel_sigma_mm=float(rng.uniform(0.1, 0.75)),
+        kernel_boost=float(rng.choice([0.0, rng.uniform(0.0, 1.8)])),
+        kernel_cutoff=float(rng.uniform(0.7, 1.35)),
+    )
+
+
+def random_mr_condition(rng: np.random.Generator, name: str = "random-mr") -> ScannerCondition:
+    """A TOF-MRA noise level and bias field drawn over 1.5–3 T practice (training conditions)."""
+    return ScannerCondition(
+        name,
+        "MR",
+        "synthetic",
+        "random",
+        field_strength=float(rng.choice([1.5, 3.0])),
+        sequence="tof",
+        mr_scale=float(rng.uniform(600.0, 1400.0)),
+        bias_strength=float(rng.uniform(0.0, 0.35)),
+        noise_fraction=float(np.exp(rng.uniform(np.log(0.006), np.log(0.06)))),
+    )
+
+
+def _grid(body: str, rng: np.random.Generator, slices: int, matrix: int, spacing_mm: float) -> phantom.Grid:
+    centre, jitter = CENTRES[body]
+    c = tuple(float(v + rng.uniform(-j, j)) for v, j in zip(centre, jitter, strict=True))
+    return phantom.Grid.centred(c, (slices, matrix, matrix), (spacing_mm, spacing_mm, spacing_mm))
+
+
+def _filtered(image: np.ndarray, transfer: np.ndarray) -> np.ndarray:
+    spec = scipy.fft.rfft2(image, axes=(1, 2), norm="ortho", workers=-1)
+    spec *= transfer
+    return scipy.fft.irfft2(spec, s=image.shape[1:], axes=(1, 2), norm="ortho", workers=-1).astype(np.float32)
+
+
+def ct_noise(
+    shape: tuple[int, int, int], condition: ScannerCondition, spacing: tuple[float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """The condition's dose noise alone (HU), with the spectrum ``simulator.scanner.scan_ct`` gives it."""
+    f = _freq(shape[1:], spacing)
+    fy = np.fft.fftfreq(shape[1], spacing[0])[:, None]
+    fx = np.fft.fftfreq(shape[2], spacing[1])[None, :]
+    ff = np.sqrt(fy**2 + fx**2).astype(np.float32)
+    norm = np.sqrt(np.mean(ff * mtf(condition, ff) ** 2))
+    noise_filter = (np.sqrt(f) * mtf(condition, f) / norm).astype(np.float32)
+    sigma = np.float32(condition.noise_std() / np.sqrt(2.0))
+    spec = rng.standard_normal((shape[0], *f.shape, 2), dtype=np.float32).view(np.complex64)[..., 0]
+    spec *= noise_filter * sigma
+    return scipy.fft.irfft2(spec, s=shape[1:], axes=(1, 2), norm="ortho", workers=-1).astype(np.float32)
+
+
+def ct_pair(
+    condition: ScannerCondition,
+    rng: np.random.Generator,
+    body: str = "head",
+    slices: int = 3,
+    matrix: int = 256,
+    spacing_mm: float = 0.7,
+    reference: ScannerCondition | None = None,
+) -> ResidualPair:
+    """One CT slab under ``condition`` and the reference kernel, its components known (see the module doc)."""
+    ref = reference or CONDITIONS[REFERENCE["CT"]]
+    grid = _grid(body, rng, slices, matrix, spacing_mm)
+    draw = phantom.head if body == "head" else phantom.chest
+    hu = draw(grid, rng, ct_values(ref), False).image
+    f = _freq(hu.shape[1:], grid.spacing[1:])
+    blurred, clean = _filtered(hu, mtf(condition, f)), _filtered(hu, mtf(ref, f))
+    noise = ct_noise(hu.shape, condition, grid.spacing[1:], rng)
+    ref_noise = ct_noise(hu.shape, ref, grid.spacing[1:], rng)
+    return ResidualPair(blurred + noise, clean, blurred, clean + ref_noise, grid.spacing, "CT", condition.name)
+
+
+def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    real = signal + rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(sigma)
+    imag = rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(sigma)
+    return np.sqrt(real * real + imag * imag)
+
+
+def mr_pair(
+    condition: ScannerCondition,
+    rng: np.random.Generator,
+    slices: int = 3,
+    matrix: int = 256,
+    spacing_mm: float = 0.7,
+    reference: ScannerCondition | None = None,
+) -> ResidualPair:
+    """One TOF-MRA slab under ``condition`` (its bias field, Rician noise) at the reference's scale."""
+    ref = reference or CONDITIONS[REFERENCE["MR"]]
+    grid = _grid("head", rng, slices, matrix, spacing_mm)
+    signal = phantom.head(grid, rng, {k: v[1] for k, v in phantom.MATERIALS.items()}, False).image
+    over = np.maximum(signal - np.float32(0.4), np.float32(0.0)) * np.float32(ref.vessel_gain - 1.0)
+    signal = signal + over
+    bz, bxy = _bias_field(signal.shape, condition.bias_strength, rng)
+    signal = signal * bz[:, None, None] * bxy[None]
+    f = _freq(signal.shape[1:], grid.spacing[1:])
+    window = (1.0 / (1.0 + np.exp((f - 0.8 / (2 * spacing_mm)) / (0.02 / spacing_mm)))).astype(np.float32)
+    real = _filtered(signal, window)
+    scale = np.float32(ref.mr_scale)
+    clean = np.abs(real) * scale
+    noisy = _rician(real, condition.noise_fraction, rng) * scale
+    reference_scan = _rician(real, ref.noise_fraction, rng) * scale
+    return ResidualPair(noisy, clean, clean, reference_scan, grid.spacing, "MR", condition.name)
+
+
+def named_pair(
+    name: str, seed: int, body: str = "head", slices: int = 3, matrix: int = 256, spacing_mm: float = 0.7
+) -> ResidualPair:
+    """A pair under a named condition of ``simulator.scanner.CONDITIONS`` (held-out evaluation), seeded.
+
+    The condition keeps its kernel and dose noise (CT) or noise and bias (MR); material contrast and
+    calibration are the reference's, which the histogram stage restores before this one.
+    """
+    condition = CONDITIONS[name]
+    rng = np.random.default_rng([seed, 3003])
+    if condition.modality == "MR":
+        return mr_pair(condition, rng, slices, matrix, spacing_mm)
+    return ct_pair(condition, rng, body, slices, matrix, spacing_mm)
