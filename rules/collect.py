@@ -60,6 +60,7 @@ class SeriesImages:
     modality: str
     key: str
     histograms: list[np.ndarray] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)  # its image files (the residual strengths read them)
 
 
 @dataclass
@@ -130,6 +131,7 @@ def series_from_dir(directory: Path, progress: Progress = no_progress) -> list[S
             if uid not in series:
                 series[uid] = SeriesImages(uid, modality, str(ConditionKey.from_tags(_tags_of(ds), modality)))
             series[uid].histograms += _slice_histograms(ds, default_spec(modality))
+            series[uid].paths.append(path)
         except Exception as exc:  # not DICOM, no pixels, undecodable: skip it and say how many
             skipped += 1
             log.debug("skipped %s: %s", path.name, exc)
@@ -177,7 +179,9 @@ def series_from_store(
         item = SeriesImages(row["series_instance_uid"], modality, str(ConditionKey.from_tags(tags, modality)))
         for inst in index.instances_of_series(row["series_instance_uid"]):
             try:
-                item.histograms += _slice_histograms(dcmread(files.abspath(inst["path"])), default_spec(modality))
+                path = files.abspath(inst["path"])
+                item.histograms += _slice_histograms(dcmread(path), default_spec(modality))
+                item.paths.append(Path(path))
             except Exception as exc:  # one unreadable instance must not stop the fit
                 log.warning("instance of series %s skipped: %s", item.series_uid[-8:], exc)
         if item.histograms:

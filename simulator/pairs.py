@@ -17,6 +17,7 @@ Calibration is the reference's on both sides: the histogram rules (seed 000) cor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,10 +91,19 @@ def _grid(body: str, rng: np.random.Generator, slices: int, matrix: int, spacing
     return phantom.Grid.centred(c, (slices, matrix, matrix), (spacing_mm, spacing_mm, spacing_mm))
 
 
-def _filtered(image: np.ndarray, transfer: np.ndarray) -> np.ndarray:
-    spec = scipy.fft.rfft2(image, axes=(1, 2), norm="ortho", workers=-1)
-    spec *= transfer
-    return scipy.fft.irfft2(spec, s=image.shape[1:], axes=(1, 2), norm="ortho", workers=-1).astype(np.float32)
+#: Pixels of reflected anatomy around a slab before it is filtered: a kernel applied through the FFT wraps
+#: around, and anatomy cut by the field of view would otherwise ring in from the opposite edge.
+PAD = 24
+
+
+def _filtered(
+    image: np.ndarray, transfer_of: Callable[[np.ndarray], np.ndarray], spacing: tuple[float, float]
+) -> np.ndarray:
+    padded = np.pad(image, ((0, 0), (PAD, PAD), (PAD, PAD)), mode="reflect")
+    spec = scipy.fft.rfft2(padded, axes=(1, 2), norm="ortho", workers=-1)
+    spec *= transfer_of(_freq(padded.shape[1:], spacing))
+    out = scipy.fft.irfft2(spec, s=padded.shape[1:], axes=(1, 2), norm="ortho", workers=-1)
+    return out[:, PAD:-PAD, PAD:-PAD].astype(np.float32)
 
 
 def ct_noise(
@@ -126,8 +136,8 @@ def ct_pair(
     grid = _grid(body, rng, slices, matrix, spacing_mm)
     draw = phantom.head if body == "head" else phantom.chest
     hu = draw(grid, rng, ct_values(ref), False).image
-    f = _freq(hu.shape[1:], grid.spacing[1:])
-    blurred, clean = _filtered(hu, mtf(condition, f)), _filtered(hu, mtf(ref, f))
+    blurred = _filtered(hu, lambda f: mtf(condition, f), grid.spacing[1:])
+    clean = _filtered(hu, lambda f: mtf(ref, f), grid.spacing[1:])
     noise = ct_noise(hu.shape, condition, grid.spacing[1:], rng)
     ref_noise = ct_noise(hu.shape, ref, grid.spacing[1:], rng)
     return ResidualPair(blurred + noise, clean, blurred, clean + ref_noise, grid.spacing, "CT", condition.name)
@@ -155,9 +165,10 @@ def mr_pair(
     signal = signal + over
     bz, bxy = _bias_field(signal.shape, condition.bias_strength, rng)
     signal = signal * bz[:, None, None] * bxy[None]
-    f = _freq(signal.shape[1:], grid.spacing[1:])
-    window = (1.0 / (1.0 + np.exp((f - 0.8 / (2 * spacing_mm)) / (0.02 / spacing_mm)))).astype(np.float32)
-    real = _filtered(signal, window)
+    def window(f: np.ndarray) -> np.ndarray:
+        return (1.0 / (1.0 + np.exp((f - 0.8 / (2 * spacing_mm)) / (0.02 / spacing_mm)))).astype(np.float32)
+
+    real = _filtered(signal, window, grid.spacing[1:])
     scale = np.float32(ref.mr_scale)
     clean = np.abs(real) * scale
     noisy = _rician(real, condition.noise_fraction, rng) * scale

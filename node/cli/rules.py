@@ -7,6 +7,7 @@ The work is ``rules.collect`` (series, hold-out, fit, report, store) and ``rules
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ import typer
 
 from node.cli import ConfigOption, fail, load_or_fail
 from node.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from rules.collect import Progress, SeriesImages
@@ -141,6 +144,49 @@ def _fit_series(
     return series_from_store(store.index, store.files, progress=progress), "store"
 
 
+def _residual_strengths(
+    registry: RuleRegistry,
+    stored: list[Rule],
+    series: list[SeriesImages],
+    summary: list[dict[str, Any]],
+    progress: Progress,
+) -> None:
+    """Propose and store each fresh rule's residual stage (a new version); report it in the summary rows."""
+    try:
+        from models.detector import WeightsRefused
+        from models.residual_net import ResidualModel
+    except ImportError:  # a build without torch: histogram rules only
+        return
+    try:
+        model = ResidualModel.load("auto")
+    except (FileNotFoundError, WeightsRefused) as exc:
+        log.warning("no residual strengths proposed: %s", exc)
+        return
+    from models.residual_fit import propose_stages
+    from models.volume import VolumeRefused, build_volume, load_datasets
+
+    by_uid = {s.series_uid: s for s in series}
+    keys: dict[str, list[str]] = {}
+    for s in series:
+        keys.setdefault(s.key, []).append(s.series_uid)
+
+    def volume_of(uid: str) -> Any:
+        try:
+            return build_volume(load_datasets(by_uid[uid].paths))
+        except (VolumeRefused, OSError, ValueError) as exc:
+            log.warning("series %s: no volume for the residual strengths (%s)", uid[-8:], exc)
+            return None
+
+    rows = {row.get("rule"): row for row in summary}
+    for p in propose_stages(stored, keys, volume_of, model, progress):
+        row = rows.get(p.rule.label, {})
+        if p.stage is None:
+            row["residual"] = f"none: {p.reason}"
+            continue
+        rule = registry.with_residual(p.rule.label, p.stage, {"residual_fit": p.proposal.as_dict()})
+        row.update(rule=rule.label, residual=p.stage.text, residual_fit=p.proposal.as_dict())
+
+
 def _fit_table(summary: list[dict[str, Any]]) -> str:
     lines = []
     for row in summary:
@@ -156,6 +202,15 @@ def _fit_table(summary: list[dict[str, Any]]) -> str:
             f"{row.get('rule', '-'):<16} {row.get('region', '-'):<9} {row['key']:<58} n={row['n_images']:<6} "
             f"{tag}{alt_text}{held}"
         )
+        if "residual_fit" in row:
+            f = row["residual_fit"]
+            lines.append(
+                f"{'':26} {row['residual']}: noise {f['noise_before']:.1f} → {f['noise_after']:.1f} "
+                f"(reference {f['noise_reference']:.1f}), edge {f['edge_before']:.2f} → {f['edge_after']:.2f} mm "
+                f"(reference {f['edge_reference']:.2f})"
+            )
+        elif row.get("residual"):
+            lines.append(f"{'':26} residual stage {row['residual']}")
     return "\n".join(lines)
 
 
@@ -192,9 +247,14 @@ def fit_cmd(
     dry_run: DryRunOption = False,
     from_pacs: FromPacsOption = None,
     source_name: SourceOption = "",
+    residual: Annotated[
+        bool,
+        typer.Option(help="Also propose each rule's residual strengths (seed 003) when a residual model is installed."),
+    ] = True,
 ) -> None:
     """Fit one rule per imaging condition against the reference condition of its modality and body region,
-    and store them (versioned)."""
+    and store them (versioned); with a residual model, each rule also gets the strengths that bring its
+    condition's noise level and edge width to the reference's."""
     from rules.collect import fit_rules, store_rules
     from rules.fit import FitError
     from rules.registry import RuleError, RuleRegistry
@@ -212,7 +272,10 @@ def fit_cmd(
         try:
             fitted = fit_rules(series, options, reference, holdout, progress)
             if not dry_run:
-                store_rules(RuleRegistry(store.index.db, store.index.lock), fitted, source, activate)
+                registry = RuleRegistry(store.index.db, store.index.lock)
+                stored = store_rules(registry, fitted, source, activate)
+                if residual:
+                    _residual_strengths(registry, stored, series, fitted.summary, progress)
         except (FitError, RuleError) as exc:
             raise fail(str(exc)) from exc
     for message in fitted.skipped:
