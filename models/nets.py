@@ -91,6 +91,7 @@ class ResidualNetConfig:
     in_channels: int = 3  # a thin slab: the slice and its two neighbours
     width: int = 12
     out_channels: int = 2  # the blur residual map, the noise residual map
+    descriptors: int = 3  # the series' noise descriptors (``models.residual.descriptors``): how much, how sharp
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -104,6 +105,11 @@ class ResidualUNet(nn.Module):
     the blur residual map, channel 1 the noise residual map of the slab's centre slice, each the correction
     that, added to the input, removes that component (seed 003: the estimated patch is input + residual).
     Most convolutions run at half and quarter resolution, so a 512² slice costs about 2 GMAC.
+
+    A kernel's blur cannot be told from one patch alone (an edge-enhancing kernel and a sharp edge look
+    alike), so the network is also given the series' noise descriptors — the level and the correlation of
+    its noise, which the kernel and the dose set — as biases at full and quarter resolution (as FFDNet is
+    given its noise level).
     """
 
     def __init__(self, config: ResidualNetConfig) -> None:
@@ -118,12 +124,21 @@ class ResidualUNet(nn.Module):
         self.up0 = nn.ConvTranspose2d(2 * w, w, 2, stride=2)
         self.dec0 = _conv(w, w)
         self.out = nn.Conv2d(w, config.out_channels, 3, padding=1)
+        k = config.descriptors
+        self.to_full = nn.Linear(k, w) if k else None
+        self.to_deep = nn.Sequential(nn.Linear(k, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, 4 * w)) if k else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual maps (B, 2, H, W)."""
+    def forward(self, x: torch.Tensor, descriptors: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual maps (B, 2, H, W) of slabs ``x`` with their series' ``descriptors`` (B, k)."""
         s0 = self.head(x)
+        if self.to_full is not None:
+            if descriptors is None:
+                raise ValueError("this residual network reads the series' noise descriptors")
+            s0 = s0 + self.to_full(descriptors)[:, :, None, None]
         s1 = self.down1(s0)
         deep = self.down2(s1)
+        if self.to_deep is not None:
+            deep = deep + self.to_deep(descriptors)[:, :, None, None]
         d1 = self.dec1(self.up1(deep) + s1)
         d0 = self.dec0(self.up0(d1) + s0)
         return self.out(d0)

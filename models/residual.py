@@ -36,6 +36,7 @@ MIN_SLICES = 3
 NORMALISATION: dict[str, dict[str, Any]] = {
     "CT": {"method": "fixed", "scale": 1000.0},
     "MR": {"method": "percentile", "q": 99.0},
+    "descriptors": {"method": "lag-1 MAD ×10, lag-1/lag-2 MAD ratio, pixel spacing mm"},
 }
 
 
@@ -60,6 +61,21 @@ def scale_of(values: np.ndarray, modality: str) -> float:
     return max(float(np.percentile(sample, spec["q"])), 1e-6)
 
 
+def descriptors(values: np.ndarray, spacing_mm: float, scale: float) -> np.ndarray:
+    """The noise descriptors the network reads beside the slab: (level, correlation, pixel spacing).
+
+    From the differences of horizontally adjacent pixels, robust to edges (medians): the level is the
+    median absolute lag-1 difference (network units, ×10), the correlation the ratio of the lag-1 to the
+    lag-2 median absolute difference (1 for white noise, below for a soft kernel's smooth noise, above for
+    an edge-enhancing kernel's), and the in-plane pixel spacing in mm. The same function runs on training
+    slabs and on a series' central slices.
+    """
+    x = np.asarray(values, dtype=np.float32) / np.float32(scale)
+    lag1 = np.median(np.abs(x[..., 1:] - x[..., :-1]))
+    lag2 = np.median(np.abs(x[..., 2:] - x[..., :-2]))
+    return np.array([10.0 * lag1, lag1 / max(float(lag2), 1e-6), spacing_mm], dtype=np.float32)
+
+
 def check_takes(values: np.ndarray, geometry: VolumeGeometry | None, modality: str) -> None:
     """Refuse what the network was not trained for.
 
@@ -68,7 +84,7 @@ def check_takes(values: np.ndarray, geometry: VolumeGeometry | None, modality: s
     ResidualRefused
         Another modality, fewer than three slices, no pixel spacing, or a spacing outside the trained range.
     """
-    if modality not in NORMALISATION:
+    if modality not in ("CT", "MR"):
         raise ResidualRefused(f"the residual network reads CT and MR, not {modality or 'an unknown modality'}")
     if values.ndim != 3 or values.shape[0] < MIN_SLICES:
         raise ResidualRefused(f"the residual network reads a slab of {MIN_SLICES} slices; the series has fewer")

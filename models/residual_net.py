@@ -23,6 +23,7 @@ from models.residual import (
     ResidualMaps,
     ResidualRefused,
     check_takes,
+    descriptors,
     scale_of,
 )
 
@@ -38,12 +39,17 @@ def slab_batches(values: np.ndarray, batch: int) -> Any:
         yield start, values[around]
 
 
-def run_network(net: ResidualUNet, slabs: torch.Tensor) -> torch.Tensor:
-    """The network's maps of slabs (B, 3, H, W) of any size: reflect-padded to a multiple of 4, then cropped."""
+def run_network(net: ResidualUNet, slabs: torch.Tensor, described: torch.Tensor | None = None) -> torch.Tensor:
+    """The network's maps of slabs (B, 3, H, W) of any size: reflect-padded to a multiple of 4, then cropped.
+
+    ``described``: the series' descriptors (k,) or (B, k), repeated over the batch.
+    """
     h, w = slabs.shape[-2:]
     ph, pw = (-h) % 4, (-w) % 4
     x = F.pad(slabs, (0, pw, 0, ph), mode="reflect") if ph or pw else slabs
-    return net(x)[..., :h, :w]
+    if described is not None and described.ndim == 1:
+        described = described[None].expand(len(x), -1)
+    return net(x, described)[..., :h, :w]
 
 
 class ResidualModel:
@@ -110,11 +116,14 @@ class ResidualModel:
             raise ResidualRefused(f"the residual model {self.version} has no {modality} network")
         self.calls += 1
         net, scale = self.nets[modality], scale_of(values, modality)
+        n = values.shape[0]
+        central = values[max(0, n // 2 - 8) : n // 2 + 8]
+        described = torch.from_numpy(descriptors(central, float(geometry.spacing[2]), scale)).to(self.device)
         blur = np.empty(values.shape, np.float32)
         noise = np.empty(values.shape, np.float32)
         for start, slabs in slab_batches(values, batch):
             x = torch.from_numpy(np.ascontiguousarray(slabs, dtype=np.float32) / np.float32(scale)).to(self.device)
-            out = run_network(net, x).float().cpu().numpy() * np.float32(scale)
+            out = run_network(net, x, described).float().cpu().numpy() * np.float32(scale)
             blur[start : start + len(out)] = out[:, 0]
             noise[start : start + len(out)] = out[:, 1]
         return ResidualMaps(blur, noise)

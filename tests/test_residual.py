@@ -157,7 +157,7 @@ def test_a_tiny_network_overfits_a_few_pairs() -> None:
                                                              noise_fraction=0.03), rng, 3, 48, 0.7))
     x = torch.from_numpy(np.stack([p.input / 1000.0 for p in pairs]).astype(np.float32))
     y = torch.from_numpy(np.stack([np.stack([p.blur_residual[1], p.noise_residual[1]]) / 1000.0 for p in pairs]))
-    net = ResidualUNet(ResidualNetConfig(width=8))
+    net = ResidualUNet(ResidualNetConfig(width=8, descriptors=0))
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     first = None
     for _ in range(300):
