@@ -17,6 +17,7 @@ Calibration is the reference's on both sides: the histogram rules (seed 000) cor
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -189,3 +190,58 @@ def named_pair(
     if condition.modality == "MR":
         return mr_pair(condition, rng, slices, matrix, spacing_mm)
     return ct_pair(condition, rng, body, slices, matrix, spacing_mm)
+
+
+def _stored(values: np.ndarray, modality: str) -> np.ndarray:
+    """Real units as the scanner stores them: whole numbers, CT from −1024 HU, MR non-negative (float32)."""
+    lo, hi = (-1024.0, 31743.0) if modality == "CT" else (0.0, 32767.0)
+    return np.clip(np.rint(values), lo, hi).astype(np.float32)
+
+
+def study_pair(kind: str, condition: str, seed: int, size: str = "eval", slices: int = 8) -> ResidualPair:
+    """A pair from whole simulated studies: the condition's own scan, calibration and contrast included.
+
+    Unlike ``named_pair`` (the reference's calibration on both sides), ``input`` is the study a scanner of
+    ``condition`` stores (``simulator.studies.simulate_study``: its kVp contrast, vendor calibration, kernel
+    and dose noise, or MR scale, vessel gain, bias field and Rician noise), so a histogram rule (seed 000)
+    must map it to the reference's intensities before the residual stage. The anatomy depends only on
+    (seed, kind) and the grid, so the same seed under the reference condition is the same subject.
+
+    ``clean`` is the reference condition's study without noise (the same noise stream, its σ set to zero:
+    for MR the reference's own bias field stays); ``reference`` the reference's scan; ``blurred`` the
+    condition's study without noise, so ``blur_residual`` here also holds the calibration and contrast
+    difference, not only the kernel's. ``input`` and ``reference`` are quantised as stored.
+
+    Parameters
+    ----------
+    kind
+        ``head-cta``, ``head-mra`` or ``chest-ct``.
+    condition
+        A named condition of ``simulator.scanner.CONDITIONS`` of the kind's modality.
+    seed
+        The subject (and noise) seed of ``simulate_study``.
+    size, slices
+        The geometry of ``simulator.studies.GEOMETRY`` for ``size``, cut to ``slices`` slices round its centre.
+
+    Returns
+    -------
+    ResidualPair
+    """
+    from simulator.studies import resolve_condition, simulate_study
+
+    cond = resolve_condition(condition, kind)
+    ref = CONDITIONS[REFERENCE[cond.modality]]
+
+    def scan(c: ScannerCondition, noisy: bool) -> tuple[np.ndarray, tuple[float, float, float]]:
+        quiet = {"noise_hu_at_100mas": 0.0} if c.modality == "CT" else {"noise_fraction": 0.0}
+        c = c if noisy else dataclasses.replace(c, **quiet)  # same name: the same noise stream, bias field
+        study = simulate_study(kind, c, seed, size, slices=slices, keep_arrays=True)  # type: ignore[arg-type]
+        assert study.values is not None
+        return study.values.astype(np.float32), tuple(study.truth["geometry"]["spacing"])  # type: ignore[return-value]
+
+    noisy, spacing = scan(cond, True)
+    blurred, _ = scan(cond, False)
+    reference, _ = scan(ref, True)
+    clean, _ = scan(ref, False)
+    mod = cond.modality
+    return ResidualPair(_stored(noisy, mod), clean, blurred, _stored(reference, mod), spacing, mod, cond.name)
