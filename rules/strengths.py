@@ -231,12 +231,21 @@ def _mean(samples: Sequence[Sample], measure: Measure, ab: float, an: float) -> 
 
 
 def _search(f: Callable[[float], float], target: float, lo: float, hi: float, steps: int = 13) -> float:
-    """The strength on a grid over [lo, hi] whose figure is nearest ``target``, refined once around it."""
+    """The smallest strength on a grid over [lo, hi] whose figure is nearest ``target``, refined once.
+
+    A map that barely moves the figure (under 2 % of the target over the whole range) gets 0: a strength at
+    the end of its range would only say the target cannot be reached this way.
+    """
     grid = np.linspace(lo, hi, steps)
-    best = min(grid, key=lambda a: abs(f(float(a)) - target))
+    figures = np.array([f(float(a)) for a in grid])
+    if np.ptp(figures) < 0.02 * abs(target):
+        return 0.0
+    errors = np.abs(figures - target)
+    best = float(grid[int(np.argmax(errors <= errors.min() + 0.01 * abs(target)))])
     step = (hi - lo) / (steps - 1)
     fine = np.linspace(max(lo, best - step), min(hi, best + step), 9)
-    return float(min(fine, key=lambda a: abs(f(float(a)) - target)))
+    fine_errors = np.array([abs(f(float(a)) - target) for a in fine])
+    return float(fine[int(np.argmax(fine_errors <= fine_errors.min() + 0.01 * abs(target)))])
 
 
 def propose_strengths(

@@ -281,3 +281,20 @@ def test_the_evaluation_proposes_a_stage_per_condition_and_reads_studies_through
     through = with_residual(study, plan)
     assert through.values.shape == study.values.shape
     assert (stage.alpha_blur == 0 and stage.alpha_noise == 0) or not np.array_equal(through.values, study.values)
+
+
+def test_proposed_strengths_reach_the_reference_and_leave_an_ineffective_map_at_zero() -> None:
+    from rules.strengths import Sample, propose_strengths
+
+    rng = np.random.default_rng(2)
+    noise = rng.normal(0, 40, (2, 64, 64)).astype(np.float32)
+    base = np.full((2, 64, 64), 40.0, np.float32)
+    sample = Sample(base + noise, np.zeros_like(base), -noise, (0.7, 0.7), "CT")
+
+    def spread(image: np.ndarray, spacing_mm: tuple, modality: str) -> float:  # noqa: ARG001
+        return float(np.std(image))
+
+    proposal = propose_strengths([sample], 10.0, 1.0, spread, lambda image, **_: 1.2)
+    assert proposal.alpha_blur == 0.0  # the blur map moves nothing: no strength is proposed
+    assert proposal.alpha_noise == pytest.approx(0.75, abs=0.03)  # (1 − α)·40 = 10
+    assert proposal.noise_after == pytest.approx(10.0, rel=0.05)
