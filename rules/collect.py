@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -31,7 +31,8 @@ from rules.histogram import (
     stored_histogram,
 )
 from rules.keys import ANY, ConditionKey, KeyParseError
-from rules.registry import Rule, RuleRegistry
+from rules.registry import Rule, RuleRegistry, rule_id_for
+from rules.strengths import ResidualStage
 from storage.files import FileStore
 from storage.index import CONDITION_KEYWORDS, Index
 from storage.meta import series_condition_tags
@@ -420,7 +421,25 @@ def _compact(hist: np.ndarray) -> list[float]:
     return [float(f"{v:.5g}") for v in np.asarray(hist, float)]
 
 
-def store_rules(registry: RuleRegistry, fitted: FittedRules, source: str, activate: bool = False) -> list[Rule]:
+def draft_rules(fitted: FittedRules) -> list[Rule]:
+    """The fitted groups as unsaved rules (version 1, id by key and method): what strengths are proposed for."""
+    return [
+        Rule(
+            rule_id_for(ConditionKey.parse(g.key), g.method), 1, ConditionKey.parse(g.key), g.method, g.parameters,
+            {"reference_key": result.reference_key, "reference": g.reference},
+        )
+        for result in fitted.results
+        for g in result.groups
+    ]
+
+
+def store_rules(
+    registry: RuleRegistry,
+    fitted: FittedRules,
+    source: str,
+    activate: bool = False,
+    residual: Mapping[str, tuple[ResidualStage, Mapping[str, Any]]] | None = None,
+) -> list[Rule]:
     """Store every fitted group as a new rule version, with its provenance; label each summary row.
 
     Parameters
@@ -433,6 +452,8 @@ def store_rules(registry: RuleRegistry, fitted: FittedRules, source: str, activa
         Where the images came from, kept in the provenance (``store``, ``dir:NAME``, ``pacs:NAME:QUERY``).
     activate
         Make the new rules the active ones for their conditions.
+    residual
+        Condition key → (residual stage, the figures it was proposed with) for the rules that get one.
 
     Raises
     ------
@@ -459,7 +480,11 @@ def store_rules(registry: RuleRegistry, fitted: FittedRules, source: str, activa
                     "summary": {k: v for k, v in row.items() if k.startswith(("heldout", "similarity_after_"))},
                     "histograms": {"group": _compact(g.histogram), "reference": _compact(result.reference_histogram)},
                 }
-                rule = registry.add(ConditionKey.parse(g.key), g.method, g.parameters, provenance, activate=activate)
+                stage, figures = (residual or {}).get(g.key, (None, None))
+                if figures:
+                    provenance["residual_fit"] = dict(figures)
+                key = ConditionKey.parse(g.key)
+                rule = registry.add(key, g.method, g.parameters, provenance, activate=activate, residual=stage)
                 row["rule"] = rule.label
                 stored.append(rule)
     return stored

@@ -215,3 +215,24 @@ def test_show_and_activate_unknown(tmp_path: Path) -> None:
     for cmd in ("show", "activate"):
         result = runner.invoke(app, ["rules", cmd, "r000", "-c", str(cfg)])
         assert result.exit_code == 2 and "no rule" in result.output
+
+
+def test_fit_proposes_residual_strengths_stored_with_each_rule(tmp_path: Path, study_dir: Path) -> None:
+    """With the shipped residual model, each non-reference rule carries its stage in the same version."""
+    cfg = _config(tmp_path)
+    result = _invoke("rules", "fit", "--from-dir", str(study_dir), "--config", str(cfg), "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    for row in rows:
+        if row["reference"]:
+            assert row["residual"].startswith("none: the reference condition")
+        else:
+            assert row["residual"].startswith("residual alpha_blur="), row.get("residual")
+            fit = row["residual_fit"]
+            # the proposal brings the noise level toward the reference's
+            assert abs(fit["noise_after"] - fit["noise_reference"]) <= abs(fit["noise_before"] - fit["noise_reference"])
+    listed = json.loads(_invoke("rules", "list", "--config", str(cfg), "--json").stdout)
+    assert len(listed) == 3
+    assert sum(r["residual"] is not None for r in listed) == 2
+    table = _invoke("rules", "fit", "--from-dir", str(study_dir), "--config", str(cfg), "--no-residual")
+    assert "alpha_blur" not in table.stdout

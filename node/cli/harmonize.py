@@ -176,6 +176,8 @@ def train_residual_cmd(
     width: Annotated[int, typer.Option(help="Channels at full resolution (×2, ×4 below).")] = 12,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 2e-3,
     seed: Annotated[int, typer.Option()] = 0,
+    mse_ct: Annotated[float, typer.Option(help="Weight of the squared-error term beside L1, CT network.")] = 10.0,
+    mse_mr: Annotated[float, typer.Option(help="Weight of the squared-error term beside L1, MR network.")] = 0.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
 ) -> None:
@@ -189,11 +191,13 @@ def train_residual_cmd(
         raise fail(f"--patch must be a multiple of 4, got {patch}")
     if threads > 0:
         torch.set_num_threads(threads)
-    recipe = ResidualRecipe(steps_ct, steps_mr, batch, patch, 4, width, lr, seed)
+    recipe = ResidualRecipe(steps_ct, steps_mr, batch, patch, 4, width, lr, seed, mse_ct, mse_mr)
     bars: dict[str, tqdm] = {}
 
     def progress(modality: str, step: int, steps: int, loss: float) -> None:
-        bar = bars.setdefault(modality, tqdm(total=steps, desc=f"residual {modality}", unit="step"))
+        if modality not in bars:
+            bars[modality] = tqdm(total=steps, desc=f"residual {modality}", unit="step")
+        bar = bars[modality]
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 

@@ -145,23 +145,20 @@ def _fit_series(
 
 
 def _residual_strengths(
-    registry: RuleRegistry,
-    stored: list[Rule],
-    series: list[SeriesImages],
-    summary: list[dict[str, Any]],
-    progress: Progress,
-) -> None:
-    """Propose and store each fresh rule's residual stage (a new version); report it in the summary rows."""
+    drafts: list[Rule], series: list[SeriesImages], summary: list[dict[str, Any]], progress: Progress
+) -> dict[str, tuple[Any, dict[str, float]]]:
+    """Each fitted rule's proposed residual stage by condition key (empty without a residual model); the
+    summary rows get the stage and its figures."""
     try:
         from models.detector import WeightsRefused
         from models.residual_net import ResidualModel
     except ImportError:  # a build without torch: histogram rules only
-        return
+        return {}
     try:
         model = ResidualModel.load("auto")
     except (FileNotFoundError, WeightsRefused) as exc:
         log.warning("no residual strengths proposed: %s", exc)
-        return
+        return {}
     from models.residual_fit import propose_stages
     from models.volume import VolumeRefused, build_volume, load_datasets
 
@@ -177,14 +174,16 @@ def _residual_strengths(
             log.warning("series %s: no volume for the residual strengths (%s)", uid[-8:], exc)
             return None
 
-    rows = {row.get("rule"): row for row in summary}
-    for p in propose_stages(stored, keys, volume_of, model, progress):
-        row = rows.get(p.rule.label, {})
+    rows = {row["key"]: row for row in summary}
+    stages = {}
+    for p in propose_stages(drafts, keys, volume_of, model, progress):
+        row = rows.get(str(p.rule.key), {})
         if p.stage is None:
             row["residual"] = f"none: {p.reason}"
             continue
-        rule = registry.with_residual(p.rule.label, p.stage, {"residual_fit": p.proposal.as_dict()})
-        row.update(rule=rule.label, residual=p.stage.text, residual_fit=p.proposal.as_dict())
+        stages[str(p.rule.key)] = (p.stage, p.proposal.as_dict())
+        row.update(residual=p.stage.text, residual_fit=p.proposal.as_dict())
+    return stages
 
 
 def _fit_table(summary: list[dict[str, Any]]) -> str:
@@ -255,7 +254,7 @@ def fit_cmd(
     """Fit one rule per imaging condition against the reference condition of its modality and body region,
     and store them (versioned); with a residual model, each rule also gets the strengths that bring its
     condition's noise level and edge width to the reference's."""
-    from rules.collect import fit_rules, store_rules
+    from rules.collect import draft_rules, fit_rules, store_rules
     from rules.fit import FitError
     from rules.registry import RuleError, RuleRegistry
     from storage.store import open_store
@@ -272,10 +271,9 @@ def fit_cmd(
         try:
             fitted = fit_rules(series, options, reference, holdout, progress)
             if not dry_run:
+                stages = _residual_strengths(draft_rules(fitted), series, fitted.summary, progress) if residual else {}
                 registry = RuleRegistry(store.index.db, store.index.lock)
-                stored = store_rules(registry, fitted, source, activate)
-                if residual:
-                    _residual_strengths(registry, stored, series, fitted.summary, progress)
+                store_rules(registry, fitted, source, activate, stages)
         except (FitError, RuleError) as exc:
             raise fail(str(exc)) from exc
     for message in fitted.skipped:
