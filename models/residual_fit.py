@@ -48,7 +48,8 @@ def central(volume: Volume, slices: int = SLICES) -> tuple[np.ndarray, tuple[flo
 
 
 def reference_figures(volumes: Iterable[Volume]) -> tuple[float, float]:
-    """The reference condition's mean noise std and edge width over its series (central slices).
+    """The reference condition's mean noise std and edge width over its series (central slices; the edge
+    width is NaN when no series shows the body outline).
 
     Raises
     ------
@@ -60,12 +61,16 @@ def reference_figures(volumes: Iterable[Volume]) -> tuple[float, float]:
         values, spacing = central(volume)
         try:
             noise.append(noise_std(values, volume.modality, spacing))
-            edge.append(edge_width_mm(values, spacing, volume.modality))
         except QualityError as exc:
-            log.warning("a reference series could not be measured: %s", exc)
+            log.warning("a reference series' noise could not be measured: %s", exc)
+            continue
+        try:
+            edge.append(edge_width_mm(values, spacing, volume.modality))
+        except QualityError as exc:  # no outline in the field of view: strengths for the noise only
+            log.info("a reference series' edge width could not be measured: %s", exc)
     if not noise:
         raise QualityError("no series of the reference condition could be measured")
-    return float(np.mean(noise)), float(np.mean(edge))
+    return float(np.mean(noise)), float(np.mean(edge)) if edge else float("nan")
 
 
 def sample_of(volume: Volume, rule: Rule, model: Any) -> Sample:

@@ -213,8 +213,8 @@ class Proposal:
     edge_reference: float
 
     def as_dict(self) -> dict[str, float]:
-        """JSON-able figures (the rule's provenance and the fit report)."""
-        return {k: round(float(v), 4) for k, v in self.__dict__.items()}
+        """JSON-able figures (the rule's provenance and the fit report; an unmeasured figure is None)."""
+        return {k: round(float(v), 4) if math.isfinite(v) else None for k, v in self.__dict__.items()}
 
 
 #: A figure of an image, called as ``measure(image, spacing_mm=…, modality=…)`` (``rules.quality``).
@@ -265,7 +265,8 @@ def propose_strengths(
     samples
         Series of the condition, after its histogram stage, with their residual maps.
     noise_reference, edge_reference
-        The reference condition's noise std and edge width, measured on its own series.
+        The reference condition's noise std and edge width, measured on its own series (edge NaN: none
+        could be measured, the blur map is left out and α_blur is 0).
     noise_measure, edge_measure
         ``rules.quality.noise_std`` and ``rules.quality.edge_width_mm`` (or stand-ins with their signature).
 
@@ -275,11 +276,15 @@ def propose_strengths(
     """
     if not samples:
         raise StageError("no series of the condition to propose strengths on")
-    edge_before = _mean(samples, edge_measure, 0.0, 0.0)
     noise_before = _mean(samples, noise_measure, 0.0, 0.0)
-    ab = _search(lambda a: _mean(samples, edge_measure, a, 0.0), edge_reference, 0.0, ALPHA_BLUR_RANGE[1])
+    if math.isfinite(edge_reference):
+        edge_before = _mean(samples, edge_measure, 0.0, 0.0)
+        ab = _search(lambda a: _mean(samples, edge_measure, a, 0.0), edge_reference, 0.0, ALPHA_BLUR_RANGE[1])
+    else:  # no edge to measure (a field of view inside the body): the blur map is left out
+        edge_before, ab = math.nan, 0.0
     an = _search(lambda a: _mean(samples, noise_measure, ab, a), noise_reference, 0.0, ALPHA_NOISE_RANGE[1])
+    edge_after = _mean(samples, edge_measure, ab, an) if math.isfinite(edge_reference) else math.nan
     return Proposal(
         ab, an, noise_before, _mean(samples, noise_measure, ab, an), noise_reference,
-        edge_before, _mean(samples, edge_measure, ab, an), edge_reference,
+        edge_before, edge_after, edge_reference,
     )

@@ -205,8 +205,10 @@ def _fit_table(summary: list[dict[str, Any]]) -> str:
             f = row["residual_fit"]
             lines.append(
                 f"{'':26} {row['residual']}: noise {f['noise_before']:.1f} → {f['noise_after']:.1f} "
-                f"(reference {f['noise_reference']:.1f}), edge {f['edge_before']:.2f} → {f['edge_after']:.2f} mm "
-                f"(reference {f['edge_reference']:.2f})"
+                f"(reference {f['noise_reference']:.1f}), " + (
+                    f"edge {f['edge_before']:.2f} → {f['edge_after']:.2f} mm (reference {f['edge_reference']:.2f})"
+                    if f["edge_reference"] is not None else "no body outline in view: no blur correction"
+                )
             )
         elif row.get("residual"):
             lines.append(f"{'':26} residual stage {row['residual']}")
