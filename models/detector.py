@@ -138,6 +138,24 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_card(folder: Path, weights_name: str, card_name: str, what: str) -> tuple[Path, dict[str, Any]]:
+    """The weights file in ``folder`` and its parsed model card (the checks of the card are the caller's).
+
+    Raises
+    ------
+    FileNotFoundError
+        No weights installed.
+    WeightsRefused
+        Weights without their card.
+    """
+    weights, card_path = folder / weights_name, folder / card_name
+    if not weights.exists():
+        raise FileNotFoundError(f"no {what} weights at {weights}")
+    if not card_path.exists():
+        raise WeightsRefused(f"weights {weights.name} have no model card {card_path.name}: refused")
+    return weights, json.loads(card_path.read_text())
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` → CUDA when present, else CPU; otherwise the named device."""
     if device == "auto":
@@ -234,13 +252,8 @@ class Detector:
             whose checksum differs from the card's.
         """
         folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-        weights, card_path = folder / WEIGHTS_NAME, folder / CARD_NAME
-        if not weights.exists():
-            raise FileNotFoundError(f"no detector weights at {weights}")
-        if not card_path.exists():
-            raise WeightsRefused(f"weights {weights.name} have no model card {card_path.name}: refused")
-        card = json.loads(card_path.read_text())
-        check_normalisation(card, card_path.name)
+        weights, card = read_card(folder, WEIGHTS_NAME, CARD_NAME, "detector")
+        check_normalisation(card, CARD_NAME)
         files = [(weights, card.get("sha256"))]
         for member in card.get("members", []):
             name = Path(str(member.get("file", "")))

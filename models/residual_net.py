@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.detector import WeightsRefused, pick_device, sha256_of
+from models.detector import WeightsRefused, pick_device, read_card, sha256_of
 from models.findings import VolumeGeometry
 from models.nets import ResidualNetConfig, ResidualUNet
 from models.residual import (
@@ -74,15 +73,10 @@ class ResidualModel:
             No card, a card whose normalisation is not the code's, or a checksum that differs (tampered).
         """
         folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-        weights, card_path = folder / WEIGHTS_NAME, folder / CARD_NAME
-        if not weights.exists():
-            raise FileNotFoundError(f"no residual weights at {weights}")
-        if not card_path.exists():
-            raise WeightsRefused(f"weights {weights.name} have no model card {card_path.name}: refused")
-        card = json.loads(card_path.read_text())
+        weights, card = read_card(folder, WEIGHTS_NAME, CARD_NAME, "residual")
         if card.get("normalisation") != NORMALISATION:
             raise WeightsRefused(
-                f"{card_path.name} was trained with normalisation {card.get('normalisation')}, this code "
+                f"{CARD_NAME} was trained with normalisation {card.get('normalisation')}, this code "
                 f"applies {NORMALISATION}: refused (retrain with `harmonode train residual`)"
             )
         actual = sha256_of(weights)
