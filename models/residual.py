@@ -61,6 +61,16 @@ def scale_of(values: np.ndarray, modality: str) -> float:
     return max(float(np.percentile(sample, spec["q"])), 1e-6)
 
 
+#: Central slices of a series that its per-series figures are read from (descriptors, strengths).
+CENTRAL_SLICES = 16
+
+
+def central_slices(values: np.ndarray, slices: int = CENTRAL_SLICES) -> np.ndarray:
+    """The central ``slices`` slices of a volume (all of them when it has fewer)."""
+    start = max(0, (values.shape[0] - slices) // 2)
+    return values[start : start + slices]
+
+
 def descriptors(values: np.ndarray, spacing_mm: float, scale: float) -> np.ndarray:
     """The noise descriptors the network reads beside the slab: (level, correlation, pixel spacing).
 

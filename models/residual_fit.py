@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from models.residual import ResidualRefused, check_takes
+from models.residual import CENTRAL_SLICES, ResidualRefused, central_slices, check_takes
 from models.volume import Volume
 from rules.apply import apply_rule
 from rules.quality import QualityError, edge_width_mm, noise_std
@@ -26,7 +26,7 @@ from rules.strengths import Proposal, ResidualStage, Sample, propose_strengths
 log = logging.getLogger(__name__)
 
 #: Central slices per series the proposal reads, and series per condition (enough for stable figures).
-SLICES = 16
+SLICES = CENTRAL_SLICES
 SERIES_PER_CONDITION = 3
 
 
@@ -42,9 +42,7 @@ class StageProposal:
 
 def central(volume: Volume, slices: int = SLICES) -> tuple[np.ndarray, tuple[float, float]]:
     """The central ``slices`` slices of a volume's values and its in-plane spacing."""
-    n = volume.values.shape[0]
-    start = max(0, (n - slices) // 2)
-    return volume.values[start : start + slices], tuple(volume.geometry.spacing[1:])  # type: ignore[return-value]
+    return central_slices(volume.values, slices), tuple(volume.geometry.spacing[1:])  # type: ignore[return-value]
 
 
 def reference_figures(volumes: Iterable[Volume]) -> tuple[float, float]:

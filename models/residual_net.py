@@ -21,6 +21,7 @@ from models.residual import (
     WEIGHTS_NAME,
     ResidualMaps,
     ResidualRefused,
+    central_slices,
     check_takes,
     descriptors,
     scale_of,
@@ -110,8 +111,7 @@ class ResidualModel:
             raise ResidualRefused(f"the residual model {self.version} has no {modality} network")
         self.calls += 1
         net, scale = self.nets[modality], scale_of(values, modality)
-        n = values.shape[0]
-        central = values[max(0, n // 2 - 8) : n // 2 + 8]
+        central = central_slices(values)
         described = torch.from_numpy(descriptors(central, float(geometry.spacing[2]), scale)).to(self.device)
         blur = np.empty(values.shape, np.float32)
         noise = np.empty(values.shape, np.float32)

@@ -13,14 +13,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from models.residual import residual_stage
+from models.residual import central_slices, residual_stage
 from models.training.data import REFERENCE, SEEDS, Study, harmonized, rules_for, simulated
 from rules.quality import edge_width_mm, noise_std
 from rules.strengths import Proposal, ResidualStage, Sample, propose_strengths
 
 log = logging.getLogger(__name__)
 
-SLICES = 16
 STUDIES = 2
 
 
@@ -38,9 +37,7 @@ class ResidualPlan:
 
 
 def _central(study: Study) -> Study:
-    n = study.values.shape[0]
-    start = max(0, (n - SLICES) // 2)
-    return Study(**{**study.__dict__, "values": study.values[start : start + SLICES]})
+    return Study(**{**study.__dict__, "values": central_slices(study.values)})
 
 
 def propose_for(
