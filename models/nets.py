@@ -92,6 +92,12 @@ class ResidualNetConfig:
     width: int = 12
     out_channels: int = 2  # the blur residual map, the noise residual map
     descriptors: int = 3  # the series' noise descriptors (``models.residual.descriptors``): how much, how sharp
+    maps: tuple[str, ...] = ("blur", "noise")  # what each output channel is (a noise-only network: ("noise",))
+
+    def __post_init__(self) -> None:
+        self.maps = tuple(self.maps)  # a checkpoint stores a list
+        if len(self.maps) != self.out_channels or not set(self.maps) <= {"blur", "noise"}:
+            raise ValueError(f"maps {self.maps} do not name the {self.out_channels} output channels (blur, noise)")
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -129,7 +135,7 @@ class ResidualUNet(nn.Module):
         self.to_deep = nn.Sequential(nn.Linear(k, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, 4 * w)) if k else None
 
     def forward(self, x: torch.Tensor, descriptors: torch.Tensor | None = None) -> torch.Tensor:
-        """Residual maps (B, 2, H, W) of slabs ``x`` with their series' ``descriptors`` (B, k)."""
+        """Residual maps (B, out_channels, H, W) of slabs ``x`` with their series' ``descriptors`` (B, k)."""
         s0 = self.head(x)
         if self.to_full is not None:
             if descriptors is None:

@@ -112,6 +112,7 @@ class MapsModel(Protocol):
     """What the stage needs of a residual model (``models.residual_net.ResidualModel``)."""
 
     version: str
+    cache_tag: str  # what cached maps are keyed by (the version and the weights' digest)
 
     def maps(self, values: np.ndarray, geometry: VolumeGeometry | None, modality: str) -> ResidualMaps: ...
 
@@ -166,15 +167,16 @@ def residual_stage(
             values, False, f"the rule's strengths were fitted for residual model {stage.model_version}, "
             f"this node has {model.version} (refit with `harmonode rules fit`)",
         )
-    cached = cache.get(cache_key[0], cache_key[1], model.version) if cache is not None else None
+    tag = model.cache_tag
+    cached = cache.get(cache_key[0], cache_key[1], tag) if cache is not None else None
     if cached is None:
         try:
             maps = model.maps(values, geometry, modality)
         except ResidualRefused as exc:
             return ResidualOutcome(values, False, str(exc))
         if cache is not None:
-            cache.put(cache_key[0], cache_key[1], model.version, maps.blur, maps.noise)
-            cached = cache.get(cache_key[0], cache_key[1], model.version)
+            cache.put(cache_key[0], cache_key[1], tag, maps.blur, maps.noise)
+            cached = cache.get(cache_key[0], cache_key[1], tag)
         blur, noise = (cached.blur, cached.noise) if cached is not None else (maps.blur, maps.noise)
         hit = False
     else:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,80 @@ def run_network(net: ResidualUNet, slabs: torch.Tensor, described: torch.Tensor 
     return net(x, described)[..., :h, :w]
 
 
+@dataclass(frozen=True)
+class MapNet:
+    """One network of a modality and the maps taken from its outputs.
+
+    The seed allows the two maps from one network or from two: a modality may have one network giving both,
+    or a joint network whose blur map is used beside a network of its own for the noise map.
+    """
+
+    net: ResidualUNet
+    use: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not set(self.use) <= set(self.net.config.maps):
+            raise ValueError(f"maps {self.use} are not among the network's outputs {self.net.config.maps}")
+
+    def entry(self) -> dict[str, Any]:
+        """The checkpoint entry of this network."""
+        config = {**asdict(self.net.config), "maps": list(self.net.config.maps)}
+        state = {k: v.cpu() for k, v in self.net.state_dict().items()}
+        return {"config": config, "use": list(self.use), "state_dict": state}
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any]) -> MapNet:
+        """A network from its checkpoint entry (entries without ``use`` give every output they have)."""
+        net = ResidualUNet(ResidualNetConfig(**entry["config"]))
+        net.load_state_dict(entry["state_dict"])
+        return cls(net, tuple(entry.get("use", net.config.maps)))
+
+
+def as_parts(nets: ResidualUNet | MapNet | Sequence[MapNet]) -> list[MapNet]:
+    """A modality's networks as a list of :class:`MapNet` that together give both maps exactly once."""
+    if isinstance(nets, ResidualUNet):
+        parts = [MapNet(nets, nets.config.maps)]
+    elif isinstance(nets, MapNet):
+        parts = [nets]
+    else:
+        parts = list(nets)
+    given = [m for p in parts for m in p.use]
+    if sorted(given) != ["blur", "noise"]:
+        raise ValueError(f"the networks give the maps {given}; they must give blur and noise once each")
+    return parts
+
+
+@torch.no_grad()
+def maps_of(parts: Sequence[MapNet], slabs: torch.Tensor, described: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The blur and noise maps (B, H, W) of slabs (B, 3, H, W) in network units, each from its network."""
+    out: dict[str, torch.Tensor] = {}
+    for part in parts:
+        y = run_network(part.net, slabs, described)
+        for name in part.use:
+            out[name] = y[:, part.net.config.maps.index(name)]
+    return out
+
+
 class ResidualModel:
     """The loaded residual networks (CT and MR) with their card; one per worker process."""
 
-    def __init__(self, nets: Mapping[str, ResidualUNet], card: Mapping[str, Any], device: torch.device) -> None:
-        self.nets = {m: n.to(device).eval() for m, n in nets.items()}
+    def __init__(
+        self,
+        nets: Mapping[str, ResidualUNet | MapNet | Sequence[MapNet]],
+        card: Mapping[str, Any],
+        device: torch.device,
+    ) -> None:
+        self.parts = {m: as_parts(n) for m, n in nets.items()}
+        for parts in self.parts.values():
+            for part in parts:
+                part.net.to(device).eval()
+        self.nets = {m: [p.net for p in parts] for m, parts in self.parts.items()}
         self.card = dict(card)
         self.device = device
         self.version = str(card.get("version", "0"))
+        # what cached maps are keyed by: the version, and the weights themselves (two trainings of one recipe
+        # on different machines share a version, not their maps)
+        self.cache_tag = f"{self.version}@{str(card.get('sha256', ''))[:12]}"
         self.calls = 0  # network runs (tests check that a change of strength makes none)
 
     @classmethod
@@ -89,9 +156,8 @@ class ResidualModel:
         ckpt = torch.load(weights, map_location="cpu", weights_only=True)
         nets = {}
         for modality, entry in ckpt["nets"].items():
-            net = ResidualUNet(ResidualNetConfig(**entry["config"]))
-            net.load_state_dict(entry["state_dict"])
-            nets[modality] = net
+            entries = entry if isinstance(entry, list) else [entry]  # residual-1.0: one network, both maps
+            nets[modality] = [MapNet.from_entry(e) for e in entries]
         log.info("residual model %s loaded from %s (%s)", card.get("version"), folder, ", ".join(sorted(nets)))
         return cls(nets, card, pick_device(device))
 
@@ -107,19 +173,19 @@ class ResidualModel:
             A series the network was not trained for (``check_takes``), or no network for the modality.
         """
         check_takes(values, geometry, modality)
-        if modality not in self.nets:
+        if modality not in self.parts:
             raise ResidualRefused(f"the residual model {self.version} has no {modality} network")
         self.calls += 1
-        net, scale = self.nets[modality], scale_of(values, modality)
+        parts, scale = self.parts[modality], scale_of(values, modality)
         central = central_slices(values)
         described = torch.from_numpy(descriptors(central, float(geometry.spacing[2]), scale)).to(self.device)
         blur = np.empty(values.shape, np.float32)
         noise = np.empty(values.shape, np.float32)
         for start, slabs in slab_batches(values, batch):
             x = torch.from_numpy(np.ascontiguousarray(slabs, dtype=np.float32) / np.float32(scale)).to(self.device)
-            out = run_network(net, x, described).float().cpu().numpy() * np.float32(scale)
-            blur[start : start + len(out)] = out[:, 0]
-            noise[start : start + len(out)] = out[:, 1]
+            out = maps_of(parts, x, described)
+            blur[start : start + len(x)] = out["blur"].float().cpu().numpy() * np.float32(scale)
+            noise[start : start + len(x)] = out["noise"].float().cpu().numpy() * np.float32(scale)
         return ResidualMaps(blur, noise)
 
 

@@ -19,7 +19,7 @@ from models.detector import WeightsRefused
 from models.findings import VolumeGeometry
 from models.nets import ResidualNetConfig, ResidualUNet
 from models.residual import ResidualRefused, check_takes, residual_stage
-from models.residual_net import ResidualModel
+from models.residual_net import MapNet, ResidualModel, as_parts
 from models.training.residual import ResidualRecipe, train_residual
 from node.config import PipelineConfig
 from node.pipeline import DetectorSlot, ResidualSlot, Worker, condition_key, run_series
@@ -102,7 +102,7 @@ def test_changing_alpha_reuses_the_cached_maps_and_gives_the_formula(tmp_path: P
         assert outcome.applied and outcome.cached == ((ab, an) != (0.5, 0.5))
         outputs[ab, an] = outcome.values
     assert model.calls == 1
-    maps = cache.get(*key, VERSION)
+    maps = cache.get(*key, model.cache_tag)
     noise_model = noise_model_for("CT", maps.noise)
     for (ab, an), out in outputs.items():
         np.testing.assert_array_equal(out, apply_strengths(values, maps.blur, maps.noise, ab, an, noise_model))
@@ -182,6 +182,57 @@ def test_trained_weights_load_with_their_card(trained: Path) -> None:
     assert set(card["held_out"]["figures"]) >= {"ge-optima-bone-lowdose", "ge-signa-1.5t-tof"}
     model = ResidualModel.load("cpu", trained)
     assert model.version == card["version"] and set(model.nets) == {"CT", "MR"}
+
+
+def test_ct_noise_comes_from_its_own_network_and_blur_from_the_joint_one(trained: Path) -> None:
+    card = json.loads((trained / "residual.json").read_text())
+    assert card["networks"]["CT"] == [
+        {"outputs": ["blur", "noise"], "used_for": ["blur"]},
+        {"outputs": ["noise"], "used_for": ["noise"]},
+    ]
+    assert card["networks"]["MR"] == [{"outputs": ["blur", "noise"], "used_for": ["blur", "noise"]}]
+    model = ResidualModel.load("cpu", trained)
+    joint, noise_only = model.parts["CT"]
+    values = np.random.default_rng(3).normal(40, 30, (3, 32, 32)).astype(np.float32)
+    maps = model.maps(values, geometry(3), "CT")
+    # the same maps, computed by hand from each network
+    from models.residual import central_slices, descriptors, scale_of
+
+    scale = scale_of(values, "CT")
+    d = torch.from_numpy(descriptors(central_slices(values), 0.7, scale))
+    x = torch.from_numpy(values[[0, 0, 1]][None] / np.float32(scale))
+    with torch.no_grad():
+        expect_blur = joint.net(x, d[None])[0, 0].numpy() * scale
+        expect_noise = noise_only.net(x, d[None])[0, 0].numpy() * scale
+    assert np.allclose(maps.blur[0], expect_blur, atol=1e-4) and np.allclose(maps.noise[0], expect_noise, atol=1e-4)
+    assert not np.allclose(maps.noise[0], joint.net(x, d[None])[0, 1].detach().numpy() * scale, atol=1e-3)
+
+
+def test_card_10_checkpoints_with_one_network_per_modality_still_load(tmp_path: Path) -> None:
+    from models.detector import sha256_of
+    from models.residual import NORMALISATION
+
+    torch.manual_seed(0)
+    net = ResidualUNet(ResidualNetConfig(width=4))
+    entry = {"config": {k: v for k, v in vars(net.config).items() if k != "maps"}, "state_dict": net.state_dict()}
+    torch.save({"nets": {"CT": entry}}, tmp_path / "residual.pt")
+    digest = sha256_of(tmp_path / "residual.pt")
+    card = {"version": "residual-1.0-old", "normalisation": NORMALISATION, "sha256": digest}
+    (tmp_path / "residual.json").write_text(json.dumps(card))
+    model = ResidualModel.load("cpu", tmp_path)
+    assert [p.use for p in model.parts["CT"]] == [("blur", "noise")]
+    assert model.cache_tag == f"residual-1.0-old@{card['sha256'][:12]}"
+
+
+def test_networks_must_give_each_map_once() -> None:
+    a = ResidualUNet(ResidualNetConfig(width=4))
+    b = ResidualUNet(ResidualNetConfig(width=4, out_channels=1, maps=("noise",)))
+    with pytest.raises(ValueError, match="once each"):
+        as_parts([MapNet(a, ("blur", "noise")), MapNet(b, ("noise",))])
+    with pytest.raises(ValueError, match="not among"):
+        MapNet(b, ("blur",))
+    with pytest.raises(ValueError, match="output channels"):
+        ResidualNetConfig(out_channels=2, maps=("noise",))
 
 
 def test_tampered_weights_are_refused(trained: Path, tmp_path: Path) -> None:
