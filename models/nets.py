@@ -93,11 +93,16 @@ class ResidualNetConfig:
     out_channels: int = 2  # the blur residual map, the noise residual map
     descriptors: int = 3  # the series' noise descriptors (``models.residual.descriptors``): how much, how sharp
     maps: tuple[str, ...] = ("blur", "noise")  # what each output channel is (a noise-only network: ("noise",))
+    # what the slab is: "input" (the histogram stage's output) or "denoised" (the input plus the noise map of
+    # the modality's noise network: a blur network that converts the kernel of an image without its noise)
+    reads: str = "input"
 
     def __post_init__(self) -> None:
         self.maps = tuple(self.maps)  # a checkpoint stores a list
         if len(self.maps) != self.out_channels or not set(self.maps) <= {"blur", "noise"}:
             raise ValueError(f"maps {self.maps} do not name the {self.out_channels} output channels (blur, noise)")
+        if self.reads not in ("input", "denoised"):
+            raise ValueError(f"a residual network reads 'input' or 'denoised', not {self.reads!r}")
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

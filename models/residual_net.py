@@ -93,14 +93,20 @@ def as_parts(nets: ResidualUNet | MapNet | Sequence[MapNet]) -> list[MapNet]:
     given = [m for p in parts for m in p.use]
     if sorted(given) != ["blur", "noise"]:
         raise ValueError(f"the networks give the maps {given}; they must give blur and noise once each")
+    if any(p.net.config.reads == "denoised" and "noise" in p.use for p in parts):
+        raise ValueError("a network that reads the denoised input cannot give the noise map it reads")
     return parts
 
 
 @torch.no_grad()
-def maps_of(parts: Sequence[MapNet], slabs: torch.Tensor, described: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The blur and noise maps (B, H, W) of slabs (B, 3, H, W) in network units, each from its network."""
+def maps_of(
+    parts: Sequence[MapNet], slabs: torch.Tensor, described: torch.Tensor | None, reads: str = "input"
+) -> dict[str, torch.Tensor]:
+    """The maps (B, H, W) of slabs (B, 3, H, W) in network units from the networks that read ``reads``."""
     out: dict[str, torch.Tensor] = {}
     for part in parts:
+        if part.net.config.reads != reads:
+            continue
         y = run_network(part.net, slabs, described)
         for name in part.use:
             out[name] = y[:, part.net.config.maps.index(name)]
@@ -179,13 +185,16 @@ class ResidualModel:
         parts, scale = self.parts[modality], scale_of(values, modality)
         central = central_slices(values)
         described = torch.from_numpy(descriptors(central, float(geometry.spacing[2]), scale)).to(self.device)
-        blur = np.empty(values.shape, np.float32)
-        noise = np.empty(values.shape, np.float32)
-        for start, slabs in slab_batches(values, batch):
-            x = torch.from_numpy(np.ascontiguousarray(slabs, dtype=np.float32) / np.float32(scale)).to(self.device)
-            out = maps_of(parts, x, described)
-            blur[start : start + len(x)] = out["blur"].float().cpu().numpy() * np.float32(scale)
-            noise[start : start + len(x)] = out["noise"].float().cpu().numpy() * np.float32(scale)
-        return ResidualMaps(blur, noise)
+        found = {"blur": np.empty(values.shape, np.float32), "noise": np.empty(values.shape, np.float32)}
+        # first the networks that read the input (the noise map), then any that read it denoised (a blur network)
+        for reads in ("input", "denoised"):
+            if not any(p.net.config.reads == reads for p in parts):
+                continue
+            volume = values if reads == "input" else values + found["noise"]
+            for start, slabs in slab_batches(volume, batch):
+                x = torch.from_numpy(np.ascontiguousarray(slabs, dtype=np.float32) / np.float32(scale))
+                for name, y in maps_of(parts, x.to(self.device), described, reads).items():
+                    found[name][start : start + len(x)] = y.float().cpu().numpy() * np.float32(scale)
+        return ResidualMaps(found["blur"], found["noise"])
 
 

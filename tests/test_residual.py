@@ -184,28 +184,29 @@ def test_trained_weights_load_with_their_card(trained: Path) -> None:
     assert model.version == card["version"] and set(model.nets) == {"CT", "MR"}
 
 
-def test_ct_noise_comes_from_its_own_network_and_blur_from_the_joint_one(trained: Path) -> None:
+def test_ct_noise_comes_from_its_own_network_and_blur_from_the_denoised_input(trained: Path) -> None:
     card = json.loads((trained / "residual.json").read_text())
     assert card["networks"]["CT"] == [
-        {"outputs": ["blur", "noise"], "used_for": ["blur"]},
-        {"outputs": ["noise"], "used_for": ["noise"]},
+        {"outputs": ["noise"], "used_for": ["noise"], "reads": "input"},
+        {"outputs": ["blur"], "used_for": ["blur"], "reads": "denoised"},
     ]
-    assert card["networks"]["MR"] == [{"outputs": ["blur", "noise"], "used_for": ["blur", "noise"]}]
+    assert card["networks"]["MR"] == [{"outputs": ["blur", "noise"], "used_for": ["blur", "noise"], "reads": "input"}]
     model = ResidualModel.load("cpu", trained)
-    joint, noise_only = model.parts["CT"]
+    noise_net, blur_net = (p.net for p in model.parts["CT"])
     values = np.random.default_rng(3).normal(40, 30, (3, 32, 32)).astype(np.float32)
     maps = model.maps(values, geometry(3), "CT")
-    # the same maps, computed by hand from each network
+    # the same maps by hand: the noise network on the input, the blur network on the input with its noise out
     from models.residual import central_slices, descriptors, scale_of
 
-    scale = scale_of(values, "CT")
-    d = torch.from_numpy(descriptors(central_slices(values), 0.7, scale))
-    x = torch.from_numpy(values[[0, 0, 1]][None] / np.float32(scale))
+    scale = np.float32(scale_of(values, "CT"))
+    d = torch.from_numpy(descriptors(central_slices(values), 0.7, scale))[None]
+    x = torch.from_numpy(values[[0, 0, 1]][None] / scale)
     with torch.no_grad():
-        expect_blur = joint.net(x, d[None])[0, 0].numpy() * scale
-        expect_noise = noise_only.net(x, d[None])[0, 0].numpy() * scale
-    assert np.allclose(maps.blur[0], expect_blur, atol=1e-4) and np.allclose(maps.noise[0], expect_noise, atol=1e-4)
-    assert not np.allclose(maps.noise[0], joint.net(x, d[None])[0, 1].detach().numpy() * scale, atol=1e-3)
+        noise = noise_net(x, d)[0, 0].numpy() * scale
+        assert np.allclose(maps.noise[0], noise, atol=1e-3)
+        denoised = torch.from_numpy((values + maps.noise)[[0, 0, 1]][None] / scale)
+        assert np.allclose(maps.blur[0], blur_net(denoised, d)[0, 0].numpy() * scale, atol=1e-3)
+        assert not np.allclose(maps.blur[0], blur_net(x, d)[0, 0].numpy() * scale, atol=1e-3)
 
 
 def test_card_10_checkpoints_with_one_network_per_modality_still_load(tmp_path: Path) -> None:
@@ -233,6 +234,10 @@ def test_networks_must_give_each_map_once() -> None:
         MapNet(b, ("blur",))
     with pytest.raises(ValueError, match="output channels"):
         ResidualNetConfig(out_channels=2, maps=("noise",))
+    reads_denoised = ResidualUNet(ResidualNetConfig(width=4, out_channels=1, maps=("noise",), reads="denoised"))
+    blur_only = ResidualUNet(ResidualNetConfig(width=4, out_channels=1, maps=("blur",)))
+    with pytest.raises(ValueError, match="cannot give the noise map it reads"):
+        as_parts([MapNet(blur_only, ("blur",)), MapNet(reads_denoised, ("noise",))])
 
 
 def test_tampered_weights_are_refused(trained: Path, tmp_path: Path) -> None:

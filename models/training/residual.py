@@ -9,9 +9,11 @@ and noise residual maps of the centre slice.
 The two maps want different losses. L1 fits the noise map best, but fits the blur map — sparse, large at
 edges, zero elsewhere — by zero; a squared term makes the blur map learn and costs the noise map (measured:
 card 1.0 kept 186 % of the reference's noise on the low-dose BONE condition, an L1-only network 106 %). So,
-as the seed allows, CT has two networks: the joint one (L1 + squared term, both maps) gives the blur map and
-a second one trained with L1 alone on the noise map gives the noise map. MR has one (L1, both maps). All in
-one checkpoint.
+as the seed allows, CT has two networks: one trained with L1 alone gives the noise map, and one trained with
+L1 and the squared term gives the blur map from the input *with its noise taken out* (a kernel converted on
+an image without noise is a filter the descriptors name; through the noise it is a guess). It is trained on
+the noise-free condition image with 0–40 % of the noise left in, as the noise network leaves it. MR has one
+network (L1, both maps). All in one checkpoint.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from models.detector import pick_device, sha256_of
+from models.findings import VolumeGeometry
 from models.nets import ResidualNetConfig, ResidualUNet
 from models.residual import CARD_NAME, NORMALISATION, WEIGHTS_NAME, descriptors, scale_of
-from models.residual_net import MapNet, maps_of
+from models.residual_net import MapNet, ResidualModel
 from simulator.pairs import ResidualPair, ct_pair, mr_pair, named_pair, random_ct_condition, random_mr_condition
 from simulator.scanner import CONDITIONS
 
@@ -57,7 +60,7 @@ class ResidualRecipe:
     seed: int = 0
     mse_ct: float = 10.0  # weight of the squared term beside L1 (CT: the blur map needs it, see fit_network)
     mse_mr: float = 0.0  # MR has no blur map to speak of; L1 alone denoises best (measured, card 1.0 runs)
-    noise_net_ct: bool = True  # CT's noise map from a network of its own, trained with L1 alone
+    split_ct: bool = True  # CT's maps from two networks: noise (L1, the input), blur (L1 + squared, denoised)
 
     @property
     def command(self) -> str:
@@ -66,7 +69,7 @@ class ResidualRecipe:
             f"harmonode train residual --steps-ct {self.steps_ct} --steps-mr {self.steps_mr} --batch {self.batch} "
             f"--patch {self.patch} --width {self.width} --lr {self.lr:g} --seed {self.seed} "
             f"--mse-ct {self.mse_ct:g} --mse-mr {self.mse_mr:g}"
-            + ("" if self.noise_net_ct else " --no-noise-net-ct")
+            + ("" if self.split_ct else " --no-split-ct")
         )
 
 
@@ -78,7 +81,7 @@ class NetPart:
     maps: tuple[str, ...]
     mse: float  # weight of the squared term beside L1
     stream: int  # the training draws' random stream (and the initialisation's seed offset)
-    use: tuple[str, ...]  # the maps the model takes from it
+    reads: str = "input"  # or "denoised" (``ResidualNetConfig.reads``)
 
     @property
     def name(self) -> str:
@@ -87,15 +90,15 @@ class NetPart:
 
 
 def parts_of(recipe: ResidualRecipe) -> list[NetPart]:
-    """The networks a recipe trains, in order (the joint CT and MR networks draw as card 1.0 did)."""
+    """The networks a recipe trains, in order (the joint networks draw as card 1.0 did)."""
     parts = []
-    if recipe.steps_ct > 0:
-        joint_use = ("blur",) if recipe.noise_net_ct else ("blur", "noise")
-        parts.append(NetPart("CT", ("blur", "noise"), recipe.mse_ct, 0, joint_use))
-        if recipe.noise_net_ct:
-            parts.append(NetPart("CT", ("noise",), 0.0, 2, ("noise",)))
+    if recipe.steps_ct > 0 and recipe.split_ct:
+        parts.append(NetPart("CT", ("noise",), 0.0, 2))
+        parts.append(NetPart("CT", ("blur",), recipe.mse_ct, 3, reads="denoised"))
+    elif recipe.steps_ct > 0:
+        parts.append(NetPart("CT", ("blur", "noise"), recipe.mse_ct, 0))
     if recipe.steps_mr > 0:
-        parts.append(NetPart("MR", ("blur", "noise"), recipe.mse_mr, 1, ("blur", "noise")))
+        parts.append(NetPart("MR", ("blur", "noise"), recipe.mse_mr, 1))
     return parts
 
 
@@ -110,15 +113,22 @@ def draw_pair(modality: str, rng: np.random.Generator) -> ResidualPair:
 
 
 def training_batch(
-    modality: str, rng: np.random.Generator, batch: int, patch: int, crops: int
+    modality: str, rng: np.random.Generator, batch: int, patch: int, crops: int, reads: str = "input"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs (B, 3, P, P), their series' descriptors (B, 3) and targets (B, 2, P, P: the blur and noise
-    residual maps of the centre slice), in network units; crops keep clear of the slab's border."""
+    residual maps of the centre slice), in network units; crops keep clear of the slab's border.
+
+    ``reads`` "denoised": the inputs are the noise-free condition slabs with 0–40 % of their noise left in
+    (what a noise network's output looks like); the descriptors are still those of the noisy series.
+    """
     xs, ds, ys = [], [], []
     while len(xs) < batch:
         pair = draw_pair(modality, rng)
         scale = np.float32(scale_of(pair.input, modality))
-        x = pair.input / scale
+        seen = pair.input
+        if reads == "denoised":
+            seen = pair.input + np.float32(1 - rng.uniform(0, 0.4)) * pair.noise_residual
+        x = seen / scale
         y = np.stack([pair.blur_residual[1], pair.noise_residual[1]]) / scale
         d = descriptors(pair.input, pair.spacing[2], scale)
         n, margin = x.shape[-1], BORDER
@@ -144,7 +154,7 @@ def fit_network(
     modality = part.modality
     torch.manual_seed(recipe.seed + (part.stream if part.stream > 1 else 0))
     rng = np.random.default_rng([recipe.seed, part.stream])
-    config = ResidualNetConfig(width=recipe.width, out_channels=len(part.maps), maps=part.maps)
+    config = ResidualNetConfig(width=recipe.width, out_channels=len(part.maps), maps=part.maps, reads=part.reads)
     net = ResidualUNet(config).to(device)
     channels = [("blur", "noise").index(m) for m in part.maps]
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=1e-4)
@@ -153,7 +163,7 @@ def fit_network(
     mse = part.mse
     net.train()
     for step in range(steps):
-        x, d, y = training_batch(modality, rng, recipe.batch, recipe.patch, recipe.crops_per_slab)
+        x, d, y = training_batch(modality, rng, recipe.batch, recipe.patch, recipe.crops_per_slab, part.reads)
         out = net(x.to(device), d.to(device))
         y = y[:, channels].to(device)
         # L1 learns the noise map well; a squared term keeps the blur map's sparse, large residuals at edges
@@ -172,6 +182,17 @@ def fit_network(
     return net.eval(), losses
 
 
+def geometry_of(pair: ResidualPair) -> VolumeGeometry:
+    """An axial geometry of a pair's slab (what the model checks and reads its spacing from)."""
+    return VolumeGeometry(
+        origin=(0.0, 0.0, 0.0),
+        row_direction=(1.0, 0.0, 0.0),
+        column_direction=(0.0, 1.0, 0.0),
+        spacing=tuple(float(s) for s in pair.spacing),
+        shape=pair.input.shape,
+    )
+
+
 @torch.no_grad()
 def held_out_figures(nets: dict[str, list[MapNet]], device: torch.device) -> dict[str, Any]:
     """RMSE against the noise-free reference-kernel image, input vs full correction (α = 1), per named condition.
@@ -179,17 +200,15 @@ def held_out_figures(nets: dict[str, list[MapNet]], device: torch.device) -> dic
     Held out: the named conditions are never drawn in training, and neither are these subjects.
     """
     out: dict[str, Any] = {}
+    model = ResidualModel(nets, {"version": "held-out"}, device)
     for name, cond in CONDITIONS.items():
         if cond.modality not in nets:
             continue
         before, after = [], []
         for seed in EVAL_SEEDS:
             pair = named_pair(name, seed, "head", slices=3, matrix=256, spacing_mm=0.6)
-            scale = np.float32(scale_of(pair.input, cond.modality))
-            x = torch.from_numpy(pair.input[None] / scale).to(device)
-            d = torch.from_numpy(descriptors(pair.input, pair.spacing[2], scale)).to(device)
-            maps = maps_of(nets[cond.modality], x, d)
-            corrected = pair.input[1] + (maps["blur"][0] + maps["noise"][0]).cpu().numpy() * scale
+            maps = model.maps(pair.input, geometry_of(pair), cond.modality)
+            corrected = pair.input[1] + maps.blur[1] + maps.noise[1]
             before.append(float(np.sqrt(np.mean((pair.input[1] - pair.clean[1]) ** 2))))
             after.append(float(np.sqrt(np.mean((corrected - pair.clean[1]) ** 2))))
         out[name] = {"rmse_before": round(float(np.mean(before)), 3), "rmse_after": round(float(np.mean(after)), 3)}
@@ -228,7 +247,7 @@ def train_residual(
         steps = recipe.steps_ct if part.modality == "CT" else recipe.steps_mr
         report = (lambda s, loss, m=part.name, n=steps: progress(m, s, n, loss)) if progress else None
         net, losses[part.name] = fit_network(part, recipe, steps, dev, report)
-        nets.setdefault(part.modality, []).append(MapNet(net, part.use))
+        nets.setdefault(part.modality, []).append(MapNet(net, part.maps))
     return save_model(out, recipe, nets, losses, dev, time.perf_counter() - t0)
 
 
@@ -263,11 +282,12 @@ def residual_card(
     """The model card of the residual networks (the sha256 is added once the weights are written)."""
     return {
         "name": "harmonode residual harmonization network (seed 003)",
-        "version": f"residual-1.1-w{recipe.width}-s{recipe.steps_ct}" + ("-n" if recipe.noise_net_ct else ""),
+        "version": f"residual-1.1-w{recipe.width}-s{recipe.steps_ct}" + ("-split" if recipe.split_ct else ""),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": "ResidualUNet: conv, 2 stride-2 levels, transposed convs, skips summed (seed FIG. 3)",
         "parameters": {m: sum(p.net.n_parameters() for p in parts) for m, parts in nets.items()},
-        "networks": {m: [{"outputs": list(p.net.config.maps), "used_for": list(p.use)} for p in parts]
+        "networks": {m: [{"outputs": list(p.net.config.maps), "used_for": list(p.use), "reads": p.net.config.reads}
+                         for p in parts]
                      for m, parts in nets.items()},
         "inputs": "a 3-slice slab after the histogram stage; outputs blur and noise residual maps of its centre",
         "normalisation": NORMALISATION,

@@ -178,8 +178,8 @@ def train_residual_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     mse_ct: Annotated[float, typer.Option(help="Weight of the squared-error term beside L1, CT network.")] = 10.0,
     mse_mr: Annotated[float, typer.Option(help="Weight of the squared-error term beside L1, MR network.")] = 0.0,
-    noise_net_ct: Annotated[
-        bool, typer.Option(help="CT's noise map from a second network trained with L1 alone (joint one: blur).")
+    split_ct: Annotated[
+        bool, typer.Option(help="CT: a noise network (L1) and a blur network on the denoised input, not one joint.")
     ] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
@@ -194,7 +194,7 @@ def train_residual_cmd(
         raise fail(f"--patch must be a multiple of 4, got {patch}")
     if threads > 0:
         torch.set_num_threads(threads)
-    recipe = ResidualRecipe(steps_ct, steps_mr, batch, patch, 4, width, lr, seed, mse_ct, mse_mr, noise_net_ct)
+    recipe = ResidualRecipe(steps_ct, steps_mr, batch, patch, 4, width, lr, seed, mse_ct, mse_mr, split_ct)
     bars: dict[str, tqdm] = {}
 
     def progress(modality: str, step: int, steps: int, loss: float) -> None:
