@@ -21,6 +21,7 @@ from builders import make_ct_series
 from conftest import make_config
 from handlers.permissions import PeerPermission
 from node.app import Node
+from node.config import Destination
 from peers import free_port, wait_until
 from storage.commitments import CommitmentState
 
@@ -139,9 +140,17 @@ def test_report_on_the_same_association_commits_stored_instances(tmp_path: Path,
         node.stop()
 
 
-def test_mixed_request_reports_failures_on_a_new_association(tmp_path: Path, series, listener):  # noqa: ANN001
+def where_the_scu_listens(how: str, port: int) -> dict:
+    """Config sections naming the SCU's port: its ``[[peers]]`` entry, or a ``[[destinations]]`` entry."""
+    if how == "peers":
+        return {"peers": [peers_entry(port, ["store", "commitment"])]}
+    return {"destinations": [Destination("modality", SCU_AE, "127.0.0.1", port, send_results=False)]}
+
+
+@pytest.mark.parametrize("how", ["peers", "destinations"])
+def test_mixed_request_reports_failures_on_a_new_association(tmp_path: Path, series, listener, how):  # noqa: ANN001
     port, reports = listener
-    node = listening_node(tmp_path, peers=[peers_entry(port, ["store", "commitment"])])
+    node = listening_node(tmp_path, **where_the_scu_listens(how, port))
     try:
         store(node.port, series[:2])
         unknown, conflict = generate_uid(), series[1]
