@@ -152,13 +152,16 @@ def test_mixed_request_reports_failures_on_a_new_association(tmp_path: Path, ser
     port, reports = listener
     node = listening_node(tmp_path, **where_the_scu_listens(how, port))
     try:
-        store(node.port, series[:2])
-        unknown, conflict = generate_uid(), series[1]
+        store(node.port, series)
+        unknown, conflict, lost = generate_uid(), series[1], series[2]
+        (row,) = [r for r in node.index.instances_of_series(lost.SeriesInstanceUID)
+                  if r["sop_instance_uid"] == lost.SOPInstanceUID]  # fmt: skip
+        node.files.abspath(row["path"]).unlink()  # indexed, but its file is gone
         refs = [
             (series[0].SOPClassUID, series[0].SOPInstanceUID),
             (CTImageStorage, unknown),  # never stored
             (MRImageStorage, conflict.SOPInstanceUID),  # stored as CT, asked as MR
-            (series[2].SOPClassUID, series[2].SOPInstanceUID),  # not sent
+            (lost.SOPClassUID, lost.SOPInstanceUID),
         ]
         assoc = scu_ae().associate("127.0.0.1", node.port, ae_title="HARMONODE")
         uid = generate_uid()
@@ -170,7 +173,7 @@ def test_mixed_request_reports_failures_on_a_new_association(tmp_path: Path, ser
         assert refs_of(info, "FailedSOPSequence") == {
             unknown: 0x0112,
             str(conflict.SOPInstanceUID): 0x0119,
-            str(series[2].SOPInstanceUID): 0x0112,
+            str(lost.SOPInstanceUID): 0x0110,
         }
         row = wait_until(lambda: reported(node, uid), timeout=5, what="the report recorded")
         assert row["via"] == "new-association" and row["failed_count"] == 3
