@@ -144,7 +144,7 @@ class Node:
             ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
         for uid in QR_SOP_CLASSES:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(COMMITMENT_SOP_CLASS, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(COMMITMENT_SOP_CLASS)  # uncompressed syntaxes: it carries no pixels
         return ae
 
     @property

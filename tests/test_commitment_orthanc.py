@@ -31,7 +31,12 @@ def test_orthanc_asks_the_node_for_storage_commitment(tmp_path: Path):
     with running_orthanc(tmp_path / "orthanc", modalities=modalities) as orthanc:
         orthanc_peer = PeerPermission.of("ORTHANC", ["echo", "store", "commitment"], ["127.0.0.1"],
                                          port=orthanc.dicom_port)  # fmt: skip
-        node = Node(make_config(tmp_path / "node", node={"port": config.node.port}, peers=[orthanc_peer]))
+        # Orthanc releases right after the N-ACTION response: wait for that even on a loaded machine (the
+        # wait ends as soon as the association closes), so the report always takes the new association.
+        grace = {"same_association_grace_s": 5.0}
+        node = Node(
+            make_config(tmp_path / "node", node={"port": config.node.port}, peers=[orthanc_peer], commitment=grace)
+        )
         node.start(("listen",))
         try:
             series = make_ct_series(seed=210, slices=2)
