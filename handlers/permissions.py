@@ -32,6 +32,7 @@ class Service(StrEnum):
     FIND = "find"
     GET = "get"
     MOVE = "move"
+    COMMITMENT = "commitment"  # storage commitment (N-ACTION requests and N-EVENT-REPORTs)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class PeerPermission:
     services: frozenset[Service] = frozenset({Service.ECHO})
     addresses: tuple[str, ...] = ()  # empty: any address
     move_destinations: tuple[str, ...] = ()  # AE titles it may C-MOVE to; empty: every configured destination
+    port: int = 0  # where it listens (storage commitment reports on a new association); 0: not known
 
     @classmethod
     def of(
@@ -50,20 +52,23 @@ class PeerPermission:
         services: Iterable[str],
         addresses: Iterable[str] = (),
         move_destinations: Iterable[str] = (),
+        port: int = 0,
     ) -> PeerPermission:
         """Build from plain strings (config), refusing an unknown service name.
 
         Raises
         ------
         ValueError
-            A service that is not one of echo, store, find, get, move.
+            A service that is not one of echo, store, find, get, move, commitment; a port out of 0..65535.
         """
         try:
             granted = frozenset(Service(s.strip().lower()) for s in services)
         except ValueError as exc:
             known = ", ".join(s.value for s in Service)
             raise ValueError(f"peer {ae_title!r}: unknown service in {list(services)!r}; known: {known}") from exc
-        return cls(ae_title.strip(), granted, tuple(addresses), tuple(move_destinations))
+        if not 0 <= int(port) < 65536:
+            raise ValueError(f"peer {ae_title!r}: port {port} is not in 1..65535")
+        return cls(ae_title.strip(), granted, tuple(addresses), tuple(move_destinations), int(port))
 
 
 @dataclass(frozen=True)

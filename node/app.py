@@ -2,8 +2,8 @@
 
 ``Node`` owns the storage objects and starts the roles asked for, each in its own thread(s):
 
-- listen: the pynetdicom AE (C-ECHO, C-STORE, and the query/retrieve services when present) and the
-  series-completion watcher;
+- listen: the pynetdicom AE (C-ECHO, C-STORE, the query/retrieve services, storage commitment), the
+  series-completion watcher and the storage commitment reporter;
 - work: claims ``analyze-series`` jobs and runs the pipeline (the only role that touches the GPU);
 - dispatch: claims ``send`` jobs and delivers results to their destinations.
 
@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 
+from handlers.commitment import COMMITMENT_SOP_CLASS, CommitmentReporter, handle_commitment_request, reply_address
 from handlers.echo import handle_echo
 from handlers.permissions import Permissions
 from handlers.query import handle_find
@@ -42,6 +43,7 @@ from node.config import Config
 from node.jobs import ROLE_JOBS, JobBinding, job_bindings
 from node.pipeline import DetectorSlot, ResidualSlot
 from node.series import SeriesWatcher
+from storage.commitments import Commitments
 from storage.queue import GiveUp, Job, RetryLater
 from storage.recovery import RecoveryReport, recover
 from storage.store import open_store
@@ -88,6 +90,22 @@ class Node:
         self.detector = DetectorSlot(config.pipeline.device)
         self.residual = ResidualSlot(config.pipeline.device)
         self.permissions = Permissions(config.peers)
+        commitment = config.commitment
+        self.commitments = Commitments(
+            config.data_path / "commitments.sqlite",
+            commitment.report_attempts,
+            commitment.backoff_base_s,
+            commitment.backoff_max_s,
+        )
+        self.commitment_reporter = CommitmentReporter(
+            self.commitments,
+            self.index,
+            lambda relpath: self.files.abspath(relpath).is_file(),
+            config.node.ae_title,
+            reply_address(((p.ae_title, p.port) for p in config.peers), config.destinations),
+            timeout=config.node.dimse_timeout_s,
+            same_association_grace_s=commitment.same_association_grace_s,
+        )
         node = config.node
         self.door = Door(
             DoorPolicy(
@@ -126,6 +144,7 @@ class Node:
             ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
         for uid in QR_SOP_CLASSES:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(COMMITMENT_SOP_CLASS)  # uncompressed syntaxes: it carries no pixels
         return ae
 
     @property
@@ -150,6 +169,11 @@ class Node:
             (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title, self.permissions]),
             (evt.EVT_C_MOVE, handle_move, [self.config.destinations, self.index, self.files, self.permissions]),
             (evt.EVT_C_GET, handle_get, [self.index, self.files, self.permissions]),
+            (
+                evt.EVT_N_ACTION,
+                handle_commitment_request,
+                [self.commitments, self.commitment_reporter, self.permissions],
+            ),
             (evt.EVT_REJECTED, _log_rejected),
         ]
         return handlers
@@ -169,6 +193,7 @@ class Node:
         log.info("listening as %s on %s:%d", cfg.ae_title, cfg.host, self.port)
         watcher = SeriesWatcher(self.index, self.queue, self.config.pipeline)
         self._spawn("series-watcher", lambda: watcher.run(self._stop))
+        self._spawn("commitment-reporter", lambda: self.commitment_reporter.run(self._stop))
         return self.port
 
     # -- work and dispatch --------------------------------------------------------------------------
@@ -226,11 +251,13 @@ class Node:
     def stop(self) -> None:
         """Stop every role and close storage."""
         self._stop.set()
+        self.commitment_reporter.wake()
         if self.server is not None:
             self.server.shutdown()
             self.server = None
         for t in self._threads:
             t.join(timeout=10)
+        self.commitments.close()
         self.store.close()
 
     def wait(self) -> None:

@@ -77,6 +77,16 @@ class PipelineConfig:
     residual_cache_gb: float = 8.0  # residual maps kept per series (a change of strength reuses them)
 
 
+@dataclass(frozen=True)
+class CommitmentConfig:
+    """The [commitment] section: storage commitment reports (N-EVENT-REPORT) the node sends as SCP."""
+
+    report_attempts: int = 20  # then the transaction is ``failed`` (backoff 5 s doubling to 10 min: ~2.5 h)
+    backoff_base_s: float = 5.0
+    backoff_max_s: float = 600.0
+    same_association_grace_s: float = 0.25  # the requester's association still open this long: report on it
+
+
 QueueConfig = QueueSettings  # the [queue] section: analysis jobs' leases, retries, dead letters
 
 
@@ -116,6 +126,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
     destinations: tuple[Destination, ...] = ()
     peers: tuple[PeerPermission, ...] = ()  # [[peers]]: who may use which service; none: every admitted caller
 
@@ -148,6 +159,7 @@ _SECTIONS: dict[str, type] = {
     "queue": QueueConfig,
     "delivery": DeliveryConfig,
     "tls": TlsConfig,
+    "commitment": CommitmentConfig,
 }
 
 
@@ -254,7 +266,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     return Config(destinations=tuple(dests), peers=_peers(raw.get("peers", []), dests), **sections)
 
 
-_PEER_KEYS = {"ae_title", "services", "addresses", "move_destinations"}
+_PEER_KEYS = {"ae_title", "services", "addresses", "move_destinations", "port"}
 
 
 def _peers(raw: list[Mapping[str, Any]], destinations: list[Destination]) -> tuple[PeerPermission, ...]:
@@ -275,9 +287,15 @@ def _peers(raw: list[Mapping[str, Any]], destinations: list[Destination]) -> tup
             raise ConfigError(f"{where}: move_destinations {strangers} are not the AE titles of [[destinations]]")
         try:
             peers.append(
-                PeerPermission.of(str(p["ae_title"]), p.get("services", ["echo"]), p.get("addresses", []), moves)
+                PeerPermission.of(
+                    str(p["ae_title"]),
+                    p.get("services", ["echo"]),
+                    p.get("addresses", []),
+                    moves,
+                    int(p.get("port", 0)),
+                )
             )
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: {exc}") from exc
     return tuple(peers)
 
