@@ -71,8 +71,8 @@ def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
                 segmented_property_type=FINDING_TYPES[finding.kind],
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
-                tracking_uid=finding.tracking_uid or ctx.uid("finding", number),
-                tracking_id=(finding.tracking_id or f"{finding.kind} {number}")[:64],
+                tracking_uid=ctx.tracking_uid(finding, number),
+                tracking_id=ctx.tracking_id(finding, number),
             )
         )
     seg = hd.seg.Segmentation(
