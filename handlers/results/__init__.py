@@ -4,8 +4,9 @@ GSPS, SEG and a KOS.
 ``build_results`` is the one entry point the pipeline calls. Every object it returns lies in the source
 study (same Study Instance UID; Patient module and the study-level attributes copied from the sources as
 they have them), in a new series of its own kind, references the source images, and names the algorithm,
-its version and the conversion rule used. UIDs are derived from the sources, the algorithm and the rule, so running a series twice yields the
-same SOP Instance UIDs (a PACS keeps one copy, a resend never duplicates).
+its version and the conversion rule used. UIDs are derived from the sources, the algorithm and the rule,
+so running a series twice yields the same SOP Instance UIDs (a PACS keeps one copy, a resend never
+duplicates).
 """
 
 from __future__ import annotations

@@ -50,9 +50,10 @@ def _inside(x: float, y: float, ds: Dataset) -> tuple[float, float]:
 
 def label_box(ds: Dataset, line: int) -> tuple[float, float, float, float]:
     """The PIXEL bounding box (left, top, right, bottom) of the ``line``-th label on a slice, along its top."""
-    height = max(4.0, float(ds.Rows) / 14.0)
-    top = 1.0 + line * height
-    return 1.0, min(top, float(ds.Rows) - height - 1.0), float(ds.Columns) - 1.0, min(top + height, float(ds.Rows) - 1.0)
+    rows, columns = float(ds.Rows), float(ds.Columns)
+    height = max(4.0, rows / 14.0)
+    top = max(0.0, min(1.0 + line * height, rows - height - 1.0))
+    return 0.0, top, columns, min(top + height, rows)
 
 
 def build_gsps(ctx: ResultContext, findings: list[Finding]) -> Dataset:
