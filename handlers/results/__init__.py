@@ -26,11 +26,12 @@ from handlers.results.context import (
     copy_series_anatomy,
     copy_study_module,
     sort_sources,
+    source_view,
 )
 from handlers.results.gsps import build_gsps
 from handlers.results.kos import build_kos
 from handlers.results.sc import build_key_images
-from handlers.results.seg import build_seg
+from handlers.results.seg import build_seg, can_segment
 from handlers.results.sr import build_sr
 from models.findings import Finding, VolumeGeometry
 
@@ -89,7 +90,8 @@ def build_results(
         raise ValueError("build_results needs the instances of exactly one series")
     if analysed and geometry is None:
         raise ValueError("an analysed series needs its volume geometry")
-    sources = sort_sources(source, geometry) if geometry is not None and analysed else list(source)
+    views = [source_view(ds) for ds in source]
+    sources = sort_sources(views, geometry) if geometry is not None and analysed else views
     seed = "|".join(
         [
             sources[0].SeriesInstanceUID,
@@ -106,8 +108,10 @@ def build_results(
         results.extend(build_key_images(ctx, findings, values))
         if findings:
             results.append(build_gsps(ctx, findings))
-            if write_seg:
+            if write_seg and can_segment(ctx):
                 results.append(build_seg(ctx, findings))
+            elif write_seg:
+                log.warning("no SEG for a series without a Frame of Reference UID (the SEG IOD requires one)")
     for ds in results:
         copy_patient_module(sources[0], ds)
         copy_study_module(sources[0], ds)

@@ -166,6 +166,38 @@ class ResultContext:
         }
 
 
+# Type 2 attributes of the Patient and General Study modules the builders read from a source (a source may
+# lack them: an old or a de-identified one); the results send them empty, as PS3.3 allows.
+_TYPE2_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def source_view(ds: Dataset) -> Dataset:
+    """A view of a source instance the builders can read: its elements (shared, pixel data included, not
+    copied) and the Type 2 Patient and Study attributes it lacks, empty.
+
+    The source itself is never changed (it is the stored instance's dataset).
+    """
+    view = Dataset()
+    for element in ds:
+        view.add(element)
+    for keyword in _TYPE2_KEYWORDS:
+        if keyword not in view:
+            setattr(view, keyword, None)
+    if hasattr(ds, "file_meta"):
+        view.file_meta = ds.file_meta
+    return view
+
+
 def sort_sources(sources: Sequence[Dataset], geometry: VolumeGeometry) -> list[Dataset]:
     """Source slices in volume order (by position along the slice normal, as ``VolumeGeometry`` assumes)."""
     normal = geometry.slice_direction
@@ -177,6 +209,10 @@ def copy_patient_module(source: Dataset, result: Dataset) -> None:
     for keyword in _EXTRA_PATIENT_KEYWORDS:
         if keyword in source and keyword not in result:
             result[keyword] = source[keyword]
+    # A source that says its identity was removed but not how (dciodvfy: error) gets a method that says so.
+    removed = str(result.get("PatientIdentityRemoved", "")).upper() == "YES"
+    if removed and not result.get("DeidentificationMethod") and not result.get("DeidentificationMethodCodeSequence"):
+        result.DeidentificationMethod = "not stated by the source"
 
 
 def copy_study_module(source: Dataset, result: Dataset) -> None:

@@ -1,4 +1,10 @@
-"""An optional DICOM SEG of the lesions: one segment per finding, a sphere of the finding's diameter."""
+"""The DICOM SEG of the lesions: one segment per finding, a sphere of the finding's diameter, tracked with
+the finding's Tracking ID and UID as the SR's groups are.
+
+A SEG lies in the frame of reference of its source (the IOD requires one): a source without a Frame of
+Reference UID gets no SEG (``can_segment``). A source with an empty Slice Thickness gets the volume's
+slice spacing as the thickness of the segmentation's frames, which is what its spheres are sampled at.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +37,25 @@ def sphere_mask(ctx: ResultContext, finding: Finding) -> np.ndarray:
     return mask
 
 
+def can_segment(ctx: ResultContext) -> bool:
+    """Whether a SEG can be built over the sources: they name a frame of reference."""
+    return bool(ctx.sources[0].get("FrameOfReferenceUID"))
+
+
+def _fill_slice_thickness(ctx: ResultContext, seg: Dataset) -> None:
+    """Give the frames' Pixel Measures the volume's slice spacing as thickness where the source has none.
+
+    highdicom copies the source's pixel measures (a ``pixel_measures`` argument is not used when it
+    derives them from source images), so the Type 1C attribute is set on its output.
+    """
+    spacing = float(ctx.volume.spacing[0])
+    groups = [*seg.get("SharedFunctionalGroupsSequence", []), *seg.get("PerFrameFunctionalGroupsSequence", [])]
+    for group in groups:
+        for measures in group.get("PixelMeasuresSequence", []):
+            if measures.get("SliceThickness") in (None, ""):
+                measures.SliceThickness = round(spacing, 6)
+
+
 def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
     """The segmentation of one series' findings.
 
@@ -49,10 +74,12 @@ def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
     Raises
     ------
     ValueError
-        No finding given.
+        No finding given, or sources without a frame of reference.
     """
     if not findings:
         raise ValueError("a segmentation needs at least one finding")
+    if not can_segment(ctx):
+        raise ValueError("a segmentation needs sources with a Frame of Reference UID")
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ctx.algorithm.name[:64],
         family=codes.DCM.ArtificialIntelligence,
@@ -88,5 +115,6 @@ def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
         content_qualification=hd.ContentQualificationValues.RESEARCH,
         **ctx.common("seg"),  # type: ignore[arg-type]
     )
+    _fill_slice_thickness(ctx, seg)
     log.debug("SEG with %d segment(s) built", len(descriptions))
     return seg

@@ -63,8 +63,25 @@ def _tracking(ctx: ResultContext, finding: Finding, number: int) -> hd.sr.Tracki
 
 
 def _frame_of_reference(ctx: ResultContext) -> str:
+    """The series' Frame of Reference UID; empty when the source names none (then no SCOORD3D is written)."""
     uid = ctx.geometry.frame_of_reference_uid if ctx.geometry is not None else ""
-    return uid or str(ctx.sources[0].FrameOfReferenceUID)
+    return uid or str(ctx.sources[0].get("FrameOfReferenceUID", "") or "")
+
+
+# What TID 1602 (Image Library Entry) states of a cross-sectional image; highdicom reads each of them.
+_LIBRARY_KEYWORDS = ("PixelSpacing", "SliceThickness", "ImagePositionPatient", "ImageOrientationPatient")
+
+
+def image_library(ctx: ResultContext, findings: list[Finding]) -> list[Dataset] | None:
+    """The slices of the report's image library (TID 1600): those carrying a planar region.
+
+    None (no library, TID 1500 makes it optional) when there is no finding or a slice lacks one of the
+    attributes an entry describes, such as an empty Slice Thickness: an entry does not guess them.
+    """
+    slices = ctx.finding_slices(findings)
+    if not slices or not all(ds.get(k) not in (None, "") for ds in slices for k in _LIBRARY_KEYWORDS):
+        return None
+    return slices
 
 
 def finding_group(ctx: ResultContext, finding: Finding, number: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -196,7 +213,10 @@ def build_sr(ctx: ResultContext, findings: list[Finding], analysed: bool, reason
             model_name=f"{ctx.algorithm.name} {ctx.algorithm.version}"[:64],
         ),
     )
-    groups: list = [finding_group(ctx, f, n) for n, f in enumerate(findings, start=1)]
+    # 3D coordinates need the series' frame of reference; a source without one gets the planar regions only.
+    groups: list = (
+        [finding_group(ctx, f, n) for n, f in enumerate(findings, start=1)] if _frame_of_reference(ctx) else []
+    )
     groups += [planar_group(ctx, f, n) for n, f in enumerate(findings, start=1)]
     if not groups:
         groups = [summary_group(ctx, analysed, reason)]
@@ -209,7 +229,7 @@ def build_sr(ctx: ResultContext, findings: list[Finding], analysed: bool, reason
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=PROCEDURES.get(modality, PROCEDURES["CT"]),
         imaging_measurements=groups,
-        referenced_images=ctx.finding_slices(findings) or None,
+        referenced_images=image_library(ctx, findings),
     )
     common = ctx.common("sr")
     common["series_description"] = f"{common['series_description']} {ctx.algorithm.rule_text}"[:64]
