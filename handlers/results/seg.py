@@ -23,14 +23,24 @@ log = logging.getLogger(__name__)
 
 
 def sphere_mask(ctx: ResultContext, finding: Finding) -> np.ndarray:
-    """Boolean mask (slices, rows, columns) of the voxels within the finding's sphere."""
+    """Boolean mask (slices, rows, columns) of the voxels within the finding's sphere.
+
+    Distances are computed in the sphere's bounding box only: a grid over a whole clinical CT would take
+    gigabytes per finding.
+    """
     geometry = ctx.volume
     shape = (len(ctx.sources), int(ctx.sources[0].Rows), int(ctx.sources[0].Columns))
-    kk, jj, ii = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
     center = np.asarray(geometry.patient_to_index(finding.center_mm), float)
-    dz, dy, dx = geometry.spacing
-    dist2 = ((kk - center[0]) * dz) ** 2 + ((jj - center[1]) * dy) ** 2 + ((ii - center[2]) * dx) ** 2
-    mask = dist2 <= (finding.diameter_mm / 2.0) ** 2
+    spacing = np.asarray(geometry.spacing, float)
+    radius = finding.diameter_mm / 2.0
+    lo = [int(np.clip(np.floor(c - radius / d), 0, n)) for c, d, n in zip(center, spacing, shape, strict=True)]
+    hi = [int(np.clip(np.ceil(c + radius / d) + 1, 0, n)) for c, d, n in zip(center, spacing, shape, strict=True)]
+    mask = np.zeros(shape, dtype=bool)
+    if all(h > low for low, h in zip(lo, hi, strict=True)):
+        kk, jj, ii = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi, strict=True)), indexing="ij")
+        dist2 = ((kk - center[0]) * spacing[0]) ** 2 + ((jj - center[1]) * spacing[1]) ** 2
+        dist2 = dist2 + ((ii - center[2]) * spacing[2]) ** 2
+        mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = dist2 <= radius**2
     if not mask.any():  # smaller than a voxel: keep the centre voxel so the segment is not empty
         k, j, i = (int(np.clip(round(c), 0, n - 1)) for c, n in zip(center, shape, strict=True))
         mask[k, j, i] = True
