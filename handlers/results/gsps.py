@@ -56,6 +56,40 @@ def label_box(ds: Dataset, line: int) -> tuple[float, float, float, float]:
     return 0.0, top, columns, min(top + height, rows)
 
 
+def slice_annotation(
+    ctx: ResultContext, ds: Dataset, numbered: list[tuple[int, Finding]], layer: hd.pr.GraphicLayer
+) -> hd.pr.GraphicAnnotation:
+    """The annotation of one slice: a circle per finding (line style) and its label in a box on top."""
+    graphics, texts = [], []
+    for line, (number, finding) in enumerate(numbered):
+        col, row = ctx.pixel_of(finding)
+        cx, cy = _inside(col + 0.5, row + 0.5, ds)  # PIXEL units: (0, 0) is the top left pixel's corner
+        radius = ctx.radius_px(finding)
+        tracking = {"tracking_id": ctx.tracking_id(finding, number), "tracking_uid": ctx.tracking_uid(finding, number)}
+        circle = hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.CIRCLE,
+            graphic_data=np.array([[cx, cy], [cx + radius, cy]]),
+            units=hd.pr.AnnotationUnitsValues.PIXEL,
+            **tracking,
+        )
+        circle.LineStyleSequence = DicomSequence([line_style()])  # highdicom has no argument for it
+        graphics.append(circle)
+        texts.append(
+            hd.pr.TextObject(
+                text_value=f"{finding.kind} {number} p={finding.probability:.2f} ({NOT_FOR_DIAGNOSIS})"[:64],
+                units=hd.pr.AnnotationUnitsValues.PIXEL,
+                bounding_box=label_box(ds, line),
+                text_justification=hd.pr.TextJustificationValues.LEFT,
+                anchor_point=_inside(cx, cy - radius, ds),
+                anchor_point_visible=True,
+                **tracking,
+            )
+        )
+    return hd.pr.GraphicAnnotation(
+        referenced_images=[ds], graphic_layer=layer, graphic_objects=graphics, text_objects=texts
+    )
+
+
 def build_gsps(ctx: ResultContext, findings: list[Finding]) -> Dataset:
     """The presentation state of one series' findings.
 
@@ -84,44 +118,7 @@ def build_gsps(ctx: ResultContext, findings: list[Finding]) -> Dataset:
     by_slice: dict[int, list[tuple[int, Finding]]] = {}
     for number, finding in enumerate(findings, start=1):
         by_slice.setdefault(ctx.slice_of(finding), []).append((number, finding))
-    annotations = []
-    for k in sorted(by_slice):
-        ds = ctx.sources[k]
-        graphics, texts = [], []
-        for line, (number, finding) in enumerate(by_slice[k]):
-            col, row = ctx.pixel_of(finding)
-            cx, cy = _inside(col + 0.5, row + 0.5, ds)  # PIXEL units: (0, 0) is the top left pixel's corner
-            radius = ctx.radius_px(finding)
-            tracking_uid = ctx.tracking_uid(finding, number)
-            tracking_id = ctx.tracking_id(finding, number)
-            graphics.append(
-                hd.pr.GraphicObject(
-                    graphic_type=hd.pr.GraphicTypeValues.CIRCLE,
-                    graphic_data=np.array([[cx, cy], [cx + radius, cy]]),
-                    units=hd.pr.AnnotationUnitsValues.PIXEL,
-                    tracking_id=tracking_id,
-                    tracking_uid=tracking_uid,
-                )
-            )
-            texts.append(
-                hd.pr.TextObject(
-                    text_value=f"{finding.kind} {number} p={finding.probability:.2f} ({NOT_FOR_DIAGNOSIS})"[:64],
-                    units=hd.pr.AnnotationUnitsValues.PIXEL,
-                    bounding_box=label_box(ds, line),
-                    text_justification=hd.pr.TextJustificationValues.LEFT,
-                    anchor_point=_inside(cx, cy - radius, ds),
-                    anchor_point_visible=True,
-                    tracking_id=tracking_id,
-                    tracking_uid=tracking_uid,
-                )
-            )
-        for item in graphics:
-            item.LineStyleSequence = DicomSequence([line_style()])
-        annotations.append(
-            hd.pr.GraphicAnnotation(
-                referenced_images=[ds], graphic_layer=layer, graphic_objects=graphics, text_objects=texts
-            )
-        )
+    annotations = [slice_annotation(ctx, ctx.sources[k], by_slice[k], layer) for k in sorted(by_slice)]
     referenced = [ctx.sources[k] for k in sorted(by_slice)]
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=referenced,
