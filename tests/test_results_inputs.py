@@ -122,9 +122,10 @@ def test_simulated_study_through_the_pipeline(store: Store) -> None:
         ds.StudyDescription = "CTA HEAD"
         ds.ReferringPhysicianName = "Referrer^Rita"
     uid = _receive(store, [_encode(ds) for ds in study.datasets])
-    outcome = run_series(Worker(store.files, store.index, store.queue, PipelineConfig(), (), DetectorSlot()), uid)
+    settings = PipelineConfig(write_harmonized_series=True)  # SEG by default; the derived series asked for
+    outcome = run_series(Worker(store.files, store.index, store.queue, settings, (), DetectorSlot()), uid)
     kinds = {pydicom.dcmread(store.files.abspath(r.path), stop_before_pixels=True).Modality for r in outcome.results}
-    assert outcome.detection.findings and kinds == {"SR", "OT", "PR", "SEG", "KO"}  # SEG by default
+    assert outcome.detection.findings and kinds == {"SR", "OT", "PR", "SEG", "KO", "CT"}
     _validate(_paths(store, uid), [store.files.abspath(r.path) for r in outcome.results])
 
 
