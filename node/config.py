@@ -71,7 +71,7 @@ class PipelineConfig:
     quiet_seconds: float = 10.0
     poll_seconds: float = 0.5
     workers: int = 1
-    write_seg: bool = False
+    write_seg: bool = True  # a DICOM SEG of the findings (IHE AI Results lists it)
     write_harmonized_series: bool = False
     device: str = "auto"  # auto | cpu | cuda
     residual_cache_gb: float = 8.0  # residual maps kept per series (a change of strength reuses them)

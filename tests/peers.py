@@ -80,6 +80,16 @@ def dciodvfy_errors(path: str | Path) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("Error")]
 
 
+def dcentvfy_report(paths: list[str] | list[Path]) -> tuple[list[str], list[str]]:
+    """dcentvfy (dicom3tools) over instances together: its (errors, warnings) on entity consistency.
+
+    It compares the attributes of each information entity (patient, study, series …) across the files.
+    """
+    proc = run_tool(["dcentvfy", *map(str, paths)], check=False)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
+
+
 class Orthanc:
     """A running Orthanc on free loopback ports with its own temp storage."""
 

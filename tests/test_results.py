@@ -1,4 +1,4 @@
-"""Result objects (SR, key-image SC, GSPS, SEG) built from a small synthetic CT series; dciodvfy on each."""
+"""Result objects (SR, key-image SC, GSPS, SEG, KOS) built from a small synthetic CT series; dciodvfy on each."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def _by_modality(results: list[Dataset], modality: str) -> list[Dataset]:
 
 def test_kinds_and_common_identity(with_findings: list[Dataset], ct_series: list[Dataset]) -> None:
     source = ct_series[0]
-    assert [ds.Modality for ds in with_findings] == ["SR", "OT", "OT", "PR", "SEG"]
-    assert len({ds.SeriesInstanceUID for ds in with_findings}) == 4
+    assert [ds.Modality for ds in with_findings] == ["SR", "OT", "OT", "PR", "SEG", "KO"]
+    assert len({ds.SeriesInstanceUID for ds in with_findings}) == 5
     for ds in with_findings:
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.PatientID == source.PatientID and ds.PatientName == source.PatientName
@@ -71,7 +71,7 @@ def test_sr_content(with_findings: list[Dataset], ct_series: list[Dataset]) -> N
     codes_ = [(i.ConceptNameCodeSequence[0].CodeValue, i.ValueType) for i in items if "ConceptNameCodeSequence" in i]
     assert ("126010", "CONTAINER") in codes_  # Imaging Measurements
     groups = [i for i in items if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "125007"]
-    assert len(groups) == 2
+    assert len(groups) == 4  # per finding: 3D coordinates (TID 1501) and a planar region (TID 1410)
     finding_types = {
         i.ConceptCodeSequence[0].CodeValue for i in items if i.ConceptNameCodeSequence[0].CodeValue == "121071"
     }
@@ -161,7 +161,7 @@ def test_seg_spheres(with_findings: list[Dataset]) -> None:
     assert f"condition_key={ALGORITHM.condition_key}" in parameters
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_dciodvfy_zero_errors(with_findings: list[Dataset], index: int, tmp_path: Path) -> None:
     ds = with_findings[index]
     path = _save(ds, tmp_path / f"{ds.Modality}.dcm")

@@ -155,7 +155,7 @@ def test_pacs_down_then_up_every_result_arrives_once_across_a_restart(results: l
         assert sum(c["ChangeType"] == "NewInstance" for c in changes) == len(results)  # each stored once
         (study,) = pacs.get("/studies?expand")
         assert study["MainDicomTags"]["StudyInstanceUID"] == results[0].StudyInstanceUID
-        assert len(study["Series"]) == 4  # SR, key images, GSPS, SEG
+        assert len(study["Series"]) == 5  # SR, key images, GSPS, SEG, KOS
     finally:
         node.stop()
         pacs.stop()

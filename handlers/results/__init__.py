@@ -1,10 +1,12 @@
-"""Result objects for one analysed series: SR (TID 1500), key-image SC, GSPS and optional SEG.
+"""Result objects for one analysed series, the object set of IHE AI Results: SR (TID 1500), key-image SC,
+GSPS, SEG and a KOS.
 
 ``build_results`` is the one entry point the pipeline calls. Every object it returns lies in the source
-study (same Study Instance UID, Patient module copied by highdicom from the sources), in a new series of
-its own kind, references the source images, and names the algorithm, its version and the conversion rule
-used. UIDs are derived from the sources, the algorithm and the rule, so running a series twice yields the
-same SOP Instance UIDs (a PACS keeps one copy, a resend never duplicates).
+study (same Study Instance UID; Patient module and the study-level attributes copied from the sources as
+they have them), in a new series of its own kind, references the source images, and names the algorithm,
+its version and the conversion rule used. UIDs are derived from the sources, the algorithm and the rule,
+so running a series twice yields the same SOP Instance UIDs (a PACS keeps one copy, a resend never
+duplicates).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from handlers.results.context import (
     ResultContext,
     copy_patient_module,
     copy_series_anatomy,
+    copy_study_module,
     sort_sources,
+    source_view,
 )
 from handlers.results.gsps import build_gsps
+from handlers.results.kos import build_kos
 from handlers.results.sc import build_key_images
-from handlers.results.seg import build_seg
+from handlers.results.seg import build_seg, can_segment
 from handlers.results.sr import build_sr
 from models.findings import Finding, VolumeGeometry
 
@@ -41,7 +46,7 @@ def build_results(
     analysed: bool,
     reason: str = "",
     values: np.ndarray | None = None,
-    write_seg: bool = False,
+    write_seg: bool = True,
 ) -> list[Dataset]:
     """Build the result objects of one series.
 
@@ -66,13 +71,13 @@ def build_results(
         The volume in real units (HU), shape ``geometry.shape``, for the key images; read from the
         sources when None.
     write_seg
-        Also build a DICOM SEG of the lesions (spheres of the finding diameter).
+        Also build a DICOM SEG of the lesions (spheres of the finding diameter, one segment per finding).
 
     Returns
     -------
     list[pydicom.Dataset]
-        SR first, then key-image SC(s), then GSPS (when there are findings), then SEG (when asked and
-        there are findings).
+        SR first, then key-image SC(s), then, when there are findings, GSPS, SEG (when asked) and the KOS
+        that flags the finding slices and references the others.
 
     Raises
     ------
@@ -85,7 +90,8 @@ def build_results(
         raise ValueError("build_results needs the instances of exactly one series")
     if analysed and geometry is None:
         raise ValueError("an analysed series needs its volume geometry")
-    sources = sort_sources(source, geometry) if geometry is not None and analysed else list(source)
+    views = [source_view(ds) for ds in source]
+    sources = sort_sources(views, geometry) if geometry is not None and analysed else views
     seed = "|".join(
         [
             sources[0].SeriesInstanceUID,
@@ -102,12 +108,20 @@ def build_results(
         results.extend(build_key_images(ctx, findings, values))
         if findings:
             results.append(build_gsps(ctx, findings))
-            if write_seg:
+            if write_seg and can_segment(ctx):
                 results.append(build_seg(ctx, findings))
+            elif write_seg:
+                log.warning("no SEG for a series without a Frame of Reference UID (the SEG IOD requires one)")
     for ds in results:
         copy_patient_module(sources[0], ds)
+        copy_study_module(sources[0], ds)
         if ds.Modality in ("OT", "PR"):
             copy_series_anatomy(sources[0], ds)
+    if analysed and findings:  # last: it references the others, as they are sent
+        kos = build_kos(ctx, findings, results)
+        copy_patient_module(sources[0], kos)
+        copy_study_module(sources[0], kos)
+        results.append(kos)
     log.info(
         "built %d result object(s) for a series: %d finding(s), analysed=%s, %s",
         len(results),

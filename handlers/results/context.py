@@ -6,6 +6,7 @@ without an import circle.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,12 +20,13 @@ MANUFACTURER = "harmonode"
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
 
 # One new series per kind of object, numbered apart from the scanner's series.
-SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "gsps": 9903, "seg": 9904}
+SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "gsps": 9903, "seg": 9904, "kos": 9905}
 SERIES_DESCRIPTIONS = {
     "sr": "harmonode findings (SR)",
     "sc": "harmonode key images (NOT FOR DIAGNOSIS)",
     "gsps": "harmonode annotations (GSPS)",
     "seg": "harmonode lesions (SEG)",
+    "kos": "harmonode key objects (KOS)",
 }
 
 # Patient module attributes highdicom does not copy itself (it copies name, ID, birth date and sex).
@@ -37,6 +39,31 @@ _EXTRA_PATIENT_KEYWORDS = (
     "DeidentificationMethod",
     "DeidentificationMethodCodeSequence",
     "EthnicGroup",
+)
+
+
+# The study-level attributes of the source (General Study and Patient Study modules) a result repeats as the
+# source has them, so that a PACS, a viewer and dcentvfy see one study. The builders set some of them
+# (highdicom copies the date, time, ID, accession and referring physician), none sets the description.
+STUDY_KEYWORDS = (
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingServiceCodeSequence",
+    "ProcedureCodeSequence",
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "AdditionalPatientHistory",
 )
 
 
@@ -100,10 +127,22 @@ class ResultContext:
             raise ValueError("no volume geometry: the series was not analysed")
         return self.geometry
 
+    def tracking_uid(self, finding: Finding, number: int) -> str:
+        """The finding's Tracking UID: the detector's, or one derived from the series and its number."""
+        return finding.tracking_uid or self.uid("finding", number)
+
+    def tracking_id(self, finding: Finding, number: int) -> str:
+        """The finding's Tracking Identifier (at most 64 characters), e.g. ``aneurysm 1``."""
+        return (finding.tracking_id or f"{finding.kind} {number}")[:64]
+
     def slice_of(self, finding: Finding) -> int:
         """Index of the source slice through the finding's centre (clipped to the volume)."""
         k = float(self.volume.patient_to_index(finding.center_mm)[0])
         return int(np.clip(round(k), 0, len(self.sources) - 1))
+
+    def finding_slices(self, findings: Sequence[Finding]) -> list[Dataset]:
+        """The source slices through the findings' centres, in volume order, each once."""
+        return [self.sources[k] for k in sorted({self.slice_of(f) for f in findings})]
 
     def pixel_of(self, finding: Finding) -> tuple[float, float]:
         """(column, row) of the finding's centre in its slice."""
@@ -127,6 +166,38 @@ class ResultContext:
         }
 
 
+# Type 2 attributes of the Patient and General Study modules the builders read from a source (a source may
+# lack them: an old or a de-identified one); the results send them empty, as PS3.3 allows.
+_TYPE2_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def source_view(ds: Dataset) -> Dataset:
+    """A view of a source instance the builders can read: its elements (shared, pixel data included, not
+    copied) and the Type 2 Patient and Study attributes it lacks, empty.
+
+    The source itself is never changed (it is the stored instance's dataset).
+    """
+    view = Dataset()
+    for element in ds:
+        view.add(element)
+    for keyword in _TYPE2_KEYWORDS:
+        if keyword not in view:
+            setattr(view, keyword, None)
+    if hasattr(ds, "file_meta"):
+        view.file_meta = ds.file_meta
+    return view
+
+
 def sort_sources(sources: Sequence[Dataset], geometry: VolumeGeometry) -> list[Dataset]:
     """Source slices in volume order (by position along the slice normal, as ``VolumeGeometry`` assumes)."""
     normal = geometry.slice_direction
@@ -138,6 +209,24 @@ def copy_patient_module(source: Dataset, result: Dataset) -> None:
     for keyword in _EXTRA_PATIENT_KEYWORDS:
         if keyword in source and keyword not in result:
             result[keyword] = source[keyword]
+    # A source that says its identity was removed but not how (dciodvfy: error) gets a method that says so.
+    removed = str(result.get("PatientIdentityRemoved", "")).upper() == "YES"
+    if removed and not result.get("DeidentificationMethod") and not result.get("DeidentificationMethodCodeSequence"):
+        result.DeidentificationMethod = "not stated by the source"
+
+
+def copy_study_module(source: Dataset, result: Dataset) -> None:
+    """Give ``result`` the study-level attributes of ``source`` as the source has them.
+
+    An attribute the source has (even empty) replaces the builder's; one the source lacks is left as the
+    builder set it (Type 2 attributes stay, empty). The character set follows the text when the result
+    names none.
+    """
+    if "SpecificCharacterSet" in source and "SpecificCharacterSet" not in result:
+        result.SpecificCharacterSet = source.SpecificCharacterSet
+    for keyword in STUDY_KEYWORDS:
+        if keyword in source:
+            result[keyword] = copy.deepcopy(source[keyword])
 
 
 def copy_series_anatomy(source: Dataset, result: Dataset) -> None:

@@ -56,7 +56,10 @@ def window(values: np.ndarray, ds: Dataset) -> np.ndarray:
 
 
 def patient_orientation(ds: Dataset) -> tuple[str, str]:
-    """Patient Orientation (row and column directions as L/R, A/P, H/F letters) from the image plane."""
+    """Patient Orientation (row and column directions as L/R, A/P, H/F letters) from the image plane.
+
+    An oblique direction gets more than one letter, the main one first (``PL``), as PS3.3 C.7.6.1.1.1 says.
+    """
     iop = [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
 
     def letters(vec: list[float]) -> str:
@@ -107,20 +110,22 @@ def render(gray: np.ndarray, circles: list[tuple[float, float, float]], lines: l
 def _key_image(ctx: ResultContext, k: int, rgb: np.ndarray, number: int, comment: str) -> Dataset:
     ref = ctx.sources[k]
     common = ctx.common("sc")
+    orientation = patient_orientation(ref)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref,
         pixel_array=rgb,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        patient_orientation=patient_orientation(ref),
+        patient_orientation=(orientation[0][0], orientation[1][0]),  # highdicom takes one letter each
         sop_instance_uid=ctx.uid("sc", number),
         instance_number=number,
         transfer_syntax_uid="1.2.840.10008.1.2.1",
         content_qualification=hd.ContentQualificationValues.RESEARCH,
         **common,
     )
-    # The SC builder has no arguments for these General Image attributes: set them here.
+    # The SC builder has no arguments for these General Image attributes (nor oblique orientations): set them here.
+    sc.PatientOrientation = list(orientation)
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ImageComments = comment[:10240]

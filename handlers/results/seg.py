@@ -1,4 +1,10 @@
-"""An optional DICOM SEG of the lesions: one segment per finding, a sphere of the finding's diameter."""
+"""The DICOM SEG of the lesions: one segment per finding, a sphere of the finding's diameter, tracked with
+the finding's Tracking ID and UID as the SR's groups are.
+
+A SEG lies in the frame of reference of its source (the IOD requires one): a source without a Frame of
+Reference UID gets no SEG (``can_segment``). A source with an empty Slice Thickness gets the volume's
+slice spacing as the thickness of the segmentation's frames, which is what its spheres are sampled at.
+"""
 
 from __future__ import annotations
 
@@ -17,18 +23,47 @@ log = logging.getLogger(__name__)
 
 
 def sphere_mask(ctx: ResultContext, finding: Finding) -> np.ndarray:
-    """Boolean mask (slices, rows, columns) of the voxels within the finding's sphere."""
+    """Boolean mask (slices, rows, columns) of the voxels within the finding's sphere.
+
+    Distances are computed in the sphere's bounding box only: a grid over a whole clinical CT would take
+    gigabytes per finding.
+    """
     geometry = ctx.volume
     shape = (len(ctx.sources), int(ctx.sources[0].Rows), int(ctx.sources[0].Columns))
-    kk, jj, ii = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
     center = np.asarray(geometry.patient_to_index(finding.center_mm), float)
-    dz, dy, dx = geometry.spacing
-    dist2 = ((kk - center[0]) * dz) ** 2 + ((jj - center[1]) * dy) ** 2 + ((ii - center[2]) * dx) ** 2
-    mask = dist2 <= (finding.diameter_mm / 2.0) ** 2
+    spacing = np.asarray(geometry.spacing, float)
+    radius = finding.diameter_mm / 2.0
+    lo = [int(np.clip(np.floor(c - radius / d), 0, n)) for c, d, n in zip(center, spacing, shape, strict=True)]
+    hi = [int(np.clip(np.ceil(c + radius / d) + 1, 0, n)) for c, d, n in zip(center, spacing, shape, strict=True)]
+    mask = np.zeros(shape, dtype=bool)
+    if all(h > low for low, h in zip(lo, hi, strict=True)):
+        kk, jj, ii = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi, strict=True)), indexing="ij")
+        dist2 = ((kk - center[0]) * spacing[0]) ** 2 + ((jj - center[1]) * spacing[1]) ** 2
+        dist2 = dist2 + ((ii - center[2]) * spacing[2]) ** 2
+        mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = dist2 <= radius**2
     if not mask.any():  # smaller than a voxel: keep the centre voxel so the segment is not empty
         k, j, i = (int(np.clip(round(c), 0, n - 1)) for c, n in zip(center, shape, strict=True))
         mask[k, j, i] = True
     return mask
+
+
+def can_segment(ctx: ResultContext) -> bool:
+    """Whether a SEG can be built over the sources: they name a frame of reference."""
+    return bool(ctx.sources[0].get("FrameOfReferenceUID"))
+
+
+def _fill_slice_thickness(ctx: ResultContext, seg: Dataset) -> None:
+    """Give the frames' Pixel Measures the volume's slice spacing as thickness where the source has none.
+
+    highdicom copies the source's pixel measures (a ``pixel_measures`` argument is not used when it
+    derives them from source images), so the Type 1C attribute is set on its output.
+    """
+    spacing = float(ctx.volume.spacing[0])
+    groups = [*seg.get("SharedFunctionalGroupsSequence", []), *seg.get("PerFrameFunctionalGroupsSequence", [])]
+    for group in groups:
+        for measures in group.get("PixelMeasuresSequence", []):
+            if measures.get("SliceThickness") in (None, ""):
+                measures.SliceThickness = round(spacing, 6)
 
 
 def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
@@ -49,10 +84,12 @@ def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
     Raises
     ------
     ValueError
-        No finding given.
+        No finding given, or sources without a frame of reference.
     """
     if not findings:
         raise ValueError("a segmentation needs at least one finding")
+    if not can_segment(ctx):
+        raise ValueError("a segmentation needs sources with a Frame of Reference UID")
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ctx.algorithm.name[:64],
         family=codes.DCM.ArtificialIntelligence,
@@ -71,8 +108,8 @@ def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
                 segmented_property_type=FINDING_TYPES[finding.kind],
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
-                tracking_uid=finding.tracking_uid or ctx.uid("finding", number),
-                tracking_id=(finding.tracking_id or f"{finding.kind} {number}")[:64],
+                tracking_uid=ctx.tracking_uid(finding, number),
+                tracking_id=ctx.tracking_id(finding, number),
             )
         )
     seg = hd.seg.Segmentation(
@@ -88,5 +125,6 @@ def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
         content_qualification=hd.ContentQualificationValues.RESEARCH,
         **ctx.common("seg"),  # type: ignore[arg-type]
     )
+    _fill_slice_thickness(ctx, seg)
     log.debug("SEG with %d segment(s) built", len(descriptions))
     return seg

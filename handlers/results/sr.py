@@ -1,11 +1,18 @@
 """The findings report: a Comprehensive 3D SR following TID 1500 (Measurement Report).
 
-One measurement group (TID 1501) per finding: finding type (aneurysm, nodule), the diameter in mm
-inferred from an ELLIPSOID (the lesion as a sphere of its diameter) and the model's probability inferred
-from the lesion centre as a 3D POINT, both SCOORD3D in the series' frame of reference; a tracking
-identifier and UID; the algorithm identification with the conversion rule as parameters. A series with no
-finding gets one group (TID 1501) saying "all algorithms succeeded without findings"; a series that could
-not be analysed gets one saying "no algorithms succeeded" with the reason as a comment.
+Two measurement groups per finding, with the same tracking identifier and UID, finding type (aneurysm,
+nodule), diameter, probability and algorithm identification (TID 4019, the conversion rule as parameters):
+
+- TID 1501: the diameter in mm inferred from an ELLIPSOID (the lesion as a sphere of its diameter) and the
+  probability from the lesion centre as a 3D POINT, both SCOORD3D in the series' frame of reference;
+- TID 1410: a planar region, a CIRCLE of the lesion's radius on the source slice through its centre,
+  referenced by that slice's SOP Instance UID, which every viewer that reads TID 1500 draws and navigates to
+  (many read no SCOORD3D).
+
+The slices carrying a region make the report's image library (TID 1600); every source instance is its
+evidence. A series with no finding gets one group (TID 1501) saying "all algorithms succeeded without
+findings"; a series that could not be analysed gets one saying "no algorithms succeeded" with the reason as
+a comment.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ FINDING_TYPES: dict[str, Code] = {
     "aneurysm": codes.SCT.Aneurysm,
     "nodule": codes.SCT.Nodule,
 }
+# UCUM annotations ({...}) are dimensionless units: this one reads as what the number is, where "1" reads
+# as nothing; the value stays a probability in [0, 1].
+PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
 PROCEDURES: dict[str, Code] = {
     "CT": codes.LN.CTUnspecifiedBodyRegion,
     "MR": Code("25056-3", "LN", "MR unspecified body region"),
@@ -47,9 +57,31 @@ def _comment(text: str) -> hd.sr.TextContentItem:
     )
 
 
+def _tracking(ctx: ResultContext, finding: Finding, number: int) -> hd.sr.TrackingIdentifier:
+    """The finding's tracking identifier and UID, shared by its SR groups, SEG segment and GSPS graphics."""
+    return hd.sr.TrackingIdentifier(uid=ctx.tracking_uid(finding, number), identifier=ctx.tracking_id(finding, number))
+
+
 def _frame_of_reference(ctx: ResultContext) -> str:
+    """The series' Frame of Reference UID; empty when the source names none (then no SCOORD3D is written)."""
     uid = ctx.geometry.frame_of_reference_uid if ctx.geometry is not None else ""
-    return uid or str(ctx.sources[0].FrameOfReferenceUID)
+    return uid or str(ctx.sources[0].get("FrameOfReferenceUID", "") or "")
+
+
+# What TID 1602 (Image Library Entry) states of a cross-sectional image; highdicom reads each of them.
+_LIBRARY_KEYWORDS = ("PixelSpacing", "SliceThickness", "ImagePositionPatient", "ImageOrientationPatient")
+
+
+def image_library(ctx: ResultContext, findings: list[Finding]) -> list[Dataset] | None:
+    """The slices of the report's image library (TID 1600): those carrying a planar region.
+
+    None (no library, TID 1500 makes it optional) when there is no finding or a slice lacks one of the
+    attributes an entry describes, such as an empty Slice Thickness: an entry does not guess them.
+    """
+    slices = ctx.finding_slices(findings)
+    if not slices or not all(ds.get(k) not in (None, "") for ds in slices for k in _LIBRARY_KEYWORDS):
+        return None
+    return slices
 
 
 def finding_group(ctx: ResultContext, finding: Finding, number: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -64,10 +96,7 @@ def finding_group(ctx: ResultContext, finding: Finding, number: int) -> hd.sr.Me
         [center - axes[0], center + axes[0], center - axes[1], center + axes[1], center - axes[2], center + axes[2]]
     )
     frame_uid = _frame_of_reference(ctx)
-    tracking = hd.sr.TrackingIdentifier(
-        uid=finding.tracking_uid or ctx.uid("finding", number),
-        identifier=(finding.tracking_id or f"{finding.kind} {number}")[:64],
-    )
+    tracking = _tracking(ctx, finding, number)
     measurements = [
         hd.sr.Measurement(
             name=codes.SCT.Diameter,
@@ -84,7 +113,7 @@ def finding_group(ctx: ResultContext, finding: Finding, number: int) -> hd.sr.Me
         hd.sr.Measurement(
             name=codes.DCM.Probability,
             value=round(float(finding.probability), 4),
-            unit=codes.UCUM.NoUnits,
+            unit=PROBABILITY_UNIT,
             referenced_coordinates=[
                 hd.sr.CoordinatesForMeasurement3D(
                     graphic_type=hd.sr.GraphicTypeValues3D.POINT,
@@ -96,6 +125,44 @@ def finding_group(ctx: ResultContext, finding: Finding, number: int) -> hd.sr.Me
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
+        finding_type=FINDING_TYPES[finding.kind],
+        finding_category=codes.SCT.MorphologicallyAbnormalStructure,
+        algorithm_id=_algorithm_id(ctx),
+        measurements=measurements,
+    )
+
+
+def planar_group(
+    ctx: ResultContext, finding: Finding, number: int
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The planar ROI group (TID 1410) of one finding: a CIRCLE on the source slice through its centre.
+
+    PIXEL coordinates as in PS3.3 C.18.6.1.1: (0, 0) is the top left corner of the top left pixel, so the
+    centre of pixel (column i, row j) is (i + 0.5, j + 0.5); the circle's second point lies on its edge.
+    """
+    source = ctx.sources[ctx.slice_of(finding)]
+    col, row = ctx.pixel_of(finding)
+    cx = float(np.clip(col + 0.5, 0.0, float(source.Columns)))
+    cy = float(np.clip(row + 0.5, 0.0, float(source.Rows)))
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
+        graphic_data=np.array([[cx, cy], [cx + ctx.radius_px(finding), cy]]),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(source.SOPClassUID),
+            referenced_sop_instance_uid=str(source.SOPInstanceUID),
+        ),
+    )
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.SCT.Diameter, value=round(float(finding.diameter_mm), 3), unit=codes.UCUM.Millimeter
+        ),
+        hd.sr.Measurement(
+            name=codes.DCM.Probability, value=round(float(finding.probability), 4), unit=PROBABILITY_UNIT
+        ),
+    ]
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(ctx, finding, number),
+        referenced_region=region,
         finding_type=FINDING_TYPES[finding.kind],
         finding_category=codes.SCT.MorphologicallyAbnormalStructure,
         algorithm_id=_algorithm_id(ctx),
@@ -146,7 +213,11 @@ def build_sr(ctx: ResultContext, findings: list[Finding], analysed: bool, reason
             model_name=f"{ctx.algorithm.name} {ctx.algorithm.version}"[:64],
         ),
     )
-    groups: list = [finding_group(ctx, f, n) for n, f in enumerate(findings, start=1)]
+    # 3D coordinates need the series' frame of reference; a source without one gets the planar regions only.
+    groups: list = (
+        [finding_group(ctx, f, n) for n, f in enumerate(findings, start=1)] if _frame_of_reference(ctx) else []
+    )
+    groups += [planar_group(ctx, f, n) for n, f in enumerate(findings, start=1)]
     if not groups:
         groups = [summary_group(ctx, analysed, reason)]
     elif reason:
@@ -158,6 +229,7 @@ def build_sr(ctx: ResultContext, findings: list[Finding], analysed: bool, reason
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=PROCEDURES.get(modality, PROCEDURES["CT"]),
         imaging_measurements=groups,
+        referenced_images=image_library(ctx, findings),
     )
     common = ctx.common("sr")
     common["series_description"] = f"{common['series_description']} {ctx.algorithm.rule_text}"[:64]
