@@ -5,7 +5,8 @@
 - listen: the pynetdicom AE (C-ECHO, C-STORE, and the query/retrieve services when present) and the
   series-completion watcher;
 - work: claims ``analyze-series`` jobs and runs the pipeline (the only role that touches the GPU);
-- dispatch: claims ``send`` jobs and delivers results to their destinations.
+- dispatch: claims ``send`` jobs and delivers results to their destinations;
+- web: the console, the API, /metrics, /healthz and /readyz (``node.web``), when ``[web] enabled``.
 
 Each loop survives any single failure: an exception becomes a job state and a log line.
 """
@@ -16,19 +17,20 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
+from starlette.routing import BaseRoute
 
 from handlers.echo import handle_echo
 from handlers.permissions import Permissions
 from handlers.query import handle_find
 from handlers.retrieve import QR_SOP_CLASSES, handle_get, handle_move
-from handlers.store import STORAGE_SOP_CLASSES, StoreLimits, handle_store
+from handlers.store import STORAGE_SOP_CLASSES, StoreLimits
 from handlers.transport import (
     DEFAULT_MAX_PDU_BYTES,
     Door,
@@ -42,6 +44,10 @@ from node.config import Config
 from node.jobs import ROLE_JOBS, JobBinding, job_bindings
 from node.pipeline import DetectorSlot, ResidualSlot
 from node.series import SeriesWatcher
+from node.web.intake import guarded_store, observed_job
+from node.web.metrics import NodeMetrics, StateCollector
+from node.web.server import WebServer
+from node.web.space import GB, DiskSpace
 from storage.queue import GiveUp, Job, RetryLater
 from storage.recovery import RecoveryReport, recover
 from storage.store import open_store
@@ -51,6 +57,7 @@ log = logging.getLogger(__name__)
 JobHandler = Callable[[Job], None]
 
 ROLES = ("listen", "work", "dispatch")
+WEB_ROLE = "web"  # started beside the DICOM roles by `harmonode serve` and `harmonode listen`
 
 
 def _log_rejected(event: evt.Event) -> None:
@@ -100,6 +107,12 @@ class Node:
             )
         )
         self.job_handlers: dict[str, JobHandler] = {}
+        space = config.storage
+        self.disk = DiskSpace(config.data_path, int(space.min_free_gb * GB), int(space.resume_free_gb * GB))
+        self.metrics = NodeMetrics()
+        self.metrics.add_collector(StateCollector(self.store, self.disk, self._associations_open))
+        self.web: WebServer | None = None
+        self.roles: tuple[str, ...] = ()
         self.server: Any = None
         self.port: int | None = None
         self._stop = threading.Event()
@@ -146,7 +159,11 @@ class Node:
             (evt.EVT_ESTABLISHED, self.door.established),
             (evt.EVT_REQUESTED, self.permissions.admit),
             (evt.EVT_C_ECHO, handle_echo, [self.permissions]),
-            (evt.EVT_C_STORE, handle_store, [self.files, self.index, self.store_limits, self.permissions]),
+            (
+                evt.EVT_C_STORE,
+                guarded_store,
+                [self.files, self.index, self.store_limits, self.permissions, self.disk, self.metrics],
+            ),
             (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title, self.permissions]),
             (evt.EVT_C_MOVE, handle_move, [self.config.destinations, self.index, self.files, self.permissions]),
             (evt.EVT_C_GET, handle_get, [self.index, self.files, self.permissions]),
@@ -213,8 +230,9 @@ class Node:
         if released:
             log.warning("recovery: %d job(s) a dead process of this host had claimed are ready again", released)
         binding: JobBinding
+        self.roles = roles
         for binding in job_bindings(self.config, self.store, roles, self.detector, self.residual):
-            self.job_handlers[binding.kind] = binding
+            self.job_handlers[binding.kind] = observed_job(binding.kind, binding, self.index, self.metrics)
         if "listen" in roles:
             self.start_listening()
         if "work" in roles:
@@ -222,10 +240,47 @@ class Node:
                 self._spawn(f"worker-{i}", lambda: self.run_jobs(ROLE_JOBS["work"]))
         if "dispatch" in roles:
             self._spawn("dispatcher", lambda: self.run_jobs(ROLE_JOBS["dispatch"]))
+        if WEB_ROLE in roles and self.config.web.enabled:
+            self.start_web()
+
+    # -- web ----------------------------------------------------------------------------------------
+    def _associations_open(self) -> int | None:
+        server = self.server
+        return len(server.active_associations) if server is not None else None
+
+    def roles_alive(self) -> dict[str, bool]:
+        """Each DICOM role this process runs, and whether its thread(s) are alive."""
+        alive = {t.name for t in self._threads if t.is_alive()}
+        checks = {
+            "listen": self.server is not None and "series-watcher" in alive,
+            "work": any(name.startswith("worker-") for name in alive),
+            "dispatch": "dispatcher" in alive,
+        }
+        return {role: checks[role] for role in self.roles if role in checks}
+
+    def start_web(self, mounts: Sequence[BaseRoute] = ()) -> int:
+        """Start the HTTP server (console, API, metrics, health) with ``mounts`` added; return its port."""
+        from node.web.app import WebContext, build_app
+
+        cfg = self.config
+        context = WebContext(
+            store=self.store,
+            settings=cfg.web,
+            identity={"ae_title": cfg.node.ae_title, "host": cfg.node.host, "port": self.port or cfg.node.port},
+            metrics=self.metrics,
+            disk=self.disk,
+            destinations=cfg.destinations,
+            roles_alive=self.roles_alive,
+        )
+        self.web = WebServer(build_app(context, mounts), cfg.web)
+        return self.web.start()
 
     def stop(self) -> None:
         """Stop every role and close storage."""
         self._stop.set()
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
         if self.server is not None:
             self.server.shutdown()
             self.server = None

@@ -77,6 +77,32 @@ class PipelineConfig:
     residual_cache_gb: float = 8.0  # residual maps kept per series (a change of strength reuses them)
 
 
+@dataclass(frozen=True)
+class WebConfig:
+    """The HTTP server: console pages, the API, /metrics, /healthz, /readyz (``harmonode serve`` and ``listen``)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback by default: put a TLS proxy in front, or set tls_* below
+    port: int = 8080  # 0: a free port chosen at start (tests)
+    tls_cert_file: str = ""  # both set: the server speaks HTTPS itself
+    tls_key_file: str = ""
+    secret_file: str = ""  # signs session cookies; default <data_dir>/web/secret (made on first start, 0600)
+    session_hours: float = 8.0
+    secure_cookies: bool = True  # the session cookie is sent over HTTPS only (browsers exempt localhost)
+    metrics_token: str = ""  # when set, /metrics needs "Authorization: Bearer <metrics_token>"
+    lockout_failures: int = 5  # failed logins of one name within lockout_minutes lock it
+    lockout_minutes: float = 15.0
+    echo_cache_s: float = 30.0  # /readyz C-ECHOes each destination at most this often
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Disk back-pressure: below ``min_free_gb`` free, C-STORE answers 0xA700 until ``resume_free_gb`` is free."""
+
+    min_free_gb: float = 1.0  # 0: never refuse for space
+    resume_free_gb: float = 0.0  # accept again above this (0: min_free_gb + 10 %)
+
+
 QueueConfig = QueueSettings  # the [queue] section: analysis jobs' leases, retries, dead letters
 
 
@@ -116,6 +142,8 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     destinations: tuple[Destination, ...] = ()
     peers: tuple[PeerPermission, ...] = ()  # [[peers]]: who may use which service; none: every admitted caller
 
@@ -148,6 +176,8 @@ _SECTIONS: dict[str, type] = {
     "queue": QueueConfig,
     "delivery": DeliveryConfig,
     "tls": TlsConfig,
+    "web": WebConfig,
+    "storage": StorageConfig,
 }
 
 

@@ -91,21 +91,22 @@ def _run_roles(config_path: Path | None, roles: tuple[str, ...], verbose: bool) 
         node.start(roles)
     except OSError as exc:
         raise fail(
-            f"cannot start: {exc} (is the port {config.node.port} free, is {config.node.data_dir} writable?)"
+            f"cannot start: {exc} (are the ports {config.node.port} and {config.web.port} ([web] port) free,"
+            f" is {config.node.data_dir} writable?)"
         ) from exc
     node.wait()
 
 
 @app.command()
 def serve(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
-    """Run the whole node in one process: listen (SCPs), work (pipeline) and dispatch (delivery)."""
-    _run_roles(config, ("listen", "work", "dispatch"), verbose)
+    """Run the whole node in one process: listen (SCPs), work (pipeline), dispatch (delivery) and the console."""
+    _run_roles(config, ("listen", "work", "dispatch", "web"), verbose)
 
 
 @app.command()
 def listen(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
-    """Run only the listener: C-ECHO/C-STORE/query SCPs and series completion."""
-    _run_roles(config, ("listen",), verbose)
+    """Run only the listener: C-ECHO/C-STORE/query SCPs, series completion and the console."""
+    _run_roles(config, ("listen", "web"), verbose)
 
 
 @app.command()
