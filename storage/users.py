@@ -1,8 +1,11 @@
-"""The console's users, their API tokens and their failed logins (tables ``users``, ``api_tokens``, ``login_failures``).
+"""The console's users, sessions, API tokens and failed logins (``users``, ``web_sessions``, ``api_tokens``,
+``login_failures``).
 
 Passwords are kept as argon2id hashes (argon2-cffi); API tokens are random (256 bits) and kept as their
 SHA-256, so a copy of the index gives neither. A name with ``lockout_failures`` failed logins within
 ``lockout_window_s`` is locked until the oldest of them leaves the window, even for the right password.
+A console session is a random id in the (signed) cookie and its SHA-256 here, so logging out, changing a
+password or removing a user ends it on the server, not only in the browser.
 The tables live in the index (``index.sqlite``), created by ``create_tables`` when a store is opened.
 """
 
@@ -84,6 +87,10 @@ def create_tables(db: sqlite_utils.Database) -> None:
         if_not_exists=True,
     )
     db["api_tokens"].create_index(["name"], if_not_exists=True)
+    db["web_sessions"].create(
+        {"sid_sha256": str, "name": str, "created_at": float, "expires_at": float}, pk="sid_sha256", if_not_exists=True
+    )
+    db["web_sessions"].create_index(["name"], if_not_exists=True)
     db["login_failures"].create({"name": str, "at": float}, if_not_exists=True)
     db["login_failures"].create_index(["name", "at"], if_not_exists=True)
 
@@ -128,6 +135,7 @@ def add_user(index: Index, name: str, role: str, password: str, replace: bool = 
             (name, str(the_role), hashed, now, now),
         )
         conn.execute("DELETE FROM login_failures WHERE name=?", (name,))
+        conn.execute("DELETE FROM web_sessions WHERE name=?", (name,))  # a new password ends old sessions
     return User(name, the_role)
 
 
@@ -135,6 +143,7 @@ def remove_user(index: Index, name: str) -> bool:
     """Remove a user and its tokens; return whether it existed."""
     with index.transaction() as conn:
         conn.execute("DELETE FROM api_tokens WHERE name=?", (name,))
+        conn.execute("DELETE FROM web_sessions WHERE name=?", (name,))
         return conn.execute("DELETE FROM users WHERE name=?", (name,)).rowcount > 0
 
 
@@ -202,6 +211,35 @@ def failed_logins(index: Index, name: str, window_s: float = 15 * 60) -> int:
     """How many failed logins ``name`` had within the last ``window_s`` seconds."""
     rows = index.query("SELECT COUNT(*) n FROM login_failures WHERE name=? AND at>?", (name, time.time() - window_s))
     return int(rows[0]["n"])
+
+
+def open_session(index: Index, name: str, lifetime_s: float) -> str:
+    """A new session id for ``name``, valid ``lifetime_s`` seconds (only its SHA-256 is kept)."""
+    sid = secrets.token_urlsafe(32)
+    now = time.time()
+    with index.transaction() as conn:
+        conn.execute("DELETE FROM web_sessions WHERE expires_at < ?", (now,))
+        conn.execute(
+            "INSERT INTO web_sessions (sid_sha256, name, created_at, expires_at) VALUES (?,?,?,?)",
+            (_token_sha256(sid), name, now, now + lifetime_s),
+        )
+    return sid
+
+
+def session_user(index: Index, sid: str) -> User | None:
+    """The user of an open, unexpired session, or None."""
+    rows = index.query(
+        "SELECT u.name, u.role FROM web_sessions s JOIN users u ON u.name = s.name"
+        " WHERE s.sid_sha256=? AND s.expires_at>?",
+        (_token_sha256(sid), time.time()),
+    )
+    return User(rows[0]["name"], Role(rows[0]["role"])) if rows else None
+
+
+def close_session(index: Index, sid: str) -> None:
+    """End a session (logout)."""
+    with index.transaction() as conn:
+        conn.execute("DELETE FROM web_sessions WHERE sid_sha256=?", (_token_sha256(sid),))
 
 
 def _token_sha256(token: str) -> str:

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage.index import Index
-from storage.users import LockedOut, LockoutPolicy, Role, User, authenticate, get_user, user_of_token
+from storage.users import LockedOut, LockoutPolicy, Role, User, authenticate, session_user, user_of_token
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +141,10 @@ class AuthMiddleware:
             if user is None and self.on_login_failure is not None:
                 self.on_login_failure(name, "basic")
             return Caller(user, "basic") if user else None
-        session = scope.get("session") or {}
-        name = session.get("user")
-        if not name:
+        sid = (scope.get("session") or {}).get("sid")
+        if not sid:
             return None
-        user = get_user(self.index, str(name))  # the role as it is now, not as it was at login
+        user = session_user(self.index, str(sid))  # open on the server, with the role as it is now
         return Caller(user, "session") if user else None
 
 

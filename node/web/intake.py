@@ -84,7 +84,9 @@ def guarded_store(
     answer = handle_store(event, files, index, limits, permissions)
     status = answer[0] if isinstance(answer, tuple) else answer
     if status == SUCCESS or status in _WARNING_STATUSES:
-        metrics.stored(calling_ae, _dataset_bytes(event))
+        nbytes = _dataset_bytes(event)
+        metrics.stored(calling_ae, nbytes)
+        disk.consumed(nbytes)
     else:
         metrics.refused(int(status))
     return answer

@@ -15,7 +15,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from node.web.auth import check_login_csrf, csrf_token
-from storage.users import LockedOut, LockoutPolicy, authenticate
+from storage.users import LockedOut, LockoutPolicy, authenticate, close_session, open_session
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,18 @@ def routes(context: Any, pages: Any) -> list[BaseRoute]:
                 request, "login.html", status_code=401, next=target, message="Wrong user name or password."
             )
         request.session.clear()
-        request.session["user"] = user.name
+        request.session["sid"] = await run_in_threadpool(
+            open_session, context.store.index, user.name, settings.session_hours * 3600
+        )
         csrf_token(request.session)  # a fresh token for the new session
         context.record("login", user=user.name, outcome="success", via="form", role=str(user.role))
         log.info("login: %s (%s)", user.name, user.role)
         return RedirectResponse(target, status_code=303)
 
     async def logout(request: Request) -> Response:
+        sid = request.session.get("sid")
+        if sid:
+            await run_in_threadpool(close_session, context.store.index, str(sid))
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 

@@ -1,8 +1,9 @@
 """Free space of the store's disk, read cheaply, with the watermarks of disk back-pressure.
 
 ``DiskSpace.accepting()`` is asked before every C-STORE: ``os.statvfs`` is read at most once a second and
-the answer is a cached boolean otherwise. Below the low watermark the node stops accepting; it accepts again
-only above the high watermark, so it does not flap around one value.
+the answer is a cached boolean otherwise, less the bytes stored since that read (``consumed``), so a burst
+within the second cannot run past the watermark unseen. Below the low watermark the node stops accepting;
+it accepts again only above the high watermark, so it does not flap around one value.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ class DiskSpace:
         self.resume_free_bytes = max(self.min_free_bytes, int(resume_free_bytes or self.min_free_bytes * 1.1))
         self.cache_s = cache_s
         self._lock = threading.Lock()
-        self._read_at = 0.0
+        self._read_at = float("-inf")
         self._free = 0
         self._total = 0
         self._accepting = True
+        self._written = 0  # bytes stored since the last statvfs
 
     def _refresh(self, now: float) -> None:
         try:
@@ -40,6 +42,7 @@ class DiskSpace:
             self._read_at = now
             return
         self._free, self._total, self._read_at = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize, now
+        self._written = 0
         if not self.min_free_bytes:
             return
         if self._accepting and self._free < self.min_free_bytes:
@@ -57,10 +60,15 @@ class DiskSpace:
 
     def _current(self) -> None:
         now = time.monotonic()
-        if now - self._read_at >= self.cache_s:
+        near = self._accepting and self.min_free_bytes and self._free - self._written < self.min_free_bytes
+        if near or now - self._read_at >= self.cache_s:
             with self._lock:
-                if now - self._read_at >= self.cache_s:
+                if near or now - self._read_at >= self.cache_s:
                     self._refresh(now)
+
+    def consumed(self, nbytes: int) -> None:
+        """Note ``nbytes`` just stored (the free space is read again early when they bring it near the mark)."""
+        self._written += nbytes
 
     def accepting(self) -> bool:
         """Whether instances may be stored now (statvfs read at most every ``cache_s`` seconds)."""
