@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute
 
 from conftest import make_config
 from node.app import Node
+from node.config import Config, with_overrides
 from storage.users import add_user
 
 PASSWORDS = {"ada": "ada-password-1", "olga": "olga-password-1", "vic": "vic-password-1"}
@@ -21,11 +22,19 @@ HTML = {"accept": "text/html"}
 
 @contextmanager
 def web_node(
-    workdir: Path, roles: tuple[str, ...] = ("listen",), mounts: Sequence[BaseRoute] = (), **sections: dict
+    workdir: Path,
+    roles: tuple[str, ...] = ("listen",),
+    mounts: Sequence[BaseRoute] = (),
+    config: Config | None = None,
+    **sections: dict,
 ) -> Iterator[Node]:
-    """A node running ``roles`` and its web server on a free port, with the users of ``PASSWORDS``."""
+    """A node running ``roles`` and its web server on a free port, with the users of ``PASSWORDS``.
+
+    ``config`` (from ``conftest.make_config``) replaces the default test config; ``sections`` override it.
+    """
     web = {"port": 0, **sections.pop("web", {})}
-    node = Node(make_config(workdir, web=web, **sections))
+    config = with_overrides(config or make_config(workdir), web=web, **sections)
+    node = Node(config)
     node.start(roles)
     for name, password in PASSWORDS.items():
         add_user(node.index, name, ROLES[name], password)
