@@ -1,8 +1,8 @@
 """Free space of the store's disk, read cheaply, with the watermarks of disk back-pressure.
 
 ``DiskSpace.accepting()`` is asked before every C-STORE: ``os.statvfs`` is read at most once a second and
-the answer is a cached boolean otherwise, less the bytes stored since that read (``consumed``), so a burst
-within the second cannot run past the watermark unseen. Below the low watermark the node stops accepting;
+the answer is a cached boolean otherwise. Once the free space, less the bytes stored since that read
+(``consumed``), is within twice the watermark, it is read on every instance, so a burst cannot run past it. Below the low watermark the node stops accepting;
 it accepts again only above the high watermark, so it does not flap around one value.
 """
 
@@ -60,7 +60,9 @@ class DiskSpace:
 
     def _current(self) -> None:
         now = time.monotonic()
-        near = self._accepting and self.min_free_bytes and self._free - self._written < self.min_free_bytes
+        # within twice the watermark the disk is read on every instance: the index's WAL and the file
+        # system's own blocks grow beside the bytes stored, and a burst must not run past the mark
+        near = self._accepting and self.min_free_bytes and self._free - self._written < 2 * self.min_free_bytes
         if near or now - self._read_at >= self.cache_s:
             with self._lock:
                 if near or now - self._read_at >= self.cache_s:
