@@ -44,10 +44,12 @@ from node.config import Config
 from node.jobs import ROLE_JOBS, JobBinding, job_bindings
 from node.pipeline import DetectorSlot, ResidualSlot
 from node.series import SeriesWatcher
+from node.web.auditing import NodeAudit
 from node.web.intake import guarded_store, observed_job
 from node.web.metrics import NodeMetrics, StateCollector
 from node.web.server import WebServer
 from node.web.space import GB, DiskSpace
+from storage.audit import AuditTrail
 from storage.queue import GiveUp, Job, RetryLater
 from storage.recovery import RecoveryReport, recover
 from storage.store import open_store
@@ -112,6 +114,8 @@ class Node:
         self.metrics = NodeMetrics()
         self.metrics.add_collector(StateCollector(self.store, self.disk, self._associations_open))
         self.web: WebServer | None = None
+        audit_dir = Path(space.audit_dir) if space.audit_dir else config.data_path / "audit"
+        self.audit = NodeAudit(AuditTrail(audit_dir / "audit.log", node.ae_title), self.index, node.ae_title)
         self.roles: tuple[str, ...] = ()
         self.server: Any = None
         self.port: int | None = None
@@ -162,8 +166,10 @@ class Node:
             (
                 evt.EVT_C_STORE,
                 guarded_store,
-                [self.files, self.index, self.store_limits, self.permissions, self.disk, self.metrics],
+                [self.files, self.index, self.store_limits, self.permissions, self.disk, self.metrics, self.audit],
             ),
+            (evt.EVT_RELEASED, self.audit.association_closed),
+            (evt.EVT_ABORTED, self.audit.association_closed),
             (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title, self.permissions]),
             (evt.EVT_C_MOVE, handle_move, [self.config.destinations, self.index, self.files, self.permissions]),
             (evt.EVT_C_GET, handle_get, [self.index, self.files, self.permissions]),
@@ -271,6 +277,7 @@ class Node:
             disk=self.disk,
             destinations=cfg.destinations,
             roles_alive=self.roles_alive,
+            audit=self.audit,
         )
         self.web = WebServer(build_app(context, mounts), cfg.web)
         return self.web.start()

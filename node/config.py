@@ -101,6 +101,7 @@ class StorageConfig:
 
     min_free_gb: float = 1.0  # 0: never refuse for space
     resume_free_gb: float = 0.0  # accept again above this (0: min_free_gb + 10 %)
+    audit_dir: str = ""  # the audit trail (PS3.15 A.5 messages, hash-chained); default <data_dir>/audit
 
 
 QueueConfig = QueueSettings  # the [queue] section: analysis jobs' leases, retries, dead letters

@@ -19,6 +19,7 @@ from pynetdicom import evt
 
 from handlers.permissions import Permissions
 from handlers.store import OUT_OF_RESOURCES, SUCCESS, StoreLimits, handle_store
+from node.web.auditing import NodeAudit
 from node.web.metrics import NodeMetrics
 from node.web.space import DiskSpace
 from storage.files import FileStore
@@ -67,6 +68,7 @@ def guarded_store(
     permissions: Permissions | None,
     disk: DiskSpace,
     metrics: NodeMetrics,
+    audit: NodeAudit | None = None,
 ) -> int | tuple[int, Any]:
     """EVT_C_STORE handler: 0xA700 under disk back-pressure, else ``handle_store``; the outcome is counted."""
     calling_ae = event.assoc.requestor.ae_title
@@ -87,6 +89,8 @@ def guarded_store(
         nbytes = _dataset_bytes(event)
         metrics.stored(calling_ae, nbytes)
         disk.consumed(nbytes)
+        if audit is not None:
+            audit.stored(event.assoc, str(event.request.AffectedSOPInstanceUID or ""))
     else:
         metrics.refused(int(status))
     return answer

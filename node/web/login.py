@@ -56,16 +56,19 @@ def routes(context: Any, pages: Any) -> list[BaseRoute]:
             )
         if user is None:
             log.warning("login failed for a user name from %s", request.client.host if request.client else "?")
-            context.record("login", user=name, outcome="failure", via="form")
+            context.record(
+                "login", user=name, outcome="failure", via="form", address=request.client.host if request.client else ""
+            )
             return pages.render(
                 request, "login.html", status_code=401, next=target, message="Wrong user name or password."
             )
+        address = request.client.host if request.client else ""
         request.session.clear()
         request.session["sid"] = await run_in_threadpool(
             open_session, context.store.index, user.name, settings.session_hours * 3600
         )
         csrf_token(request.session)  # a fresh token for the new session
-        context.record("login", user=user.name, outcome="success", via="form", role=str(user.role))
+        context.record("login", user=user.name, outcome="success", via="form", address=address)
         log.info("login: %s (%s)", user.name, user.role)
         return RedirectResponse(target, status_code=303)
 

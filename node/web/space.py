@@ -2,8 +2,9 @@
 
 ``DiskSpace.accepting()`` is asked before every C-STORE: ``os.statvfs`` is read at most once a second and
 the answer is a cached boolean otherwise. Once the free space, less the bytes stored since that read
-(``consumed``), is within twice the watermark, it is read on every instance, so a burst cannot run past it. Below the low watermark the node stops accepting;
-it accepts again only above the high watermark, so it does not flap around one value.
+(``consumed``), is within twice the watermark, it is read on every instance, so a burst cannot run past
+it. Below the low watermark the node stops accepting; it accepts again only above the high watermark, so
+it does not flap around one value.
 """
 
 from __future__ import annotations
