@@ -247,7 +247,12 @@ class Node:
         if "dispatch" in roles:
             self._spawn("dispatcher", lambda: self.run_jobs(ROLE_JOBS["dispatch"]))
         if WEB_ROLE in roles and self.config.web.enabled:
-            self.start_web()
+            try:
+                self.start_web()
+            except (OSError, RuntimeError) as exc:  # the console is not worth refusing scanners for
+                web = self.config.web
+                log.error("web console not started on %s:%d (%s): DICOM roles keep serving", web.host, web.port, exc)
+                self.web = None
 
     # -- web ----------------------------------------------------------------------------------------
     def _associations_open(self) -> int | None:

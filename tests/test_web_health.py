@@ -115,3 +115,23 @@ def test_a_full_disk_answers_a700_keeps_every_acknowledged_instance_and_recovers
         wait_until(lambda: node.disk.accepting(), timeout=10, what="accepting again")
         assert _push(node.port, _big_slices(1)) == [0]
         assert httpx.get(base_url(node) + "/readyz").json()["checks"]["disk_space"]["ok"] is True
+
+
+def test_a_web_port_in_use_leaves_the_dicom_roles_serving(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    from node.app import Node
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        node = Node(make_config(tmp_path / "node", web={"port": taken.getsockname()[1]}))
+        node.start(("listen", "web"))
+        try:
+            assert node.web is None and "web console not started" in caplog.text
+            assert _push(node.port, make_ct_series(seed=2, slices=1)) == [0]
+        finally:
+            node.stop()
+    finally:
+        taken.close()

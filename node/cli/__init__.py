@@ -91,8 +91,7 @@ def _run_roles(config_path: Path | None, roles: tuple[str, ...], verbose: bool) 
         node.start(roles)
     except OSError as exc:
         raise fail(
-            f"cannot start: {exc} (are the ports {config.node.port} and {config.web.port} ([web] port) free,"
-            f" is {config.node.data_dir} writable?)"
+            f"cannot start: {exc} (is the port {config.node.port} free, is {config.node.data_dir} writable?)"
         ) from exc
     node.wait()
 
