@@ -5,7 +5,8 @@
 - listen: the pynetdicom AE (C-ECHO, C-STORE, the query/retrieve services, storage commitment), the
   series-completion watcher and the storage commitment reporter;
 - work: claims ``analyze-series`` jobs and runs the pipeline (the only role that touches the GPU);
-- dispatch: claims ``send`` jobs and delivers results to their destinations.
+- dispatch: claims ``send`` jobs and delivers results to their destinations;
+- web: the console, the API, /metrics, /healthz and /readyz (``node.web``), when ``[web] enabled``.
 
 Each loop survives any single failure: an exception becomes a job state and a log line.
 """
@@ -16,20 +17,21 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
+from starlette.routing import BaseRoute
 
 from handlers.commitment import COMMITMENT_SOP_CLASS, CommitmentReporter, handle_commitment_request, reply_address
 from handlers.echo import handle_echo
 from handlers.permissions import Permissions
 from handlers.query import handle_find
 from handlers.retrieve import QR_SOP_CLASSES, handle_get, handle_move
-from handlers.store import STORAGE_SOP_CLASSES, StoreLimits, handle_store
+from handlers.store import STORAGE_SOP_CLASSES, StoreLimits
 from handlers.transport import (
     DEFAULT_MAX_PDU_BYTES,
     Door,
@@ -43,6 +45,12 @@ from node.config import Config
 from node.jobs import ROLE_JOBS, JobBinding, job_bindings
 from node.pipeline import DetectorSlot, ResidualSlot
 from node.series import SeriesWatcher
+from node.web.auditing import NodeAudit
+from node.web.intake import guarded_store, observed_job
+from node.web.metrics import NodeMetrics, StateCollector
+from node.web.server import WebServer
+from node.web.space import GB, DiskSpace
+from storage.audit import AuditTrail
 from storage.commitments import Commitments
 from storage.queue import GiveUp, Job, RetryLater
 from storage.recovery import RecoveryReport, recover
@@ -53,6 +61,7 @@ log = logging.getLogger(__name__)
 JobHandler = Callable[[Job], None]
 
 ROLES = ("listen", "work", "dispatch")
+WEB_ROLE = "web"  # started beside the DICOM roles by `harmonode serve` and `harmonode listen`
 
 
 def _log_rejected(event: evt.Event) -> None:
@@ -118,6 +127,14 @@ class Node:
             )
         )
         self.job_handlers: dict[str, JobHandler] = {}
+        space = config.storage
+        self.disk = DiskSpace(config.data_path, int(space.min_free_gb * GB), int(space.resume_free_gb * GB))
+        self.metrics = NodeMetrics()
+        self.metrics.add_collector(StateCollector(self.store, self.disk, self._associations_open))
+        self.web: WebServer | None = None
+        audit_dir = Path(space.audit_dir) if space.audit_dir else config.data_path / "audit"
+        self.audit = NodeAudit(AuditTrail(audit_dir / "audit.log", node.ae_title), self.index, node.ae_title)
+        self.roles: tuple[str, ...] = ()
         self.server: Any = None
         self.port: int | None = None
         self._stop = threading.Event()
@@ -165,7 +182,13 @@ class Node:
             (evt.EVT_ESTABLISHED, self.door.established),
             (evt.EVT_REQUESTED, self.permissions.admit),
             (evt.EVT_C_ECHO, handle_echo, [self.permissions]),
-            (evt.EVT_C_STORE, handle_store, [self.files, self.index, self.store_limits, self.permissions]),
+            (
+                evt.EVT_C_STORE,
+                guarded_store,
+                [self.files, self.index, self.store_limits, self.permissions, self.disk, self.metrics, self.audit],
+            ),
+            (evt.EVT_RELEASED, self.audit.association_closed),
+            (evt.EVT_ABORTED, self.audit.association_closed),
             (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title, self.permissions]),
             (evt.EVT_C_MOVE, handle_move, [self.config.destinations, self.index, self.files, self.permissions]),
             (evt.EVT_C_GET, handle_get, [self.index, self.files, self.permissions]),
@@ -238,8 +261,9 @@ class Node:
         if released:
             log.warning("recovery: %d job(s) a dead process of this host had claimed are ready again", released)
         binding: JobBinding
+        self.roles = roles
         for binding in job_bindings(self.config, self.store, roles, self.detector, self.residual):
-            self.job_handlers[binding.kind] = binding
+            self.job_handlers[binding.kind] = observed_job(binding.kind, binding, self.index, self.metrics)
         if "listen" in roles:
             self.start_listening()
         if "work" in roles:
@@ -247,11 +271,54 @@ class Node:
                 self._spawn(f"worker-{i}", lambda: self.run_jobs(ROLE_JOBS["work"]))
         if "dispatch" in roles:
             self._spawn("dispatcher", lambda: self.run_jobs(ROLE_JOBS["dispatch"]))
+        if WEB_ROLE in roles and self.config.web.enabled:
+            try:
+                self.start_web()
+            except (OSError, RuntimeError) as exc:  # the console is not worth refusing scanners for
+                web = self.config.web
+                log.error("web console not started on %s:%d (%s): DICOM roles keep serving", web.host, web.port, exc)
+                self.web = None
+
+    # -- web ----------------------------------------------------------------------------------------
+    def _associations_open(self) -> int | None:
+        server = self.server
+        return len(server.active_associations) if server is not None else None
+
+    def roles_alive(self) -> dict[str, bool]:
+        """Each DICOM role this process runs, and whether its thread(s) are alive."""
+        alive = {t.name for t in self._threads if t.is_alive()}
+        checks = {
+            "listen": self.server is not None and "series-watcher" in alive,
+            "work": any(name.startswith("worker-") for name in alive),
+            "dispatch": "dispatcher" in alive,
+        }
+        return {role: checks[role] for role in self.roles if role in checks}
+
+    def start_web(self, mounts: Sequence[BaseRoute] = ()) -> int:
+        """Start the HTTP server (console, API, metrics, health) with ``mounts`` added; return its port."""
+        from node.web.app import WebContext, build_app
+
+        cfg = self.config
+        context = WebContext(
+            store=self.store,
+            settings=cfg.web,
+            identity={"ae_title": cfg.node.ae_title, "host": cfg.node.host, "port": self.port or cfg.node.port},
+            metrics=self.metrics,
+            disk=self.disk,
+            destinations=cfg.destinations,
+            roles_alive=self.roles_alive,
+            audit=self.audit,
+        )
+        self.web = WebServer(build_app(context, mounts), cfg.web)
+        return self.web.start()
 
     def stop(self) -> None:
         """Stop every role and close storage."""
         self._stop.set()
         self.commitment_reporter.wake()
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
         if self.server is not None:
             self.server.shutdown()
             self.server = None

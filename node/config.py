@@ -87,6 +87,33 @@ class CommitmentConfig:
     same_association_grace_s: float = 0.25  # the requester's association still open this long: report on it
 
 
+@dataclass(frozen=True)
+class WebConfig:
+    """The HTTP server: console pages, the API, /metrics, /healthz, /readyz (``harmonode serve`` and ``listen``)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback by default: put a TLS proxy in front, or set tls_* below
+    port: int = 8080  # 0: a free port chosen at start (tests)
+    tls_cert_file: str = ""  # both set: the server speaks HTTPS itself
+    tls_key_file: str = ""
+    secret_file: str = ""  # signs session cookies; default <data_dir>/web/secret (made on first start, 0600)
+    session_hours: float = 8.0
+    secure_cookies: bool = True  # the session cookie is sent over HTTPS only (browsers exempt localhost)
+    metrics_token: str = ""  # when set, /metrics needs "Authorization: Bearer <metrics_token>"
+    lockout_failures: int = 5  # failed logins of one name within lockout_minutes lock it
+    lockout_minutes: float = 15.0
+    echo_cache_s: float = 30.0  # /readyz C-ECHOes each destination at most this often
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Disk back-pressure: below ``min_free_gb`` free, C-STORE answers 0xA700 until ``resume_free_gb`` is free."""
+
+    min_free_gb: float = 1.0  # 0: never refuse for space
+    resume_free_gb: float = 0.0  # accept again above this (0: min_free_gb + 10 %)
+    audit_dir: str = ""  # the audit trail (PS3.15 A.5 messages, hash-chained); default <data_dir>/audit
+
+
 QueueConfig = QueueSettings  # the [queue] section: analysis jobs' leases, retries, dead letters
 
 
@@ -127,6 +154,8 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     destinations: tuple[Destination, ...] = ()
     peers: tuple[PeerPermission, ...] = ()  # [[peers]]: who may use which service; none: every admitted caller
 
@@ -160,6 +189,8 @@ _SECTIONS: dict[str, type] = {
     "delivery": DeliveryConfig,
     "tls": TlsConfig,
     "commitment": CommitmentConfig,
+    "web": WebConfig,
+    "storage": StorageConfig,
 }
 
 

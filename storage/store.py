@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from storage import deliveries
+from storage import deliveries, users
 from storage.files import FileStore
 from storage.index import Index
 from storage.queue import DELIVERY_POLICY, JobKind, JobQueue, QueueSettings
@@ -70,5 +70,6 @@ def open_store(data_dir: str | Path, settings: StoreSettings | None = None) -> S
     index = Index(root / "index.sqlite")
     with index.lock:
         deliveries.create_table(index.db)
+        users.create_tables(index.db)
     queue = JobQueue(root / "queue.sqlite", settings.queue, {JobKind.SEND: settings.delivery})
     return Store(root, files, index, queue)

@@ -98,14 +98,14 @@ def _run_roles(config_path: Path | None, roles: tuple[str, ...], verbose: bool) 
 
 @app.command()
 def serve(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
-    """Run the whole node in one process: listen (SCPs), work (pipeline) and dispatch (delivery)."""
-    _run_roles(config, ("listen", "work", "dispatch"), verbose)
+    """Run the whole node in one process: listen (SCPs), work (pipeline), dispatch (delivery) and the console."""
+    _run_roles(config, ("listen", "work", "dispatch", "web"), verbose)
 
 
 @app.command()
 def listen(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
-    """Run only the listener: C-ECHO/C-STORE/query SCPs and series completion."""
-    _run_roles(config, ("listen",), verbose)
+    """Run only the listener: C-ECHO/C-STORE/query SCPs, series completion and the console."""
+    _run_roles(config, ("listen", "web"), verbose)
 
 
 @app.command()
@@ -188,6 +188,7 @@ def _register_optional_commands() -> None:
         ("node.cli.models", "register"),
         ("node.cli.qr", "register"),
         ("node.cli.harmonize", "register"),
+        ("node.cli.users", "register"),
     ):
         try:
             mod = importlib.import_module(module)
