@@ -82,11 +82,6 @@ def parse_accept(header: str) -> list[MediaRange]:
     return sorted(ranges, key=lambda r: -r.quality)
 
 
-def accepts_json(ranges: list[MediaRange]) -> bool:
-    """Whether a dicom+json (or plain JSON) answer is acceptable."""
-    return any(r.media_type in (DICOM_JSON, "application/json", "application/*", "*/*") for r in ranges)
-
-
 def parse_multipart(body: bytes, boundary: str) -> list[tuple[dict[str, str], bytes]]:
     """The parts of a multipart body: (headers with lower-case names, content) each.
 

@@ -29,7 +29,6 @@ from node.web.dicomweb.media import (
     MULTIPART,
     OCTET_STREAM,
     BadMultipart,
-    accepts_json,
     multipart_content_type,
     multipart_stream,
     new_boundary,
@@ -129,8 +128,7 @@ class DicomWeb:
     # -- QIDO-RS ------------------------------------------------------------------------------------------
     def _search(self, level: str) -> Callable[[Request], Response]:
         def search(request: Request) -> Response:
-            if not accepts_json(parse_accept(request.headers.get("accept", ""))):
-                return _error(406, f"QIDO-RS answers {DICOM_JSON}")
+            # always dicom+json: a browser asking for text/html gets it too rather than a 406
             try:
                 fixed = {
                     k: v
