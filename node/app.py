@@ -295,7 +295,7 @@ class Node:
             self.metrics,
             self.audit.trail,
         )
-        self.web = WebServer(build_app(context, [dicomweb, *mounts]), cfg.web)
+        self.web = WebServer(build_app(context, [*mounts, dicomweb]), cfg.web)  # mounts given first win
         return self.web.start()
 
     def stop(self) -> None:
