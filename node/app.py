@@ -272,6 +272,7 @@ class Node:
     def start_web(self, mounts: Sequence[BaseRoute] = ()) -> int:
         """Start the HTTP server (console, API, metrics, health, DICOMweb) with ``mounts`` added; return its port."""
         from node.web.app import WebContext, build_app
+        from node.web.dicomweb import PREFIX as DICOMWEB_PREFIX
         from node.web.dicomweb import node_dicomweb
 
         cfg = self.config
@@ -295,7 +296,8 @@ class Node:
             self.metrics,
             self.audit.trail,
         )
-        self.web = WebServer(build_app(context, [*mounts, dicomweb]), cfg.web)  # mounts given first win
+        own = [dicomweb] if all(getattr(m, "path", "") != DICOMWEB_PREFIX for m in mounts) else []  # theirs wins
+        self.web = WebServer(build_app(context, [*mounts, *own]), cfg.web)
         return self.web.start()
 
     def stop(self) -> None:
