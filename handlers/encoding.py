@@ -110,7 +110,7 @@ def check_pixel_data(ds: Dataset, total: int, transfer_syntax_uid: str) -> None:
     """
     if "PixelData" not in ds:
         return
-    element: Any = ds.get_item("PixelData")
+    element: Any = ds.get_item("PixelData", keep_deferred=True)  # a deferred value keeps its length and position
     length, tell = getattr(element, "length", None), getattr(element, "value_tell", None)
     deflated = transfer_syntax_uid == DeflatedExplicitVRLittleEndian  # positions are in the inflated stream
     if not deflated and length is not None and tell is not None and length != 0xFFFFFFFF and tell + length > total:

@@ -295,8 +295,10 @@ class Node:
         return {role: checks[role] for role in self.roles if role in checks}
 
     def start_web(self, mounts: Sequence[BaseRoute] = ()) -> int:
-        """Start the HTTP server (console, API, metrics, health) with ``mounts`` added; return its port."""
+        """Start the HTTP server (console, API, metrics, health, DICOMweb) with ``mounts`` added; return its port."""
         from node.web.app import WebContext, build_app
+        from node.web.dicomweb import PREFIX as DICOMWEB_PREFIX
+        from node.web.dicomweb import node_dicomweb
 
         cfg = self.config
         context = WebContext(
@@ -309,7 +311,18 @@ class Node:
             roles_alive=self.roles_alive,
             audit=self.audit,
         )
-        self.web = WebServer(build_app(context, mounts), cfg.web)
+        dicomweb = node_dicomweb(
+            self.files,
+            self.index,
+            self.store_limits,
+            cfg.node.ae_title,
+            max(cfg.node.max_dataset_mb, 1) * 1024 * 1024,
+            self.disk,
+            self.metrics,
+            self.audit.trail,
+        )
+        own = [dicomweb] if all(getattr(m, "path", "") != DICOMWEB_PREFIX for m in mounts) else []  # theirs wins
+        self.web = WebServer(build_app(context, [*mounts, *own]), cfg.web)
         return self.web.start()
 
     def stop(self) -> None:
