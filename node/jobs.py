@@ -68,6 +68,7 @@ def job_bindings(
             detector,
             residual,
             MapCache(store.root / "cache" / "residual", int(config.pipeline.residual_cache_gb * 1024**3)),
+            config.learning.export_settings,
         )
         bindings.append(JobBinding(JobKind.ANALYZE_SERIES, analyze_series, {"worker": worker}))
     if "dispatch" in roles:
