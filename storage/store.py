@@ -70,12 +70,8 @@ def open_store(data_dir: str | Path, settings: StoreSettings | None = None) -> S
     index = Index(root / "index.sqlite")
     with index.lock:
         deliveries.create_table(index.db)
-<<<<<<< HEAD
         users.create_tables(index.db)
-    queue = JobQueue(root / "queue.sqlite", settings.queue, {JobKind.SEND: settings.delivery})
-=======
     # export records to the learning side retry as long as results to PACS do
     policies = {JobKind.SEND: settings.delivery, JobKind.EXPORT: settings.delivery}
     queue = JobQueue(root / "queue.sqlite", settings.queue, policies)
->>>>>>> 86c6d4c (WIP learning loop: features and reliability (models/features.py), findings/feedback/exports tables, export job, [learning] config)
     return Store(root, files, index, queue)
