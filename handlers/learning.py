@@ -40,8 +40,16 @@ def with_finding_ids(findings: Sequence[Finding], series_uid: str, model_version
     for n, f in enumerate(findings, start=1):
         uid = f.tracking_uid or finding_uid(series_uid, model_version, rule_id, n)
         out.append(
-            Finding(f.kind, f.center_mm, f.diameter_mm, f.probability, f.center_index, f.tracking_id or f"{f.kind}-{n}",
-                    uid, dict(f.extra))
+            Finding(
+                f.kind,
+                f.center_mm,
+                f.diameter_mm,
+                f.probability,
+                f.center_index,
+                f.tracking_id or f"{f.kind}-{n}",
+                uid,
+                dict(f.extra),
+            )
         )
     return out
 
@@ -125,7 +133,11 @@ def record_findings(
             record.features,
             len(feat.vector),
             FEATURE_CODEC,
-            {"kind": record.kind, "probability": round(record.probability, 4), "diameter_mm": round(record.diameter_mm, 1)},
+            {
+                "kind": record.kind,
+                "probability": round(record.probability, 4),
+                "diameter_mm": round(record.diameter_mm, 1),
+            },
             None,
             feat.reliability,
             model_version,
@@ -167,4 +179,6 @@ def export_assessed(
         finding["model_version"],
         finding["condition_key"],
     )
-    return add_export(index, queue, settings, body, finding["finding_id"], f"{finding['finding_id']}:feedback:{feedback_id}")
+    return add_export(
+        index, queue, settings, body, finding["finding_id"], f"{finding['finding_id']}:feedback:{feedback_id}"
+    )

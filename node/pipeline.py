@@ -24,8 +24,8 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from handlers.results import AlgorithmInfo, build_results
 from handlers.learning import record_findings, with_finding_ids
+from handlers.results import AlgorithmInfo, build_results
 from handlers.results.derived import derived_series
 from models.findings import Finding
 from models.residual import ResidualOutcome, residual_stage

@@ -38,8 +38,18 @@ if TYPE_CHECKING:  # the index's schema creates this module's table: no import a
 RECORD_FORMAT = "harmonode-export/1"
 #: The only keys a record has (the privacy contract: tests check every record against it).
 RECORD_KEYS = frozenset(
-    {"format", "trigger", "features", "feature_codec", "feature_length", "result", "changed", "reliability",
-     "model_version", "condition_key"}
+    {
+        "format",
+        "trigger",
+        "features",
+        "feature_codec",
+        "feature_length",
+        "result",
+        "changed",
+        "reliability",
+        "model_version",
+        "condition_key",
+    }
 )
 
 

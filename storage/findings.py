@@ -191,9 +191,7 @@ def findings_status(index: Index, limit: int = 10000) -> list[dict[str, Any]]:
 
 
 # -- reports: the SR versions ------------------------------------------------------------------------
-def save_report(
-    index: Index, sop_uid: str, series_uid: str, sr_series_uid: str, path: str, version: int = 1
-) -> None:
+def save_report(index: Index, sop_uid: str, series_uid: str, sr_series_uid: str, path: str, version: int = 1) -> None:
     """Record a findings SR the node issued (a rerun records the same one again)."""
     with index.transaction() as conn:
         conn.execute(
