@@ -35,6 +35,7 @@ from storage.feedback import (
     FeedbackState,
     already_recorded,
     record_feedback,
+    set_corrected,
 )
 from storage.files import FileStore
 from storage.index import Index, SeriesState
@@ -102,7 +103,7 @@ def _audit(desk: FeedbackDesk, assessment: Assessment, outcome: Outcome, study_u
         log.exception("audit: feedback on finding %s could not be recorded", assessment.finding_id)
 
 
-def apply_assessment(desk: FeedbackDesk, assessment: Assessment) -> FeedbackOutcome:
+def apply_assessment(desk: FeedbackDesk, assessment: Assessment, correct: bool = True) -> FeedbackOutcome:
     """Record one verdict, change the stored result, export it; or refuse it and change nothing.
 
     Parameters
@@ -111,6 +112,8 @@ def apply_assessment(desk: FeedbackDesk, assessment: Assessment) -> FeedbackOutc
         The node's storage and settings.
     assessment
         The verdict (from an assessment SR, the CLI or the console).
+    correct
+        Issue the corrected SR now (an assessment SR of several verdicts issues one, after the last).
 
     Returns
     -------
@@ -151,7 +154,7 @@ def apply_assessment(desk: FeedbackDesk, assessment: Assessment) -> FeedbackOutc
         diameter if assessment.action == FeedbackAction.MODIFY else 0.0,
     )
     corrected = ""
-    if assessment.action != FeedbackAction.ACCEPT:
+    if correct and assessment.action != FeedbackAction.ACCEPT:
         corrected = issue_corrected_sr(
             desk, finding["series_instance_uid"], f"{assessment.action} {assessment.finding_id}"
         )
@@ -245,6 +248,7 @@ def feedback_job(job: Job, desk: FeedbackDesk) -> None:
         log.warning("job %d: series %s is not in the index; nothing to do", job.id, series_uid)
         return
     applied, refused, why = 0, 0, []
+    changed: dict[str, list[int]] = {}  # source series -> feedback rows that change its result
     for row in desk.index.instances_of_series(series_uid):
         try:
             document = read_assessment(dcmread(desk.files.abspath(row["path"])))
@@ -269,12 +273,18 @@ def feedback_job(job: Job, desk: FeedbackDesk) -> None:
             if not document.assessed_sr_uids:
                 outcome = _refuse(desk, assessment, "it names no SR of this node in its evidence")
             else:
-                outcome = apply_assessment(desk, assessment)
+                outcome = apply_assessment(desk, assessment, correct=False)
             if outcome.state == FeedbackState.APPLIED:
                 applied += 1
+                if outcome.feedback_id and assessment.action != FeedbackAction.ACCEPT:
+                    series = (found.finding(desk.index, assessment.finding_id) or {}).get("series_instance_uid", "")
+                    changed.setdefault(series, []).append(outcome.feedback_id)
             else:
                 refused += 1
                 why.append(outcome.reason)
+    for source_series, rows in changed.items():  # one corrected SR per assessed series, after every verdict
+        corrected = issue_corrected_sr(desk, source_series, f"{len(rows)} verdict(s) of one assessment")
+        set_corrected(desk.index, rows, corrected)
     if applied:
         error = f"assessment: {applied} verdict(s) applied, {refused} refused" + (f" ({why[-1]})" if refused else "")
         desk.index.update_series(series_uid, state=SeriesState.DONE, error=error if refused else "")

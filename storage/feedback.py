@@ -139,6 +139,14 @@ def record_feedback(
         return int(cur.lastrowid or 0)
 
 
+def set_corrected(index: Index, row_ids: Sequence[int], corrected_sr_uid: str) -> None:
+    """Name the corrected SR that applied feedback rows produced."""
+    with index.transaction() as conn:
+        conn.executemany(
+            "UPDATE feedback SET corrected_sr_uid=? WHERE id=?", [(corrected_sr_uid, row) for row in row_ids]
+        )
+
+
 def feedback_rows(index: Index, finding_ids: Sequence[str] = (), limit: int = 1000) -> list[dict[str, Any]]:
     """Feedback rows, newest first (optionally of some findings only)."""
     sql, params = "SELECT * FROM feedback", []
