@@ -63,6 +63,34 @@ def result_of(finding: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _finding_record(
+    series: Mapping[str, Any],
+    f: Finding,
+    number: int,
+    feat: FindingFeatures | None,
+    model_version: str,
+    condition_key: str,
+) -> FindingRecord:
+    """The findings-table row of one finding (a detector that gives no features: kept without)."""
+    return FindingRecord(
+        finding_id=f.tracking_uid,
+        series_instance_uid=series["series_instance_uid"],
+        study_instance_uid=series["study_instance_uid"],
+        number=number,
+        tracking_id=f.tracking_id,
+        kind=f.kind,
+        center_mm=f.center_mm,
+        diameter_mm=f.diameter_mm,
+        probability=f.probability,
+        reliability=feat.reliability if feat is not None else 1.0,
+        member_probabilities=feat.member_probabilities if feat is not None else (),
+        features=feat.compressed() if feat is not None else b"",
+        feature_codec=FEATURE_CODEC if feat is not None else "",
+        model_version=model_version,
+        condition_key=condition_key,
+    )
+
+
 def record_findings(
     index: Index,
     queue: JobQueue,
@@ -101,28 +129,10 @@ def record_findings(
     for r in results:
         if r.sop_class_uid in SR_SOP_CLASSES:
             save_report(index, r.sop_instance_uid, series_uid, r.series_instance_uid, r.path, version=1)
-    records = []
-    for n, f in enumerate(findings, start=1):
-        feat = features[n - 1] if n - 1 < len(features) else None
-        records.append(
-            FindingRecord(
-                finding_id=f.tracking_uid,
-                series_instance_uid=series_uid,
-                study_instance_uid=series["study_instance_uid"],
-                number=n,
-                tracking_id=f.tracking_id,
-                kind=f.kind,
-                center_mm=f.center_mm,
-                diameter_mm=f.diameter_mm,
-                probability=f.probability,
-                reliability=feat.reliability if feat is not None else 1.0,
-                member_probabilities=feat.member_probabilities if feat is not None else (),
-                features=feat.compressed() if feat is not None else b"",
-                feature_codec=FEATURE_CODEC if feat is not None else "",
-                model_version=model_version,
-                condition_key=condition_key,
-            )
-        )
+    records = [
+        _finding_record(series, f, n, features[n - 1] if n - 1 < len(features) else None, model_version, condition_key)
+        for n, f in enumerate(findings, start=1)
+    ]
     save_findings(index, records)
     exported = 0
     for record, feat in zip(records, features, strict=False):

@@ -338,7 +338,7 @@ def run_series(worker: Worker, series_uid: str) -> SeriesOutcome:
         objects = _timed(t, "results", result_objects, loaded, key, match, detection, worker.settings, harmonized)
         results = _timed(t, "results", store_results, worker.files, worker.index, objects)
         _timed(
-            t, "learning", record_findings, worker.index, worker.queue, worker.learning, row, detection.findings,
+            t, "results", record_findings, worker.index, worker.queue, worker.learning, row, detection.findings,
             detection.features, results, detection.model_version, str(key),
         )
         if worker.destinations:

@@ -80,6 +80,48 @@ class AssessmentDocument:
     verdicts: tuple[FindingVerdict, ...]
 
 
+def _group(v: FindingVerdict, frame_of_reference_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of one verdict (a modified position as a diameter inferred from an ELLIPSOID)."""
+    measurements = None
+    if v.center_mm is not None:
+        if not frame_of_reference_uid:
+            raise ValueError("a modified position needs the source series' frame of reference UID")
+        centre = np.asarray(v.center_mm, float)
+        axes = np.eye(3) * (v.diameter_mm / 2.0)
+        ellipsoid = np.stack(
+            [
+                centre - axes[0],
+                centre + axes[0],
+                centre - axes[1],
+                centre + axes[1],
+                centre - axes[2],
+                centre + axes[2],
+            ]
+        )
+        measurements = [
+            hd.sr.Measurement(
+                name=codes.SCT.Diameter,
+                value=round(float(v.diameter_mm), 3),
+                unit=codes.UCUM.Millimeter,
+                referenced_coordinates=[
+                    hd.sr.CoordinatesForMeasurement3D(
+                        graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSOID,
+                        graphic_data=ellipsoid,
+                        frame_of_reference_uid=frame_of_reference_uid,
+                    )
+                ],
+            )
+        ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=v.tracking_uid, identifier=(v.tracking_id or "assessed finding")[:64]
+        ),
+        finding_type=FINDING_TYPES[v.kind or "aneurysm"],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(ASSESSMENT, VERDICTS[v.action])],
+        measurements=measurements,
+    )
+
+
 def write_assessment(
     assessed_sr: Dataset,
     verdicts: Sequence[FindingVerdict],
@@ -115,48 +157,7 @@ def write_assessment(
         raise ValueError("an assessment assesses at least one finding")
     if not observer.strip():
         raise ValueError("an assessment names its observer")
-    groups = []
-    for v in verdicts:
-        measurements = None
-        if v.center_mm is not None:
-            if not frame_of_reference_uid:
-                raise ValueError("a modified position needs the source series' frame of reference UID")
-            centre = np.asarray(v.center_mm, float)
-            axes = np.eye(3) * (v.diameter_mm / 2.0)
-            ellipsoid = np.stack(
-                [
-                    centre - axes[0],
-                    centre + axes[0],
-                    centre - axes[1],
-                    centre + axes[1],
-                    centre - axes[2],
-                    centre + axes[2],
-                ]
-            )
-            measurements = [
-                hd.sr.Measurement(
-                    name=codes.SCT.Diameter,
-                    value=round(float(v.diameter_mm), 3),
-                    unit=codes.UCUM.Millimeter,
-                    referenced_coordinates=[
-                        hd.sr.CoordinatesForMeasurement3D(
-                            graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSOID,
-                            graphic_data=ellipsoid,
-                            frame_of_reference_uid=frame_of_reference_uid,
-                        )
-                    ],
-                )
-            ]
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=v.tracking_uid, identifier=(v.tracking_id or "assessed finding")[:64]
-                ),
-                finding_type=FINDING_TYPES[v.kind or "aneurysm"],
-                qualitative_evaluations=[hd.sr.QualitativeEvaluation(ASSESSMENT, VERDICTS[v.action])],
-                measurements=measurements,
-            )
-        )
+    groups = [_group(v, frame_of_reference_uid) for v in verdicts]
     person = hd.sr.ObserverContext(
         observer_type=codes.DCM.Person,
         observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=observer),
