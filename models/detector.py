@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from models.candidates import Candidates, CandidateSettings, network_input_and_candidates, settings_for
+from models.features import FindingFeatures, finding_features
 from models.findings import Finding, VolumeGeometry
 from models.nets import MiniVGG, NetConfig
 from models.patches import CLIP, CT_SCALE, PATCH_CEILING, PATCH_MM, check_views, extract_views
@@ -127,6 +128,8 @@ class Detection:
     n_candidates: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: seed 004: each finding's penultimate-layer features and reliability, in the order of ``findings``
+    features: list[FindingFeatures] = field(default_factory=list)
 
 
 def sha256_of(path: Path) -> str:
@@ -351,14 +354,21 @@ class Detector:
         self, values: np.ndarray, geometry: VolumeGeometry, modality: str, body: str
     ) -> tuple[Candidates, np.ndarray]:
         """Every candidate with its probability (no threshold, no NMS): what ``evaluate`` sweeps."""
+        cands, probs, _ = self._score(values, geometry, modality, body)
+        return cands, probs
+
+    def _score(
+        self, values: np.ndarray, geometry: VolumeGeometry, modality: str, body: str
+    ) -> tuple[Candidates, np.ndarray, np.ndarray]:
+        """``score`` and the candidates' patches (which ``detect`` reads again for the findings' features)."""
         settings = self.candidate_settings[body]
         on_gpu = self.torch_device
         volume, cands = network_input_and_candidates(values, geometry.spacing, modality, body, settings, on_gpu)
         if len(cands) == 0:
-            return cands, np.zeros(0, np.float32)
+            return cands, np.zeros(0, np.float32), np.zeros((0, 3 * len(self.views), 32, 32), np.float32)
         spacing, mm = geometry.spacing, self.patch_mm[body]
         patches = extract_views(volume, spacing, cands.centres, mm, self.views, device=str(self.device))
-        return cands, self.classify(patches, tta=self.tta[body])
+        return cands, self.classify(patches, tta=self.tta[body]), patches
 
     def detect(self, values: np.ndarray, geometry: VolumeGeometry | None, modality: str, body: str) -> Detection:
         """Find lesions in a harmonized volume.
@@ -386,14 +396,19 @@ class Detector:
             return Detection([], False, reason, task)
         assert geometry is not None
         try:
-            cands, probs = self.score(values, geometry, modality, body)
+            cands, probs, patches = self._score(values, geometry, modality, body)
         except (ValueError, MemoryError, RuntimeError) as exc:  # the SR says why; the worker keeps going
             log.exception("detector failed on a %s series", modality)
             return Detection([], False, f"detector failed: {exc}", task)
-        hit = probs >= self.thresholds.get(body, 0.5)
+        threshold = self.thresholds.get(body, 0.5)
+        hit = probs >= threshold
         centres, p, diam = cands.centres[hit], probs[hit], cands.diameters_mm[hit]
         mm = geometry.index_to_patient(centres) if len(centres) else np.zeros((0, 3))
         keep = nms_3d(mm, p, np.maximum(diam, 6.0 if body == "head" else 10.0))
+        # seed 004: only the findings' own patches are read again, for their features (a few per series)
+        found = np.flatnonzero(hit)[keep]
+        features = finding_features(self.models, patches[found], p[keep], threshold, self.device)
+        del patches
         findings = [
             Finding(
                 kind=task,
@@ -407,4 +422,4 @@ class Detector:
         ]
         seconds = time.perf_counter() - t0
         log.info("%s detection: %d candidates, %d findings in %.2f s", task, len(cands), len(findings), seconds)
-        return Detection(findings, True, "", task, len(cands), seconds)
+        return Detection(findings, True, "", task, len(cands), seconds, features=features)

@@ -262,7 +262,8 @@ class Node:
             log.warning("recovery: %d job(s) a dead process of this host had claimed are ready again", released)
         binding: JobBinding
         self.roles = roles
-        for binding in job_bindings(self.config, self.store, roles, self.detector, self.residual):
+        trail = self.audit.trail
+        for binding in job_bindings(self.config, self.store, roles, self.detector, self.residual, trail):
             self.job_handlers[binding.kind] = observed_job(binding.kind, binding, self.index, self.metrics)
         if "listen" in roles:
             self.start_listening()

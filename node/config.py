@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 
 from handlers.peer import Peer, check_ae_title
 from handlers.permissions import PeerPermission
+from storage.exports import ExportSettings
 from storage.queue import DELIVERY_POLICY, QueueSettings
 from storage.store import StoreSettings
 
@@ -114,6 +115,36 @@ class StorageConfig:
     audit_dir: str = ""  # the audit trail (PS3.15 A.5 messages, hash-chained); default <data_dir>/audit
 
 
+@dataclass(frozen=True)
+class LearningConfig:
+    """The [learning] section: seed 004's export records of findings, and where they go.
+
+    A record is made for every finding whose reliability is under ``reliability_threshold`` and for every
+    finding a radiologist assessed. It goes to ``export_dir`` (a folder, one JSON file per record) and/or
+    ``learning_server`` (a URL, HTTP POST with ``learning_token`` as its bearer token); with neither, records
+    stay in the node's index.
+    """
+
+    export_dir: str = ""
+    learning_server: str = ""
+    learning_token: str = ""
+    reliability_threshold: float = 0.3
+    timeout_s: float = 10.0  # one POST to the learning server
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.reliability_threshold <= 1.0:
+            raise ConfigError(f"[learning] reliability_threshold is in [0, 1], got {self.reliability_threshold}")
+        if self.learning_server and not self.learning_server.startswith(("http://", "https://")):
+            raise ConfigError(f"[learning] learning_server must be an http(s) URL, got {self.learning_server!r}")
+
+    @property
+    def export_settings(self) -> ExportSettings:
+        """What the export records and their delivery read."""
+        return ExportSettings(
+            self.export_dir, self.learning_server, self.learning_token, self.reliability_threshold, self.timeout_s
+        )
+
+
 QueueConfig = QueueSettings  # the [queue] section: analysis jobs' leases, retries, dead letters
 
 
@@ -156,6 +187,7 @@ class Config:
     commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
     web: WebConfig = field(default_factory=WebConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
     destinations: tuple[Destination, ...] = ()
     peers: tuple[PeerPermission, ...] = ()  # [[peers]]: who may use which service; none: every admitted caller
 
@@ -191,6 +223,7 @@ _SECTIONS: dict[str, type] = {
     "commitment": CommitmentConfig,
     "web": WebConfig,
     "storage": StorageConfig,
+    "learning": LearningConfig,
 }
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from handlers.export import export_job
+from handlers.feedback import FeedbackDesk, feedback_job
 from handlers.peer import Peer
 from handlers.send import send_job
 from node.config import Config
@@ -20,7 +22,10 @@ from storage.queue import Job, JobKind
 from storage.store import Store
 
 #: Which role runs which job kinds.
-ROLE_JOBS: dict[str, tuple[JobKind, ...]] = {"work": (JobKind.ANALYZE_SERIES,), "dispatch": (JobKind.SEND,)}
+ROLE_JOBS: dict[str, tuple[JobKind, ...]] = {
+    "work": (JobKind.ANALYZE_SERIES, JobKind.FEEDBACK),
+    "dispatch": (JobKind.SEND, JobKind.EXPORT),
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ def job_bindings(
     roles: tuple[str, ...],
     detector: DetectorSlot,
     residual: DetectorSlot | None = None,
+    audit: Any = None,
 ) -> list[JobBinding]:
     """The job kinds of ``roles``, bound to their handlers and collaborators.
 
@@ -56,6 +62,8 @@ def job_bindings(
         The worker's detector slot (loaded on the first series).
     residual
         The worker's residual-model slot (loaded on the first series whose rule has a residual stage).
+    audit
+        The node's audit trail (``storage.audit.AuditTrail``) feedback is recorded in; None: the log only.
     """
     bindings = []
     if "work" in roles:
@@ -68,8 +76,19 @@ def job_bindings(
             detector,
             residual,
             MapCache(store.root / "cache" / "residual", int(config.pipeline.residual_cache_gb * 1024**3)),
+            config.learning.export_settings,
         )
         bindings.append(JobBinding(JobKind.ANALYZE_SERIES, analyze_series, {"worker": worker}))
+        desk = FeedbackDesk(
+            store.files,
+            store.index,
+            store.queue,
+            config.result_destinations,
+            config.learning.export_settings,
+            config.node.ae_title,
+            audit,
+        )
+        bindings.append(JobBinding(JobKind.FEEDBACK, feedback_job, {"desk": desk}))
     if "dispatch" in roles:
         peers: dict[str, Peer] = {d.name: d for d in config.destinations}
         bindings.append(
@@ -79,4 +98,7 @@ def job_bindings(
                 {"peers": peers, "files": store.files, "index": store.index, "calling_ae": config.node.ae_title},
             )
         )
+    if "dispatch" in roles:
+        settings = config.learning.export_settings
+        bindings.append(JobBinding(JobKind.EXPORT, export_job, {"index": store.index, "settings": settings}))
     return bindings

@@ -17,13 +17,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from handlers.learning import record_findings, with_finding_ids
 from handlers.results import AlgorithmInfo, build_results
 from handlers.results.derived import derived_series
 from models.findings import Finding
@@ -34,6 +35,7 @@ from rules.apply import apply_rule, apply_rule_stored, map_of
 from rules.keys import BodyPart, ConditionKey, body_part_of
 from rules.registry import Rule, RuleMatch, RuleRegistry
 from storage.deliveries import StoredResult, enqueue_deliveries, store_results
+from storage.exports import ExportSettings
 from storage.files import FileStore
 from storage.index import Index, SeriesState
 from storage.maps import MapCache
@@ -73,6 +75,7 @@ class DetectionOutcome:
     model_version: str = ""
     task: str = ""
     refused: str = ""
+    features: list[Any] = field(default_factory=list)  # models.features.FindingFeatures, as ``findings``
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class Worker:
     detector: DetectorSlot
     residual: DetectorSlot | None = None  # the residual model (None: the histogram stage only)
     maps: MapCache | None = None  # residual maps per series, so a change of strength never re-runs the net
+    learning: ExportSettings = field(default_factory=ExportSettings)  # [learning]: seed 004's export records
 
 
 # -- the stages ----------------------------------------------------------------------------------------
@@ -233,7 +237,14 @@ def detect(detector: Any, values: np.ndarray, volume: Volume, body: BodyPart) ->
     detection = detector.detect(values, volume.geometry, volume.modality, body)
     if not detection.analysed:
         return DetectionOutcome(model_version=detector.version, task=detection.task, refused=detection.reason)
-    return DetectionOutcome(list(detection.findings), detector.version, detection.task)
+    features = list(getattr(detection, "features", []))
+    return DetectionOutcome(list(detection.findings), detector.version, detection.task, features=features)
+
+
+def identify(detection: DetectionOutcome, series_uid: str, rule_id: str) -> DetectionOutcome:
+    """The findings with their Tracking UIDs (``finding_id``), which the SR, GSPS, SEG and the index share."""
+    findings = with_finding_ids(detection.findings, series_uid, detection.model_version, rule_id)
+    return replace(detection, findings=findings)
 
 
 def result_objects(
@@ -321,10 +332,15 @@ def run_series(worker: Worker, series_uid: str) -> SeriesOutcome:
         del values
         body = body_part_of(tags, row.get("series_description") or "", loaded.volume.modality)
         detection = _timed(t, "detect", detect, worker.detector.get(), harmonized.values, loaded.volume, body)
+        detection = identify(detection, series_uid, match.rule_id)
     results: list[StoredResult] = []
     if loaded.datasets or loaded.volume is not None:
         objects = _timed(t, "results", result_objects, loaded, key, match, detection, worker.settings, harmonized)
         results = _timed(t, "results", store_results, worker.files, worker.index, objects)
+        _timed(
+            t, "results", record_findings, worker.index, worker.queue, worker.learning, row, detection.findings,
+            detection.features, results, detection.model_version, str(key),
+        )
         if worker.destinations:
             _timed(t, "deliver", enqueue_deliveries, worker.queue, worker.destinations, results, worker.index)
     else:

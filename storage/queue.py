@@ -48,6 +48,8 @@ class JobKind(StrEnum):
 
     ANALYZE_SERIES = "analyze-series"
     SEND = "send"
+    FEEDBACK = "feedback"  # read an arrived assessment SR (IHE AIRA) and apply it
+    EXPORT = "export"  # deliver one export record (seed 004) to the learning folder or server
 
 
 ANALYZE_SERIES, SEND = JobKind.ANALYZE_SERIES, JobKind.SEND

@@ -13,6 +13,8 @@ import logging
 
 import sqlite_utils
 
+from storage import exports, feedback, findings
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
@@ -119,6 +121,11 @@ def _create(db: sqlite_utils.Database) -> None:
     db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
     for table, cols in _INDEXES:
         db[table].create_index(cols, if_not_exists=True)
+    # the learning loop's tables (each owned by its module); an index of this version without them (one
+    # written before they existed) gains them here as it opens: creating them is their whole migration
+    findings.create_tables(db)
+    feedback.create_table(db)
+    exports.create_table(db)
 
 
 def schema_version(db: sqlite_utils.Database) -> int:

@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from storage.deliveries import delivery_status
+from storage.exports import exports_status
+from storage.feedback import feedback_rows
+from storage.findings import findings_status
 from storage.store import Store
 
 
@@ -30,15 +33,27 @@ def collect_status(store: Store, identity: Mapping[str, Any]) -> dict[str, Any]:
     dict
         ``node``, ``counts``, ``studies`` (each with its ``series``), ``jobs``, ``deliveries``, ``conflicts``
         (what arrived disagreeing with the index: kind, UIDs and attribute names, never patient values),
-        ``quarantined`` (number of quarantined files) and ``generated_at`` (epoch seconds): JSON-able.
+        ``quarantined`` (number of quarantined files), ``findings`` (every finding with its ``finding_id``, the
+        Tracking UID ``harmonode feedback`` takes, its reliability and assessment state), ``feedback`` (the
+        latest assessments, applied or refused, and why), ``exports`` (records kept, export jobs per target)
+        and ``generated_at`` (epoch seconds): JSON-able.
     """
+    studies = store.index.status()
+    for study in studies["studies"]:
+        for series in study["series"]:
+            for f in series["findings"] if isinstance(series["findings"], list) else []:
+                if isinstance(f, dict):
+                    f["finding_id"] = f.get("tracking_uid", "")
     return {
         "node": {**identity, "data_dir": str(store.root.resolve())},
         "counts": store.index.counts(),
-        **store.index.status(),
+        **studies,
         "jobs": store.queue.jobs(),
         "deliveries": delivery_status(store.index),
         "conflicts": store.index.conflicts(),
         "quarantined": len(store.files.quarantined()),
+        "findings": findings_status(store.index),
+        "feedback": [{k: v for k, v in row.items()} for row in feedback_rows(store.index, limit=200)],
+        "exports": exports_status(store.index, store.queue),
         "generated_at": time.time(),
     }

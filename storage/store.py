@@ -71,5 +71,7 @@ def open_store(data_dir: str | Path, settings: StoreSettings | None = None) -> S
     with index.lock:
         deliveries.create_table(index.db)
         users.create_tables(index.db)
-    queue = JobQueue(root / "queue.sqlite", settings.queue, {JobKind.SEND: settings.delivery})
+    # export records to the learning side retry as long as results to PACS do
+    policies = {JobKind.SEND: settings.delivery, JobKind.EXPORT: settings.delivery}
+    queue = JobQueue(root / "queue.sqlite", settings.queue, policies)
     return Store(root, files, index, queue)

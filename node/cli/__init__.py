@@ -189,6 +189,7 @@ def _register_optional_commands() -> None:
         ("node.cli.qr", "register"),
         ("node.cli.harmonize", "register"),
         ("node.cli.users", "register"),
+        ("node.cli.feedback", "register"),
     ):
         try:
             mod = importlib.import_module(module)

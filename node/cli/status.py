@@ -25,6 +25,14 @@ def format_status(report: dict[str, Any]) -> str:
                 f" {s['instance_count']:>4} inst  key={s['condition_key'] or '-'}  rule={s['rule'] or '-'}"
                 f"  findings={len(findings)}" + (f"  error={s['error']}" if s["error"] else "")
             )
+    findings = report.get("findings", [])
+    if findings:
+        lines += ["", f"findings ({len(findings)}; `harmonode feedback FINDING_ID …` assesses one):"]
+        for f in findings[:200]:
+            lines.append(
+                f"  {f['finding_id']}  {f['kind']:<8} p={f['probability']:.3f} reliability={f['reliability']:.3f}"
+                f"  {f['state']}" + (f" by {f['assessed_by']}" if f.get("assessed_by") else "")
+            )
     for d in report.get("deliveries", []):
         lines.append(
             f"destination {d['destination']}: sent {d['sent']}, pending {d['pending']}, failed {d['failed']},"
