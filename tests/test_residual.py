@@ -18,7 +18,7 @@ from handlers.store import store_encoded
 from models.detector import WeightsRefused
 from models.findings import VolumeGeometry
 from models.nets import ResidualNetConfig, ResidualUNet
-from models.residual import ResidualRefused, check_takes, residual_stage
+from models.residual import ResidualRefused, central_slices, check_takes, descriptors, residual_stage, scale_of
 from models.residual_net import MapNet, ResidualModel, as_parts
 from models.training.residual import ResidualRecipe, train_residual
 from node.config import PipelineConfig
@@ -184,26 +184,47 @@ def test_trained_weights_load_with_their_card(trained: Path) -> None:
     assert model.version == card["version"] and set(model.nets) == {"CT", "MR"}
 
 
-def test_ct_noise_comes_from_its_own_network_and_blur_from_the_denoised_input(trained: Path) -> None:
+def test_ct_noise_comes_from_its_own_network_and_blur_from_the_joint_one(trained: Path) -> None:
     card = json.loads((trained / "residual.json").read_text())
+    assert card["networks"]["CT"] == [
+        {"outputs": ["blur", "noise"], "used_for": ["blur"], "reads": "input"},
+        {"outputs": ["noise"], "used_for": ["noise"], "reads": "input"},
+    ]
+    assert card["networks"]["MR"] == [{"outputs": ["blur", "noise"], "used_for": ["blur", "noise"], "reads": "input"}]
+    model = ResidualModel.load("cpu", trained)
+    joint, noise_only = (p.net for p in model.parts["CT"])
+    values, d, x = _slab_of_noise()
+    maps = model.maps(values, geometry(3), "CT")
+    scale = np.float32(scale_of(values, "CT"))
+    with torch.no_grad():
+        assert np.allclose(maps.blur[0], joint(x, d)[0, 0].numpy() * scale, atol=1e-3)
+        assert np.allclose(maps.noise[0], noise_only(x, d)[0, 0].numpy() * scale, atol=1e-3)
+        assert not np.allclose(maps.noise[0], joint(x, d)[0, 1].numpy() * scale, atol=1e-3)
+
+
+def _slab_of_noise() -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """A 3-slice CT volume, its descriptors and its first slab (edges repeated) in network units."""
+    values = np.random.default_rng(3).normal(40, 30, (3, 32, 32)).astype(np.float32)
+    scale = np.float32(scale_of(values, "CT"))
+    d = torch.from_numpy(descriptors(central_slices(values), 0.7, scale))[None]
+    return values, d, torch.from_numpy(values[[0, 0, 1]][None] / scale)
+
+
+def test_a_blur_network_on_the_denoised_input_reads_the_input_plus_the_noise_map(tmp_path: Path) -> None:
+    recipe = ResidualRecipe(steps_ct=2, steps_mr=0, batch=2, patch=32, crops_per_slab=2, width=4, ct_blur="denoised")
+    card = train_residual(tmp_path, recipe, "cpu")
+    assert card["version"].endswith("-dn") and "--ct-blur denoised" in card["command"]
     assert card["networks"]["CT"] == [
         {"outputs": ["noise"], "used_for": ["noise"], "reads": "input"},
         {"outputs": ["blur"], "used_for": ["blur"], "reads": "denoised"},
     ]
-    assert card["networks"]["MR"] == [{"outputs": ["blur", "noise"], "used_for": ["blur", "noise"], "reads": "input"}]
-    model = ResidualModel.load("cpu", trained)
+    model = ResidualModel.load("cpu", tmp_path)
     noise_net, blur_net = (p.net for p in model.parts["CT"])
-    values = np.random.default_rng(3).normal(40, 30, (3, 32, 32)).astype(np.float32)
+    values, d, x = _slab_of_noise()
     maps = model.maps(values, geometry(3), "CT")
-    # the same maps by hand: the noise network on the input, the blur network on the input with its noise out
-    from models.residual import central_slices, descriptors, scale_of
-
     scale = np.float32(scale_of(values, "CT"))
-    d = torch.from_numpy(descriptors(central_slices(values), 0.7, scale))[None]
-    x = torch.from_numpy(values[[0, 0, 1]][None] / scale)
     with torch.no_grad():
-        noise = noise_net(x, d)[0, 0].numpy() * scale
-        assert np.allclose(maps.noise[0], noise, atol=1e-3)
+        assert np.allclose(maps.noise[0], noise_net(x, d)[0, 0].numpy() * scale, atol=1e-3)
         denoised = torch.from_numpy((values + maps.noise)[[0, 0, 1]][None] / scale)
         assert np.allclose(maps.blur[0], blur_net(denoised, d)[0, 0].numpy() * scale, atol=1e-3)
         assert not np.allclose(maps.blur[0], blur_net(x, d)[0, 0].numpy() * scale, atol=1e-3)

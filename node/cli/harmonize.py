@@ -178,9 +178,9 @@ def train_residual_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     mse_ct: Annotated[float, typer.Option(help="Weight of the squared-error term beside L1, CT network.")] = 10.0,
     mse_mr: Annotated[float, typer.Option(help="Weight of the squared-error term beside L1, MR network.")] = 0.0,
-    split_ct: Annotated[
-        bool, typer.Option(help="CT: a noise network (L1) and a blur network on the denoised input, not one joint.")
-    ] = True,
+    ct_blur: Annotated[
+        str, typer.Option(help="CT's blur map: joint (the joint network's) or denoised (on the denoised input).")
+    ] = "joint",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
 ) -> None:
@@ -190,11 +190,13 @@ def train_residual_cmd(
 
     from models.training.residual import ResidualRecipe, train_residual
 
+    if ct_blur not in ("joint", "denoised"):
+        raise fail(f"--ct-blur is joint or denoised, got {ct_blur!r}")
     if patch % 4:
         raise fail(f"--patch must be a multiple of 4, got {patch}")
     if threads > 0:
         torch.set_num_threads(threads)
-    recipe = ResidualRecipe(steps_ct, steps_mr, batch, patch, 4, width, lr, seed, mse_ct, mse_mr, split_ct)
+    recipe = ResidualRecipe(steps_ct, steps_mr, batch, patch, 4, width, lr, seed, mse_ct, mse_mr, ct_blur)
     bars: dict[str, tqdm] = {}
 
     def progress(modality: str, step: int, steps: int, loss: float) -> None:
