@@ -134,8 +134,8 @@ def drawn(screen: Screen) -> bool:
     return bool(screen.rgb[screen.inside()].std() > 3)
 
 
-def settled(
-    page, path: Path, rows: int, columns: int, ready: Callable[[Screen], bool], timeout_ms: int = 15_000  # noqa: ANN001
+def settled(  # noqa: ANN001 - page: Playwright's Page
+    page, path: Path, rows: int, columns: int, ready: Callable[[Screen], bool], timeout_ms: int = 15_000
 ) -> Screen:
     """Screenshots until ``ready`` holds of one (OHIF draws the slice, then its overlays) or the time is up."""
     shot = screenshot(page, path, rows, columns)
