@@ -90,6 +90,20 @@ def dcentvfy_report(paths: list[str] | list[Path]) -> tuple[list[str], list[str]
     return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
 
 
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+def orthanc_plugin(name: str) -> str:
+    """Path of an Orthanc plugin from Debian's packages (orthanc-dicomweb …); skip locally or fail in CI if missing."""
+    path = ORTHANC_PLUGINS / name
+    if path.is_file():
+        return str(path)
+    msg = f"Orthanc plugin {name} not installed (apt-get install -y orthanc-dicomweb, or run ./dev setup)"
+    if in_ci():
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 class Orthanc:
     """A running Orthanc on free loopback ports with its own temp storage."""
 
@@ -99,8 +113,10 @@ class Orthanc:
         aet: str = "ORTHANC",
         modalities: dict[str, list] | None = None,
         count_receptions: bool = False,
+        dicomweb: bool = False,
     ) -> None:
         self.workdir = workdir
+        self.dicomweb = dicomweb
         self.aet = aet
         self.count_receptions = count_receptions
         self.dicom_port = free_port()
@@ -129,6 +145,10 @@ class Orthanc:
             "HttpServerEnabled": True,
             "DicomServerEnabled": True,
         }
+        if self.dicomweb:
+            # Debian's orthanc-dicomweb: QIDO-RS, WADO-RS and STOW-RS at /dicom-web/ on the HTTP port
+            cfg["Plugins"] = [orthanc_plugin("libOrthancDicomWeb.so")]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "StudiesMetadata": "Full"}
         if self.count_receptions:
             # Orthanc keeps one copy of an instance stored twice; this logs every C-STORE it receives.
             lua = self.workdir / "receptions.lua"

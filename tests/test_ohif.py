@@ -3,7 +3,7 @@
 A CT series is stored over STOW-RS; OHIF opens the study through ``/dicom-web`` (QIDO-RS, series metadata,
 frames), every request authenticated by HTTP Basic as the viewer user, and draws the slice: the test reads
 the screenshot's pixels inside the viewport, where the phantom's bright blob must show above the noise.
-The screenshot is kept as docs/ohif-study.png.
+The screenshot is kept as docs/ohif-study.png when HARMONODE_UPDATE_DOCS=1.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 from dicomweb_client import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
 from PIL import Image
+from viewer.ohif import keep_for_docs
 from viewer.site import DIST, ViewerSite
 from webnode import PASSWORDS, base_url, web_node
 
@@ -27,7 +28,6 @@ from peers import in_ci, wait_until
 pytestmark = pytest.mark.peers
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-DOCS = Path(__file__).parent.parent / "docs"
 
 
 def _needs() -> str:
@@ -108,5 +108,4 @@ def test_ohif_opens_a_study_from_the_nodes_dicomweb(tmp_path: Path) -> None:
     # the image is drawn (noise texture, not a flat panel) and the blob stands out of it
     assert inside.std() > 3, inside.std()
     assert np.percentile(inside, 99.9) - np.median(inside) > 60
-    DOCS.mkdir(exist_ok=True)
-    shutil.copy(shot, DOCS / "ohif-study.png")
+    keep_for_docs(shot, "ohif-study.png")

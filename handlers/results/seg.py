@@ -4,6 +4,8 @@ the finding's Tracking ID and UID as the SR's groups are.
 A SEG lies in the frame of reference of its source (the IOD requires one): a source without a Frame of
 Reference UID gets no SEG (``can_segment``). A source with an empty Slice Thickness gets the volume's
 slice spacing as the thickness of the segmentation's frames, which is what its spheres are sampled at.
+Each segment recommends the GSPS's yellow as its display colour: a viewer without one picks its own and
+says so (OHIF shows a warning over the image).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from handlers.results.context import ResultContext
+from handlers.results.gsps import COLOUR
 from handlers.results.sr import FINDING_TYPES
 from models.findings import Finding
 
@@ -110,6 +113,7 @@ def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
                 algorithm_identification=algorithm,
                 tracking_uid=ctx.tracking_uid(finding, number),
                 tracking_id=ctx.tracking_id(finding, number),
+                display_color=COLOUR,
             )
         )
     seg = hd.seg.Segmentation(

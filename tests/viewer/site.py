@@ -114,7 +114,10 @@ class ViewerSite:
                 handler.send_header(name, value)
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
-        handler.wfile.write(body)
+        try:
+            handler.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser dropped the request (a page closed, a prefetch cancelled)
         upstream.close()
 
     def start(self) -> ViewerSite:
