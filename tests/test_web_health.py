@@ -76,6 +76,7 @@ def _big_slices(n: int) -> list:
 
 def _push(port: int, datasets: list) -> list[int]:
     ae = AE(ae_title="CT_ROOM1")
+    ae.dimse_timeout = 120  # a loaded 2-core CI machine answered one store after pynetdicom's default 30 s
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     assoc = ae.associate("127.0.0.1", port, ae_title="HARMONODE")
     assert assoc.is_established
