@@ -306,6 +306,7 @@ class Node:
 
     def start_web(self, mounts: Sequence[BaseRoute] = ()) -> int:
         """Start the HTTP server (console, API, metrics, health, DICOMweb) with ``mounts`` added; return its port."""
+        from handlers.feedback import FeedbackDesk
         from node.web.app import WebContext, build_app
         from node.web.dicomweb import PREFIX as DICOMWEB_PREFIX
         from node.web.dicomweb import node_dicomweb
@@ -320,6 +321,15 @@ class Node:
             destinations=cfg.destinations,
             roles_alive=self.roles_alive,
             audit=self.audit,
+            feedback=FeedbackDesk(
+                self.files,
+                self.index,
+                self.queue,
+                cfg.result_destinations,
+                cfg.learning.export_settings,
+                cfg.node.ae_title,
+                self.audit.trail,
+            ),
         )
         dicomweb = node_dicomweb(
             self.files,
