@@ -45,7 +45,7 @@ from node.config import Config
 from node.jobs import ROLE_JOBS, JobBinding, job_bindings
 from node.pipeline import DetectorSlot, ResidualSlot
 from node.series import SeriesWatcher
-from node.web.auditing import NodeAudit
+from node.web.auditing import NodeAudit, audited_find, audited_retrieve
 from node.web.intake import guarded_store, observed_job
 from node.web.metrics import NodeMetrics, StateCollector
 from node.web.server import WebServer
@@ -133,7 +133,12 @@ class Node:
         self.metrics.add_collector(StateCollector(self.store, self.disk, self._associations_open))
         self.web: WebServer | None = None
         audit_dir = Path(space.audit_dir) if space.audit_dir else config.data_path / "audit"
-        self.audit = NodeAudit(AuditTrail(audit_dir / "audit.log", node.ae_title), self.index, node.ae_title)
+        self.audit = NodeAudit(
+            AuditTrail(audit_dir / "audit.log", node.ae_title),
+            self.index,
+            node.ae_title,
+            {d.name: (d.ae_title, d.host) for d in config.destinations},
+        )
         self.roles: tuple[str, ...] = ()
         self.server: Any = None
         self.port: int | None = None
@@ -189,9 +194,13 @@ class Node:
             ),
             (evt.EVT_RELEASED, self.audit.association_closed),
             (evt.EVT_ABORTED, self.audit.association_closed),
-            (evt.EVT_C_FIND, handle_find, [self.index, self.config.node.ae_title, self.permissions]),
-            (evt.EVT_C_MOVE, handle_move, [self.config.destinations, self.index, self.files, self.permissions]),
-            (evt.EVT_C_GET, handle_get, [self.index, self.files, self.permissions]),
+            (evt.EVT_C_FIND, audited_find(handle_find, self.audit), [self.index, cfg.ae_title, self.permissions]),
+            (
+                evt.EVT_C_MOVE,
+                audited_retrieve(handle_move, self.audit),
+                [self.config.destinations, self.index, self.files, self.permissions],
+            ),
+            (evt.EVT_C_GET, audited_retrieve(handle_get, self.audit), [self.index, self.files, self.permissions]),
             (
                 evt.EVT_N_ACTION,
                 handle_commitment_request,
@@ -264,7 +273,7 @@ class Node:
         self.roles = roles
         trail = self.audit.trail
         for binding in job_bindings(self.config, self.store, roles, self.detector, self.residual, trail):
-            self.job_handlers[binding.kind] = observed_job(binding.kind, binding, self.index, self.metrics)
+            self.job_handlers[binding.kind] = observed_job(binding.kind, binding, self.index, self.metrics, self.audit)
         if "listen" in roles:
             self.start_listening()
         if "work" in roles:
@@ -297,6 +306,7 @@ class Node:
 
     def start_web(self, mounts: Sequence[BaseRoute] = ()) -> int:
         """Start the HTTP server (console, API, metrics, health, DICOMweb) with ``mounts`` added; return its port."""
+        from handlers.feedback import FeedbackDesk
         from node.web.app import WebContext, build_app
         from node.web.dicomweb import PREFIX as DICOMWEB_PREFIX
         from node.web.dicomweb import node_dicomweb
@@ -311,6 +321,15 @@ class Node:
             destinations=cfg.destinations,
             roles_alive=self.roles_alive,
             audit=self.audit,
+            feedback=FeedbackDesk(
+                self.files,
+                self.index,
+                self.queue,
+                cfg.result_destinations,
+                cfg.learning.export_settings,
+                cfg.node.ae_title,
+                self.audit.trail,
+            ),
         )
         dicomweb = node_dicomweb(
             self.files,

@@ -104,6 +104,8 @@ class WebConfig:
     lockout_failures: int = 5  # failed logins of one name within lockout_minutes lock it
     lockout_minutes: float = 15.0
     echo_cache_s: float = 30.0  # /readyz C-ECHOes each destination at most this often
+    # a study's "open in viewer" link; {study} becomes its UID (OHIF: "http://host/viewer?StudyInstanceUIDs={study}")
+    viewer_url: str = ""
 
 
 @dataclass(frozen=True)

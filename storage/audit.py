@@ -3,12 +3,20 @@
 Each line of ``<data_dir>/audit/audit.log`` is one JSON record ``{"seq", "prev", "sha256", "message"}``
 where ``message`` is the XML ``AuditMessage`` and ``sha256`` hashes ``prev`` and the message together: a
 changed, removed or inserted line breaks the chain from there on (``verify_chain``). Studies are named by
-their UID, as the standard asks; no patient name or ID is written.
+their UID, as the standard asks; no patient name or ID is written (a query is recorded by its level and the
+names of its keys, never their values).
+
+Several processes may append to one trail (``harmonode serve`` and a ``harmonode feedback`` beside it): each
+append takes an exclusive ``fcntl`` lock on the file and reads the chain's last record under it, so the
+chain stays whole whoever writes. The messages validate against the standard's RELAX NG schema
+(``tests/schemas/audit-message.rnc``, checked by ``tests/test_audit_schema.py``).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +42,7 @@ class Code:
 # PS3.15 A.5.3 events and PS3.16 CID 400-series codes the node writes
 APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
 QUERY = Code("110112", "DCM", "Query")
 SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
 USER_AUTHENTICATION = Code("110114", "DCM", "User Authentication")
@@ -43,6 +52,7 @@ APPLICATION = Code("110150", "DCM", "Application")
 SOURCE_ROLE = Code("110153", "DCM", "Source Role ID")
 DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
 STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
+SOP_CLASS_UID = Code("110181", "DCM", "SOP Class UID")
 
 
 class Outcome(IntEnum):
@@ -63,6 +73,38 @@ class Participant:
     role: Code | None = None
 
 
+@dataclass(frozen=True)
+class ParticipantObject:
+    """A ParticipantObjectIdentification: a study (``study_object``) or a query (``query_object``).
+
+    The schema asks for either a ``name`` or a ``query`` (base64 in the message); ``type_code`` and
+    ``role`` are A.5.1's ParticipantObjectTypeCode and ParticipantObjectTypeCodeRole.
+    """
+
+    object_id: str
+    id_type: Code
+    type_code: str = "2"  # system object
+    role: str = "3"  # report
+    name: str = ""
+    query: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not self.object_id:
+            raise ValueError("a participant object needs its ParticipantObjectID")
+        if bool(self.name) == bool(self.query):
+            raise ValueError("a participant object has either a name or a query, not both or neither")
+
+
+def study_object(uid: str) -> ParticipantObject:
+    """A study, by its Study Instance UID (which is also its name in the node)."""
+    return ParticipantObject(uid, STUDY_INSTANCE_UID, name=uid)
+
+
+def query_object(sop_class_uid: str, description: str) -> ParticipantObject:
+    """A query of ``sop_class_uid`` (its information model); ``description`` names its level and keys."""
+    return ParticipantObject(sop_class_uid, SOP_CLASS_UID, role="24", query=description.encode("utf-8"))
+
+
 def _code(parent: ET.Element, tag: str, code: Code) -> None:
     ET.SubElement(parent, tag, {"csd-code": code.code, "codeSystemName": code.system, "originalText": code.meaning})
 
@@ -76,6 +118,7 @@ def audit_message(
     event_type: Code | None = None,
     studies: Iterable[str] = (),
     when: dt.datetime | None = None,
+    objects: Sequence[ParticipantObject] = (),
 ) -> str:
     """One ``AuditMessage`` as XML text (PS3.15 A.5.1).
 
@@ -95,6 +138,8 @@ def audit_message(
         An EventTypeCode (``LOGIN``, ``SOFTWARE_CONFIGURATION``), when the event has one.
     studies
         Study Instance UIDs, each a ParticipantObjectIdentification.
+    objects
+        More participant objects (a query), written before the studies.
 
     Raises
     ------
@@ -128,13 +173,21 @@ def audit_message(
             _code(part, "RoleIDCode", p.role)
     source = ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": source_id})
     ET.SubElement(source, "AuditSourceTypeCode", {"csd-code": "4"})  # 4: application server process
-    for uid in dict.fromkeys(studies):
+    for item in [*objects, *(study_object(uid) for uid in dict.fromkeys(u for u in studies if u))]:
         obj = ET.SubElement(
             root,
             "ParticipantObjectIdentification",
-            {"ParticipantObjectID": uid, "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "3"},
+            {
+                "ParticipantObjectID": item.object_id,
+                "ParticipantObjectTypeCode": item.type_code,
+                "ParticipantObjectTypeCodeRole": item.role,
+            },
         )
-        _code(obj, "ParticipantObjectIDTypeCode", STUDY_INSTANCE_UID)
+        _code(obj, "ParticipantObjectIDTypeCode", item.id_type)
+        if item.query:
+            ET.SubElement(obj, "ParticipantObjectQuery").text = base64.b64encode(item.query).decode("ascii")
+        else:
+            ET.SubElement(obj, "ParticipantObjectName").text = item.name
     return ET.tostring(root, encoding="unicode")
 
 
@@ -142,33 +195,49 @@ def _chain(prev: str, message: str) -> str:
     return hashlib.sha256((prev + "\n" + message).encode()).hexdigest()
 
 
+def _last_record(fd: int) -> dict | None:
+    """The last JSON record of the open trail file (read backwards from its end), or None when empty."""
+    size = os.lseek(fd, 0, os.SEEK_END)
+    tail, pos = b"", size
+    while pos > 0:
+        step = min(4096, pos)
+        pos -= step
+        tail = os.pread(fd, step, pos) + tail
+        lines = tail.rstrip(b"\n").split(b"\n")
+        if len(lines) > 1 or pos == 0:
+            last = lines[-1].strip()
+            return json.loads(last) if last else None
+    return None
+
+
 class AuditTrail:
-    """An append-only, hash-chained file of audit messages (one JSON record per line, fsynced)."""
+    """An append-only, hash-chained file of audit messages (one JSON record per line, fsynced).
+
+    Safe to share between threads and between processes: ``append`` holds an exclusive ``flock`` on the
+    file while it reads the last record and writes the next.
+    """
 
     def __init__(self, path: str | Path, source_id: str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.source_id = source_id
         self._lock = threading.Lock()
-        self._seq, self._prev = 0, GENESIS
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    self._seq, self._prev = int(record["seq"]), str(record["sha256"])
 
-    def append(self, message: str) -> None:
-        """Write one message at the end of the chain."""
+    def append(self, message: str) -> int:
+        """Write one message at the end of the chain; return its sequence number."""
         with self._lock:
-            digest = _chain(self._prev, message)
-            record = {"seq": self._seq + 1, "prev": self._prev, "sha256": digest, "message": message}
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
+                last = _last_record(fd)
+                seq, prev = (int(last["seq"]), str(last["sha256"])) if last else (0, GENESIS)
+                digest = _chain(prev, message)
+                record = {"seq": seq + 1, "prev": prev, "sha256": digest, "message": message}
                 os.write(fd, (json.dumps(record) + "\n").encode())
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self._seq, self._prev = self._seq + 1, digest
+            return seq + 1
 
     def record(
         self,
@@ -178,9 +247,12 @@ class AuditTrail:
         participants: Sequence[Participant],
         event_type: Code | None = None,
         studies: Iterable[str] = (),
+        objects: Sequence[ParticipantObject] = (),
     ) -> None:
         """Build one message with this node as its source and append it."""
-        self.append(audit_message(event, action, outcome, participants, self.source_id, event_type, studies))
+        self.append(
+            audit_message(event, action, outcome, participants, self.source_id, event_type, studies, objects=objects)
+        )
 
 
 def read_messages(path: str | Path) -> list[str]:

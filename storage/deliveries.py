@@ -217,7 +217,9 @@ def store_results(files: FileStore, index: Index, datasets: Iterable[Dataset]) -
         stored = files.write_result(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, buffer.getvalue())
         if not stored.duplicate:
             meta = instance_meta_from_dataset(ds, ts)
-            index.record_instance(meta, stored.relpath, stored.size, stored.sha256, stored.version, Origin.RESULT)
+            index.record_instance(
+                meta, stored.relpath, stored.size, stored.sha256, stored.version, origin=Origin.RESULT
+            )
         records.append(
             StoredResult(
                 stored.relpath, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), ts

@@ -50,7 +50,8 @@ class WebContext:
     disk: DiskSpace
     destinations: tuple[Destination, ...] = ()
     roles_alive: Callable[[], dict[str, bool]] = field(default=lambda: {})
-    audit: Any = None  # storage.audit.AuditTrail when the trail is on
+    audit: Any = None  # node.web.auditing.NodeAudit when the trail is on
+    feedback: Any = None  # handlers.feedback.FeedbackDesk: the findings' accept / reject / modify buttons
 
     def record(self, event: str, **details: Any) -> None:
         """Write one audit message when the trail is on (login, resend, rule change)."""
@@ -125,7 +126,7 @@ def build_app(context: WebContext, mounts: Sequence[BaseRoute] = ()) -> Starlett
     Starlette
         The ASGI application (``node.web.server.WebServer`` runs it under uvicorn).
     """
-    from node.web import api, console, health, login
+    from node.web import api, assessments, console, health, login
 
     settings = context.settings
     pages = Pages()
@@ -134,6 +135,7 @@ def build_app(context: WebContext, mounts: Sequence[BaseRoute] = ()) -> Starlett
         *health.routes(context),
         *console.routes(context, pages),
         *api.routes(context),
+        *assessments.routes(context.feedback),
         *mounts,
     ]
 

@@ -2,14 +2,18 @@
 
 Server-rendered (Jinja2, autoescaped), no JavaScript. Every page needs a login (``node.web.auth``); the
 buttons that change something (resend dead deliveries, activate a rule) are shown to admins only and
-refused (403) to the others whatever they post. Pages show the patient attributes a radiology console
-needs to recognise a study (name, ID, accession); the node's logs never carry them.
+refused (403) to the others whatever they post; a finding's accept / reject / modify buttons
+(``node.web.assessments``) are shown to operators and admins. A series page shows each finding with its
+key image (``/series/{uid}/findings/{n}/key-image.png``, the stored key-image SC as PNG) and, when
+``[web] viewer_url`` is set, a link that opens the study in that viewer. Pages show the patient attributes
+a radiology console needs to recognise a study (name, ID, accession); the node's logs never carry them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,40 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from models.findings import LESION_KINDS
 from node.web.api import activate_rule, resend
 from node.web.auth import need
+from node.web.keyimages import key_image_path, png_of
 from rules.registry import RuleRegistry
+from storage import findings as found
 from storage.deliveries import deliveries, delivery_status
 from storage.users import Role
 
 STUDIES_SHOWN = 200
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def viewer_link(template: str, study_uid: str) -> str:
+    """The viewer URL of a study from ``[web] viewer_url`` (``{study}`` replaced), or '' when none is set."""
+    return template.replace("{study}", study_uid) if template and study_uid else ""
+
+
+def findings_view(index: Any, series_uid: str, reported: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The series' findings as its SR reports them, each with its number and what a radiologist said of it."""
+    stored = {f["finding_id"]: f for f in found.findings_of_series(index, series_uid)}
+    rows = []
+    for n, f in enumerate(reported, start=1):
+        record = stored.get(str(f.get("tracking_uid", "")), {})
+        rows.append(
+            {
+                **f,
+                "number": int(record.get("number") or n),
+                "finding_id": record.get("finding_id", ""),
+                "state": record.get("state", ""),
+                "assessed_by": record.get("assessed_by", ""),
+            }
+        )
+    return rows
 
 
 def _json(value: Any, default: Any) -> Any:
@@ -85,6 +116,15 @@ def models_view() -> list[dict[str, Any]]:
     return cards
 
 
+def need_role(request: Request, role: Role) -> bool:
+    """Whether the request's user has ``role`` (for showing a button; the route itself checks again)."""
+    try:
+        need(request, role)
+    except HTTPException:
+        return False
+    return True
+
+
 def routes(context: Any, pages: Any) -> list[BaseRoute]:
     """The console's pages and forms."""
     index = context.store.index
@@ -112,7 +152,32 @@ def routes(context: Any, pages: Any) -> list[BaseRoute]:
             " AND origin='result')",
             (row["study_instance_uid"],),
         )
-        return pages.render(request, "series.html", series=row, study=study or {}, deliveries=sent)
+        findings = await run_in_threadpool(findings_view, index, uid, row["findings"])
+        return pages.render(
+            request,
+            "series.html",
+            series=row,
+            study=study or {},
+            deliveries=sent,
+            findings=findings,
+            viewer=viewer_link(context.settings.viewer_url, row["study_instance_uid"]),
+            can_assess=context.feedback is not None and need_role(request, Role.OPERATOR),
+            assessed=request.query_params.get("assessed"),
+            kinds=LESION_KINDS,
+        )
+
+    async def key_image(request: Request) -> Response:
+        uid, number = request.path_params["uid"], request.path_params["number"]
+        if not _UID.match(uid) or len(uid) > 64:
+            raise HTTPException(400, "a series UID has digits and dots only")
+        path = await run_in_threadpool(key_image_path, index, context.store.files, uid, number)
+        if path is None:
+            raise HTTPException(404, f"no key image of finding {number} in series {uid}")
+        try:
+            png = await run_in_threadpool(png_of, path)
+        except ValueError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
     async def delivery_page(request: Request) -> Response:
         summary = await run_in_threadpool(delivery_status, index)
@@ -156,6 +221,7 @@ def routes(context: Any, pages: Any) -> list[BaseRoute]:
         Route("/", home, methods=["GET"]),
         Route("/studies", studies, methods=["GET"]),
         Route("/series/{uid}", series, methods=["GET"]),
+        Route("/series/{uid}/findings/{number:int}/key-image.png", key_image, methods=["GET"]),
         Route("/deliveries", delivery_page, methods=["GET"]),
         Route("/deliveries/resend", resend_form, methods=["POST"]),
         Route("/rules", rules_page, methods=["GET"]),

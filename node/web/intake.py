@@ -3,8 +3,9 @@
 ``guarded_store`` is bound to ``EVT_C_STORE`` in place of ``handlers.store.handle_store``: under disk
 back-pressure it answers 0xA700 (out of resources) before a byte is written, otherwise it stores through
 ``handle_store`` and counts what that answered. ``observed_job`` wraps a job handler so that analysed series
-feed the stage histograms and failed deliveries the per-destination counter. Both add a dictionary look-up
-and an increment to the path they wrap, nothing more.
+feed the stage histograms and failed deliveries the per-destination counter, and so that an analysed series
+and a delivered result each write their audit message. Both add a dictionary look-up and an increment to
+the path they wrap (and, for a job, one audit line), nothing more.
 """
 
 from __future__ import annotations
@@ -97,9 +98,9 @@ def guarded_store(
 
 
 def observed_job(
-    kind: str, handler: Callable[[Job], None], index: Index, metrics: NodeMetrics
+    kind: str, handler: Callable[[Job], None], index: Index, metrics: NodeMetrics, audit: NodeAudit | None = None
 ) -> Callable[[Job], None]:
-    """``handler`` for jobs of ``kind``, feeding the series and delivery metrics with each outcome."""
+    """``handler`` for jobs of ``kind``, feeding the series and delivery metrics (and the audit) with each outcome."""
     if kind == JobKind.ANALYZE_SERIES:
 
         def analyse(job: Job) -> None:
@@ -107,19 +108,32 @@ def observed_job(
                 handler(job)
             finally:
                 _observe_series(job, index, metrics)
+            if audit is not None:
+                _audit_job(lambda: audit.analysed(str(job.payload.get("series_instance_uid") or job.key)))
 
         return analyse
     if kind == JobKind.SEND:
 
         def send(job: Job) -> None:
+            destination = str(job.payload.get("destination", "?"))
             try:
                 handler(job)
             except Exception:
-                metrics.delivery_failures.labels(str(job.payload.get("destination", "?"))).inc()
+                metrics.delivery_failures.labels(destination).inc()
                 raise
+            if audit is not None:
+                uid = str(job.payload.get("sop_instance_uid", ""))
+                _audit_job(lambda: audit.delivered(destination, uid))
 
         return send
     return handler
+
+
+def _audit_job(write: Callable[[], None]) -> None:
+    try:
+        write()
+    except Exception:  # the audit never fails a job that did its work
+        log.exception("audit: a job's outcome could not be recorded")
 
 
 def _observe_series(job: Job, index: Index, metrics: NodeMetrics) -> None:
