@@ -132,9 +132,8 @@ class Node:
         self.metrics = NodeMetrics()
         self.metrics.add_collector(StateCollector(self.store, self.disk, self._associations_open))
         self.web: WebServer | None = None
-        audit_dir = Path(space.audit_dir) if space.audit_dir else config.data_path / "audit"
         self.audit = NodeAudit(
-            AuditTrail(audit_dir / "audit.log", node.ae_title),
+            AuditTrail(config.audit_log, node.ae_title),
             self.index,
             node.ae_title,
             {d.name: (d.ae_title, d.host) for d in config.destinations},

@@ -199,6 +199,12 @@ class Config:
         return Path(self.node.data_dir)
 
     @property
+    def audit_log(self) -> Path:
+        """The audit trail's file (``[storage] audit_dir``, default ``data_dir/audit``)."""
+        folder = Path(self.storage.audit_dir) if self.storage.audit_dir else self.data_path / "audit"
+        return folder / "audit.log"
+
+    @property
     def store_settings(self) -> StoreSettings:
         """How ``storage.store.open_store`` opens this node's data directory."""
         return StoreSettings(fsync=self.node.fsync, queue=self.queue, delivery=self.delivery)

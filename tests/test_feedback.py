@@ -26,6 +26,7 @@ from node.cli import app as cli
 from node.config import Destination
 from peers import dciodvfy_errors, run_tool, running_orthanc, wait_until
 from simulator.studies import simulate_study, write_study
+from storage.audit import verify_chain
 from storage.exports import RECORD_KEYS, record_features
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -235,8 +236,15 @@ def test_assessment_of_an_unknown_sr_or_finding_is_stored_refused_and_changes_no
     assert (len(_records(site)), node.index.query("SELECT COUNT(*) n FROM reports")[0]["n"]) == before
 
 
+def _verdicts_by(trail, observer: str) -> int:
+    """How many audit messages name ``observer`` as the requesting user."""
+    return trail.read_text().count(f'UserID=\\"{observer}\\" UserIsRequestor=\\"true\\"') if trail.exists() else 0
+
+
 def test_cli_feedback_relabels_a_finding_and_refuses_an_unknown_one(site):
     finding = _findings(site)[2]
+    trail = site["root"] / "node" / "audit" / "audit.log"
+    audited_before = _verdicts_by(trail, "Reader^Cy")
     config = str(site["config"])
     runner = CliRunner()
     result = runner.invoke(
@@ -263,6 +271,8 @@ def test_cli_feedback_relabels_a_finding_and_refuses_an_unknown_one(site):
     wait_until(lambda: (site["exports"] / f"{outcome['export_record']}.json").exists(), timeout=30, what="the record")
     record = json.loads((site["exports"] / f"{outcome['export_record']}.json").read_text())
     assert record["changed"] == {"assessment": "modified", "kind": "nodule", "diameter_mm": 6.0}
+    # the CLI's verdict is in the running node's audit trail too, and the chain stays whole
+    assert verify_chain(trail) > 0 and _verdicts_by(trail, "Reader^Cy") == audited_before + 1
     bad = runner.invoke(cli, ["feedback", "1.2.3.4.5", "--reject", "--by", "Reader^Cy", "--config", config])
     assert bad.exit_code != 0 and "no finding with ID 1.2.3.4.5" in bad.output
     both = runner.invoke(
