@@ -183,15 +183,7 @@ def fit_heads(
     files = [base / WEIGHTS_NAME] + [base / str(m["file"]) for m in card.get("members", [])]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    losses, start = [], 0
-    for model, path, hidden in zip(detector.models, files, sizes, strict=True):
-        head = copy.deepcopy(model.head).float().cpu()
-        losses.append(_fit_head(head, x[:, start : start + hidden], y, epochs, anchor, lr))
-        start += hidden
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        state = dict(ckpt["state_dict"])
-        state["head.weight"], state["head.bias"] = head.weight.detach().clone(), head.bias.detach().clone()
-        torch.save({**ckpt, "state_dict": state}, out / path.name)
+    losses = _fit_networks(detector, files, x, y, out, epochs, anchor, lr)
     learned = {
         "records": total,
         "examples": len(used),
@@ -203,19 +195,57 @@ def fit_heads(
         "loss_before_after": [[round(b, 4), round(a, 4)] for b, a in losses],
     }
     new_version = version or next_version(base_version)
-    new_card = {k: v for k, v in card.items() if k not in ("evaluation", "file", "sha256", "size_bytes")}
-    new_card.update(
-        version=new_version,
-        created=dt.date.today().isoformat(),
-        feature_versions=sorted(compatible | {new_version}),
-        learning={"base_version": base_version, **learned},
-    )
-    new_card["members"] = [
-        {"file": p.name, "sha256": sha256_of(out / p.name), "size_bytes": (out / p.name).stat().st_size}
-        for p in files[1:]
-    ]
+    new_card = _new_card(card, new_version, compatible, learned, [p.name for p in files[1:]], out)
     written = write_card(out / WEIGHTS_NAME, new_card)
     return {"version": new_version, "base_version": base_version, "card": str(written), "learned_from": learned}
+
+
+def _fit_networks(
+    detector: Detector,
+    files: Sequence[Path],
+    x: np.ndarray,
+    y: np.ndarray,
+    out: Path,
+    epochs: int,
+    anchor: float,
+    lr: float,
+) -> list[tuple[float, float]]:
+    """Fit each network's head on its slice of the vectors and write its checkpoint (trunk unchanged) to ``out``;
+    each head's loss before and after."""
+    losses, start = [], 0
+    for model, path in zip(detector.models, files, strict=True):
+        hidden = model.config.hidden
+        head = copy.deepcopy(model.head).float().cpu()
+        losses.append(_fit_head(head, x[:, start : start + hidden], y, epochs, anchor, lr))
+        start += hidden
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = dict(ckpt["state_dict"])
+        state["head.weight"], state["head.bias"] = head.weight.detach().clone(), head.bias.detach().clone()
+        torch.save({**ckpt, "state_dict": state}, out / path.name)
+    return losses
+
+
+def _new_card(
+    card: Mapping[str, Any],
+    version: str,
+    compatible: set[str],
+    learned: Mapping[str, Any],
+    members: Sequence[str],
+    out: Path,
+) -> dict[str, Any]:
+    """The fitted model's card: the base's without its evaluation (not measured yet), the new version, the
+    versions whose features it reads, what it learned from, and the checksums of the members written to ``out``."""
+    new_card = {k: v for k, v in card.items() if k not in ("evaluation", "file", "sha256", "size_bytes")}
+    new_card.update(
+        version=version,
+        created=dt.date.today().isoformat(),
+        feature_versions=sorted(compatible | {version}),
+        learning={"base_version": str(card.get("version", "0")), **learned},
+    )
+    new_card["members"] = [
+        {"file": name, "sha256": sha256_of(out / name), "size_bytes": (out / name).stat().st_size} for name in members
+    ]
+    return new_card
 
 
 def _per(examples: Sequence[Example], attribute: str) -> dict[str, Counter[str]]:
