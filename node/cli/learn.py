@@ -36,6 +36,9 @@ def serve_cmd(
     from storage.learning import RecordStore, read_tokens_file
 
     setup_logging(verbose)
+    stop = threading.Event()  # handlers installed before the server answers: a stop at any time is clean
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     store = RecordStore(data)
     try:
         if tokens is not None:
@@ -49,9 +52,6 @@ def serve_cmd(
     if not store.nodes():
         typer.echo("warning: no node has a token yet (harmonode learn token NAME --data DIR)", err=True)
     typer.echo(f"learning server on {server.scheme}://{host}:{bound}/records ({store.count()} records)", err=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.wait(0.5) and server.alive():
             pass
