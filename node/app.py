@@ -96,7 +96,7 @@ class Node:
         enable_raw_sending()  # objects the node sends go out as their stored bytes (process-wide switch)
         self.store = open_store(config.data_path, config.store_settings)
         self.files, self.index, self.queue = self.store.files, self.store.index, self.store.queue
-        self.detector = DetectorSlot(config.pipeline.device)
+        self.detector = DetectorSlot(config.pipeline.device, models_dir=config.models_path)
         self.residual = ResidualSlot(config.pipeline.device)
         self.permissions = Permissions(config.peers)
         commitment = config.commitment

@@ -205,6 +205,11 @@ class Config:
         return folder / "audit.log"
 
     @property
+    def models_path(self) -> Path:
+        """The installed-models folder (``harmonode models import|activate``; ``models.bundles``)."""
+        return self.data_path / "models"
+
+    @property
     def store_settings(self) -> StoreSettings:
         """How ``storage.store.open_store`` opens this node's data directory."""
         return StoreSettings(fsync=self.node.fsync, queue=self.queue, delivery=self.delivery)

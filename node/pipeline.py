@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -104,36 +105,62 @@ class DetectorSlot:
 
     what = "detector"
 
-    def __init__(self, device: str = "auto", loader: Callable[[str], Any] | None = None) -> None:
+    def __init__(
+        self, device: str = "auto", loader: Callable[[str], Any] | None = None, models_dir: Path | None = None
+    ) -> None:
         self.device = device
         self._loader = loader
+        #: the node's installed models (``models.bundles``): the active one is loaded, else the shipped weights
+        self.models_dir = models_dir
         self._detector: Any = None
+        self._loaded_from = ""
         self._missing = False
         self._lock = threading.Lock()
 
     def get(self) -> Any:
-        """The loaded detector, or None when no weights are installed (logged once)."""
+        """The loaded detector, or None when no weights are installed (logged once).
+
+        When another installed model was activated since it was loaded (``harmonode models activate``), that
+        one is loaded now: a worker switches models between two series, never within one.
+        """
         with self._lock:
+            wanted = self._source()
+            if self._detector is not None and wanted != self._loaded_from:
+                log.info("%s: switching to installed model %s", self.what, wanted or "(shipped)")
+                self._detector, self._missing = None, False
             if self._detector is None and not self._missing:
                 try:
                     self._detector = self._load()
+                    self._loaded_from = wanted
                 except (FileNotFoundError, ImportError) as exc:
                     log.error("no %s installed (%s): series' SRs will say so", self.what, exc)
                     self._missing = True
             return self._detector
 
+    def _source(self) -> str:
+        """The active installed model's version ('' for the shipped weights)."""
+        if self.models_dir is None or self._loader is not None:
+            return ""
+        from models.bundles import active_version
+
+        return active_version(self.models_dir)
+
     def _load(self) -> Any:
         if self._loader is not None:
             return self._loader(self.device)
+        from models.bundles import active_weights_dir
         from models.detector import Detector
 
-        return Detector.load(device=self.device)
+        return Detector.load(device=self.device, weights_dir=active_weights_dir(self.models_dir))
 
 
 class ResidualSlot(DetectorSlot):
     """The residual model of the harmonization stage, loaded on the first series whose rule needs it."""
 
     what = "residual model"
+
+    def _source(self) -> str:
+        return ""  # bundles carry the detector; the residual model is the shipped one
 
     def _load(self) -> Any:
         if self._loader is not None:
@@ -260,9 +287,14 @@ def result_objects(
     refused = loaded.refused or detection.refused
     outcome = harmonized.residual if harmonized is not None else None
     stage = match.rule.residual if match.rule is not None else None
-    residual_parameter = "none" if stage is None else (
-        f"a_blur {stage.alpha_blur:.2f} a_noise {stage.alpha_noise:.2f} {stage.model_version}"
-        if outcome is None or outcome.applied else "not applied"
+    residual_parameter = (
+        "none"
+        if stage is None
+        else (
+            f"a_blur {stage.alpha_blur:.2f} a_noise {stage.alpha_noise:.2f} {stage.model_version}"
+            if outcome is None or outcome.applied
+            else "not applied"
+        )
     )
     algorithm = AlgorithmInfo(
         name=ALGORITHM_NAME,
@@ -338,8 +370,18 @@ def run_series(worker: Worker, series_uid: str) -> SeriesOutcome:
         objects = _timed(t, "results", result_objects, loaded, key, match, detection, worker.settings, harmonized)
         results = _timed(t, "results", store_results, worker.files, worker.index, objects)
         _timed(
-            t, "results", record_findings, worker.index, worker.queue, worker.learning, row, detection.findings,
-            detection.features, results, detection.model_version, str(key),
+            t,
+            "results",
+            record_findings,
+            worker.index,
+            worker.queue,
+            worker.learning,
+            row,
+            detection.findings,
+            detection.features,
+            results,
+            detection.model_version,
+            str(key),
         )
         if worker.destinations:
             _timed(t, "deliver", enqueue_deliveries, worker.queue, worker.destinations, results, worker.index)

@@ -190,6 +190,8 @@ def _register_optional_commands() -> None:
         ("node.cli.harmonize", "register"),
         ("node.cli.users", "register"),
         ("node.cli.feedback", "register"),
+        ("node.cli.learn", "register"),
+        ("node.cli.bundles", "register"),
     ):
         try:
             mod = importlib.import_module(module)
