@@ -378,37 +378,6 @@ def register(app: typer.Typer) -> None:
 
 def plot_rule(rule: Rule, out: Path) -> None:
     """PNG of a rule's group histogram before and after conversion, over the reference histogram."""
-    import matplotlib
-    import numpy as np
+    from rules.plots import rule_histograms_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rules.fit import transform_histogram
-    from rules.histogram import HistogramSpec, normalize
-
-    hists = rule.provenance["histograms"]
-    spec = HistogramSpec.from_dict(rule.provenance.get("spec", {}))
-    group, ref = np.asarray(hists["group"], float), np.asarray(hists["reference"], float)
-    after = transform_histogram(group, spec, rule.mapping)
-    x = spec.centers
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
-    ax.plot(x, normalize(ref), color="black", lw=1.2, label="reference")
-    ax.plot(x, normalize(group), color="tab:red", lw=1.0, alpha=0.8, label="before")
-    ax.plot(x, after, color="tab:blue", lw=1.0, label="after")
-    if rule.method == "seed":
-        ax.axvline(rule.parameters["c"], color="grey", ls=":", label=f"c = {rule.parameters['c']:.0f}")
-    ax.set_yscale("log")
-    ax.set_ylim(1e-6, None)
-    ax.set_xlabel("value (HU for CT)")
-    ax.set_ylabel("fraction of pixels")
-    p = rule.provenance
-    ax.set_title(
-        f"{rule.label} {rule.method}: {rule.key}\nsimilarity {p.get('similarity_before', 0):.4f} → "
-        f"{p.get('similarity_after', 0):.4f} to {p.get('reference_key', '?')}",
-        fontsize=8,
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    out.write_bytes(rule_histograms_png(rule))

@@ -1,5 +1,8 @@
 """The console's pages: studies and series, one series, deliveries, rules, model cards, quarantine.
 
+Rules show their histograms before and after conversion, model cards their held-out FROC (PNG, drawn on
+request with matplotlib, ``node.web.plots``).
+
 Server-rendered (Jinja2, autoescaped), no JavaScript. Every page needs a login (``node.web.auth``); the
 buttons that change something (resend dead deliveries, activate a rule) are shown to admins only and
 refused (403) to the others whatever they post; a finding's accept / reject / modify buttons
@@ -27,7 +30,9 @@ from models.findings import LESION_KINDS
 from node.web.api import activate_rule, resend
 from node.web.auth import need
 from node.web.keyimages import key_image_path, png_of
-from rules.registry import RuleRegistry
+from node.web.plots import card_evaluation_png
+from rules.plots import NoHistograms, rule_histograms_png
+from rules.registry import RuleRegistry, UnknownRule
 from storage import findings as found
 from storage.deliveries import deliveries, delivery_status
 from storage.users import Role
@@ -92,12 +97,19 @@ def studies_view(context: Any) -> list[dict[str, Any]]:
     return studies
 
 
-def models_view() -> list[dict[str, Any]]:
-    """The model cards shipped with the weights (``models/weights/*.json``), read without importing torch."""
+def weights_folder() -> Path | None:
+    """The shipped weights' folder (``models/weights``), found without importing torch."""
     spec = importlib.util.find_spec("models")
     if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "weights"
+
+
+def models_view() -> list[dict[str, Any]]:
+    """The model cards shipped with the weights (``models/weights/*.json``), read without importing torch."""
+    folder = weights_folder()
+    if folder is None:
         return []
-    folder = Path(next(iter(spec.submodule_search_locations))) / "weights"
     cards = []
     for path in sorted(folder.glob("*.json")):
         card = _json(path.read_text(encoding="utf-8"), {})
@@ -111,6 +123,7 @@ def models_view() -> list[dict[str, Any]]:
                     "created": card.get("created", ""),
                     "sha256": card.get("sha256", ""),
                     "summary": json.dumps(summary, indent=1)[:6000],
+                    "plot": isinstance(card.get("evaluation"), dict),
                 }
             )
     return cards
@@ -210,6 +223,30 @@ def routes(context: Any, pages: Any) -> list[BaseRoute]:
         await run_in_threadpool(activate_rule, context, str(form.get("rule", "")), user.name)
         return RedirectResponse("/rules", status_code=303)
 
+    async def rule_plot(request: Request) -> Response:
+        ref = f"{request.path_params['rule']}@v{request.path_params['version']}"
+        try:
+            rule = await run_in_threadpool(lambda: RuleRegistry(index.db, index.lock).get(ref))
+            png = await run_in_threadpool(rule_histograms_png, rule)
+        except (UnknownRule, NoHistograms) as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except ImportError as exc:
+            raise HTTPException(404, "pictures need matplotlib: pip install 'harmonode[plot]'") from exc
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+    async def card_plot(request: Request) -> Response:
+        name, folder = str(request.path_params["card"]), weights_folder()
+        path = folder / f"{name}.json" if folder is not None and re.fullmatch(r"[A-Za-z0-9_-]+", name) else None
+        if path is None or not path.is_file():
+            raise HTTPException(404, f"no model card {name!r}")
+        try:
+            png = await run_in_threadpool(card_evaluation_png, _json(path.read_text(encoding="utf-8"), {}))
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except ImportError as exc:
+            raise HTTPException(404, "pictures need matplotlib: pip install 'harmonode[plot]'") from exc
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
     async def models_page(request: Request) -> Response:
         return pages.render(request, "models.html", cards=await run_in_threadpool(models_view))
 
@@ -226,6 +263,8 @@ def routes(context: Any, pages: Any) -> list[BaseRoute]:
         Route("/deliveries/resend", resend_form, methods=["POST"]),
         Route("/rules", rules_page, methods=["GET"]),
         Route("/rules/activate", activate_form, methods=["POST"]),
+        Route("/rules/{rule}/v{version:int}/histograms.png", rule_plot, methods=["GET"]),
         Route("/models", models_page, methods=["GET"]),
+        Route("/models/{card}/evaluation.png", card_plot, methods=["GET"]),
         Route("/quarantine", quarantine_page, methods=["GET"]),
     ]
