@@ -50,7 +50,6 @@ from node.web.intake import guarded_store, observed_job
 from node.web.metrics import NodeMetrics, StateCollector
 from node.web.server import WebServer
 from node.web.space import GB, DiskSpace
-from storage.audit import AuditTrail
 from storage.commitments import Commitments
 from storage.queue import GiveUp, Job, RetryLater
 from storage.recovery import RecoveryReport, recover
@@ -133,7 +132,7 @@ class Node:
         self.metrics.add_collector(StateCollector(self.store, self.disk, self._associations_open))
         self.web: WebServer | None = None
         self.audit = NodeAudit(
-            AuditTrail(config.audit_log, node.ae_title),
+            config.audit_trail(),
             self.index,
             node.ae_title,
             {d.name: (d.ae_title, d.host) for d in config.destinations},

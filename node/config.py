@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -17,9 +18,11 @@ from typing import Any, get_type_hints
 
 from handlers.peer import Peer, check_ae_title
 from handlers.permissions import PeerPermission
+from storage.audit import AuditTrail
 from storage.exports import ExportSettings
 from storage.queue import DELIVERY_POLICY, QueueSettings
 from storage.store import StoreSettings
+from storage.syslog import SyslogTarget
 
 ENV_PREFIX = "HARMONODE_"
 
@@ -115,6 +118,11 @@ class StorageConfig:
     min_free_gb: float = 1.0  # 0: never refuse for space
     resume_free_gb: float = 0.0  # accept again above this (0: min_free_gb + 10 %)
     audit_dir: str = ""  # the audit trail (PS3.15 A.5 messages, hash-chained); default <data_dir>/audit
+    audit_syslog: str = ""  # also copy each message to this syslog collector: udp://HOST[:PORT] (RFC 5424/5426)
+
+    def __post_init__(self) -> None:
+        if self.audit_syslog and not re.fullmatch(r"udp://[^/:\s]+(:\d{1,5})?/?", self.audit_syslog):
+            raise ConfigError(f"[storage] audit_syslog is udp://HOST[:PORT], got {self.audit_syslog!r}")
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,11 @@ class Config:
         """The audit trail's file (``[storage] audit_dir``, default ``data_dir/audit``)."""
         folder = Path(self.storage.audit_dir) if self.storage.audit_dir else self.data_path / "audit"
         return folder / "audit.log"
+
+    def audit_trail(self) -> AuditTrail:
+        """The node's audit trail (``audit_log``), copying to ``[storage] audit_syslog`` when set."""
+        forward = SyslogTarget(self.storage.audit_syslog) if self.storage.audit_syslog else None
+        return AuditTrail(self.audit_log, self.node.ae_title, forward)
 
     @property
     def models_path(self) -> Path:

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 from xml.etree import ElementTree as ET
 
 GENESIS = "0" * 64
@@ -217,10 +218,11 @@ class AuditTrail:
     file while it reads the last record and writes the next.
     """
 
-    def __init__(self, path: str | Path, source_id: str) -> None:
+    def __init__(self, path: str | Path, source_id: str, forward: Any = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.source_id = source_id
+        self.forward = forward  # a storage.syslog.SyslogTarget (or anything with send(message, ok)), or None
         self._lock = threading.Lock()
 
     def append(self, message: str) -> int:
@@ -249,10 +251,13 @@ class AuditTrail:
         studies: Iterable[str] = (),
         objects: Sequence[ParticipantObject] = (),
     ) -> None:
-        """Build one message with this node as its source and append it."""
-        self.append(
-            audit_message(event, action, outcome, participants, self.source_id, event_type, studies, objects=objects)
+        """Build one message with this node as its source, append it, and copy it to syslog when configured."""
+        message = audit_message(
+            event, action, outcome, participants, self.source_id, event_type, studies, objects=objects
         )
+        self.append(message)
+        if self.forward is not None:
+            self.forward.send(message, outcome == Outcome.SUCCESS)
 
 
 def read_messages(path: str | Path) -> list[str]:

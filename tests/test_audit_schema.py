@@ -228,3 +228,56 @@ def test_push_analyse_deliver_find_get_each_validate_and_a_changed_line_breaks_t
     trail.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="line 3"):
         verify_chain(trail)
+
+
+def _write_config(root: Path, syslog_port: int) -> Path:
+    path = root / "node.toml"
+    path.write_text(
+        f'[node]\ndata_dir = "{root / "node"}"\n\n[storage]\naudit_syslog = "udp://127.0.0.1:{syslog_port}"\n'
+    )
+    return path
+
+
+def test_command_line_changes_are_audited_and_every_message_is_copied_to_syslog(
+    schema: etree.RelaxNG, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from node.cli import app as cli
+    from rules.keys import ConditionKey
+    from rules.registry import RuleRegistry
+    from storage.store import open_store
+
+    collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a real syslog collector's socket (UDP)
+    collector.bind(("127.0.0.1", 0))
+    collector.settimeout(10)
+    config = _write_config(tmp_path, collector.getsockname()[1])
+    with open_store(tmp_path / "node") as store:
+        key = ConditionKey.parse("CT|ge|optima-ct660|bone|ctdi5-15|100kv|head")
+        rule = RuleRegistry(store.index.db, store.index.lock).add(key, "seed", {"a": 1.0, "b": 0.0, "c": 300.0})
+    runner = CliRunner()
+    for args in (["rules", "activate", rule.label], ["models", "activate", "shipped"]):
+        result = runner.invoke(cli, [*args, "--config", str(config)])
+        assert result.exit_code == 0, result.output
+    trail = tmp_path / "node" / "audit" / "audit.log"
+    messages = read_messages(trail)
+    assert len(messages) == 2 and verify_chain(trail) == 2
+    for message in messages:
+        assert valid(schema, message)
+        assert 'csd-code="110131"' in message  # Security Alert of type Software Configuration
+    datagrams = [collector.recv(70000) for _ in messages]
+    collector.close()
+    for datagram, message in zip(datagrams, messages, strict=True):
+        head, _, body = datagram.partition(b"\xef\xbb\xbf")
+        fields = head.decode("ascii").split(" ")
+        assert fields[0] == "<85>1" and fields[5] == "IHE+RFC-3881" and fields[6] == "-"  # facility 10, notice
+        assert body.decode("utf-8") == message
+
+
+def test_a_bad_syslog_target_is_a_config_error(tmp_path: Path) -> None:
+    from node.config import ConfigError, load_config
+
+    path = tmp_path / "node.toml"
+    path.write_text('[storage]\naudit_syslog = "tcp://collector:601"\n')
+    with pytest.raises(ConfigError, match="udp://HOST"):
+        load_config(path)

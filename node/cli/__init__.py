@@ -81,6 +81,30 @@ def load_or_fail(path: Path | None) -> Config:
         raise fail(str(exc)) from exc
 
 
+def audit_change(cfg: Config, what: str) -> None:
+    """Record a change of the node's configuration made from the command line (a rule or model activated).
+
+    The requesting user is the operating-system account running the command; the message goes to the node's
+    audit trail (a Security Alert of type Software Configuration, as the console's changes) and the log.
+    """
+    import getpass
+
+    from storage.audit import SECURITY_ALERT, SOFTWARE_CONFIGURATION, Outcome, Participant
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    logging.getLogger("harmonode.audit").info("audit: %s by %s (command line)", what, user)
+    cfg.audit_trail().record(
+        SECURITY_ALERT,
+        "E",
+        Outcome.SUCCESS,
+        [Participant(user[:64], True), Participant(cfg.node.ae_title, False)],
+        SOFTWARE_CONFIGURATION,
+    )
+
+
 def _run_roles(config_path: Path | None, roles: tuple[str, ...], verbose: bool) -> None:
     from node.app import Node
 

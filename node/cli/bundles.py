@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from node.cli import ConfigOption, fail, load_or_fail
+from node.cli import ConfigOption, audit_change, fail, load_or_fail
 
 SHIPPED = "shipped"
 
@@ -71,8 +71,10 @@ def import_cmd(
             except RuleFileError as exc:
                 raise fail(f"model installed, but its rule set was refused: {exc}; no rule imported") from exc
         typer.echo(f"{len(stored)} rule(s) imported")
+    audit_change(cfg, f"model {installed.version} installed")
     if activate:
         bundles.activate(cfg.models_path, installed.version)
+        audit_change(cfg, f"model {installed.version} activated")
         typer.echo(f"model {installed.version} active")
 
 
@@ -86,12 +88,14 @@ def activate_cmd(
     cfg = load_or_fail(config)
     if version == SHIPPED:
         (cfg.models_path / bundles.ACTIVE).unlink(missing_ok=True)
+        audit_change(cfg, "the shipped model activated")
         typer.echo("the shipped model is active")
         return
     try:
         bundles.activate(cfg.models_path, version)
     except bundles.BundleRefused as exc:
         raise fail(str(exc)) from exc
+    audit_change(cfg, f"model {version} activated")
     typer.echo(f"model {version} active")
 
 

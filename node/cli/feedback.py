@@ -40,7 +40,6 @@ def feedback_cmd(
     """Accept, reject or modify one finding; the result is corrected and an export record made."""
     from handlers.feedback import FeedbackDesk, apply_assessment
     from models.findings import LESION_KINDS
-    from storage.audit import AuditTrail
     from storage.feedback import Assessment, FeedbackAction, FeedbackSource, FeedbackState
     from storage.store import open_store
 
@@ -74,7 +73,7 @@ def feedback_cmd(
             cfg.result_destinations,
             cfg.learning.export_settings,
             cfg.node.ae_title,
-            AuditTrail(cfg.audit_log, cfg.node.ae_title),  # appends under a file lock beside a running node
+            cfg.audit_trail(),  # appends under a file lock beside a running node
         )
         outcome = apply_assessment(desk, assessment)
     if outcome.state == FeedbackState.REFUSED:

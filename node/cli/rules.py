@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from node.cli import ConfigOption, fail, load_or_fail
+from node.cli import ConfigOption, audit_change, fail, load_or_fail
 from node.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -368,6 +368,7 @@ def activate_cmd(rule_ref: RuleRefArgument, config: ConfigOption = None) -> None
             rule = registry.activate(rule_ref)
         except UnknownRule as exc:
             raise fail(str(exc)) from exc
+    audit_change(load_or_fail(config), f"rule {rule.label} activated for {rule.key}")
     typer.echo(f"{rule.label} active for {rule.key}")
 
 
