@@ -175,6 +175,11 @@ def wait_instead_of_polling(assoc: Association, raw: socket.socket) -> None:
     dul = assoc.dul
     if getattr(dul, "_harmonode_idle_wait", None) is not None or not hasattr(os, "eventfd"):
         return
+    if not assoc.is_acceptor:
+        # A requestor's send_c_store pauses its reactor and waits for it to reach the pause point: a
+        # waiting reactor would hold every sub-operation up by the cap (and could take the response the
+        # sender waits for). Requestors keep pynetdicom's polling.
+        return
     _install_clocks()
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     closed = threading.Event()
