@@ -11,6 +11,16 @@ versions they were checked against):
 4. A DIMSE message that grows past the dataset cap aborts its association (``bound_datasets``): pynetdicom
    gathers a message's fragments in memory without a limit.
 5. Sending stored files as stored (``send_stored_files``, ``StoredInstance``, ``enable_raw_sending``).
+6. Reactors that wait instead of polling (``wait_instead_of_polling``, installed by ``tune_socket``).
+
+Reactors: each association has two threads that poll: the DUL sleeps ``_run_loop_delay`` between looks at
+its socket and queues, the association's reactor sleeps 1 ms between looks for a decoded message. A store
+response waits for both, and each idle loop costs CPU the sender needs on a small machine (about a quarter
+of the node's CPU with four associations pushing). The patch makes those two sleeps waits that end when
+there is work: the DUL waits on its socket and an eventfd that ``send_pdu``/``stop_dul`` signal, the reactor
+on its DIMSE message queue; both wait at most ``REACTOR_WAIT_CAP_S``, so timers and release checks keep
+running. Only the two calls are changed (recognised by the thread that makes them and the delay they ask
+for); every other sleep in pynetdicom sleeps as before.
 
 Socket tuning: pynetdicom reads each PDU in 4 KiB ``recv`` calls from Python and trusts the length a peer
 declares; a 128 KiB P-DATA PDU costs 32 calls, and a peer that declares a 4 GiB PDU can make it buffer
@@ -31,11 +41,15 @@ accept loop.
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import select
 import socket
 import ssl
 import threading
 import time
 import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +58,8 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import _config, evt
+from pynetdicom import association as _association_module
+from pynetdicom import dul as _dul_module
 from pynetdicom.association import Association
 
 log = logging.getLogger(__name__)
@@ -109,6 +125,114 @@ def tune_socket(
     dul = event.assoc.dul
     if hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_POLL_SECONDS
+    if not isinstance(raw, ssl.SSLSocket):  # TLS may hold decrypted bytes select() cannot see: it polls
+        wait_instead_of_polling(event.assoc, raw)
+
+
+# -- reactors that wait ------------------------------------------------------------------------------------
+REACTOR_WAIT_CAP_S = 0.01  # the longest a reactor waits without work (its timers and checks run this often)
+_ASSOCIATION_POLL_S = 0.001  # what Association._run_reactor sleeps between looks (pynetdicom 3.0)
+
+
+class _ReactorClock:
+    """Stands for the ``time`` module in pynetdicom's dul and association modules.
+
+    ``sleep`` called by a thread that carries a ``_harmonode_idle_wait`` (a DUL or an association that
+    ``wait_instead_of_polling`` prepared), with the delay of its reactor loop, waits for work instead;
+    every other call is the ``time`` module's own.
+    """
+
+    def __init__(self, poll_s: float) -> None:
+        self._poll_s = poll_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == self._poll_s:
+            wait = getattr(threading.current_thread(), "_harmonode_idle_wait", None)
+            if wait is not None:
+                wait()
+                return
+        time.sleep(seconds)
+
+
+def _install_clocks() -> None:
+    """Put the reactor clocks in place (once per process; idempotent)."""
+    if not isinstance(_dul_module.time, _ReactorClock):
+        _dul_module.time = _ReactorClock(DUL_POLL_SECONDS)  # type: ignore[assignment]
+    if not isinstance(_association_module.time, _ReactorClock):
+        _association_module.time = _ReactorClock(_ASSOCIATION_POLL_S)  # type: ignore[assignment]
+
+
+def wait_instead_of_polling(assoc: Association, raw: socket.socket) -> None:
+    """Make the DUL and the association reactor of ``assoc`` wait for work instead of polling.
+
+    The DUL thread waits until its socket is readable or a primitive was queued for it (``send_pdu``,
+    ``stop_dul`` write to an eventfd); the association thread until a decoded message is queued; neither
+    longer than ``REACTOR_WAIT_CAP_S``.
+    """
+    dul = assoc.dul
+    if getattr(dul, "_harmonode_idle_wait", None) is not None or not hasattr(os, "eventfd"):
+        return
+    if not assoc.is_acceptor:
+        # A requestor's send_c_store pauses its reactor and waits for it to reach the pause point: a
+        # waiting reactor would hold every sub-operation up by the cap (and could take the response the
+        # sender waits for). Requestors keep pynetdicom's polling.
+        return
+    _install_clocks()
+    wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    closed = threading.Event()
+
+    def wake() -> None:
+        if not closed.is_set():
+            try:
+                os.eventfd_write(wake_fd, 1)
+            except OSError:
+                pass
+
+    def dul_wait() -> None:
+        if dul._kill_thread or not dul.to_provider_queue.empty() or not dul.event_queue.empty():
+            return
+        try:
+            readable, _, _ = select.select([raw, wake_fd], [], [], REACTOR_WAIT_CAP_S)
+        except (OSError, ValueError):  # the socket is closed: let the DUL find out its own way
+            time.sleep(DUL_POLL_SECONDS)
+            return
+        if wake_fd in readable:
+            try:
+                os.eventfd_read(wake_fd)
+            except OSError:
+                pass
+
+    original_send, original_stop = dul.send_pdu, dul.stop_dul
+
+    def send_pdu(self: Any, primitive: Any) -> None:
+        original_send(primitive)
+        wake()
+
+    def stop_dul(self: Any) -> bool:
+        if self.state_machine.current_state == _IDLE_STATE:
+            self._kill_thread = True  # what stop_dul sets: set before the wake so the DUL sees it
+            wake()
+        return bool(original_stop())
+
+    def finish() -> None:
+        closed.set()
+        os.close(wake_fd)
+
+    messages: queue.Queue[Any] = assoc.dimse.msg_queue
+
+    def association_wait() -> None:
+        with messages.not_empty:
+            if not messages.queue:
+                messages.not_empty.wait(REACTOR_WAIT_CAP_S)
+
+    dul.send_pdu = types.MethodType(send_pdu, dul)  # type: ignore[method-assign]
+    dul.stop_dul = types.MethodType(stop_dul, dul)  # type: ignore[method-assign]
+    dul._harmonode_idle_wait = dul_wait  # type: ignore[attr-defined]
+    assoc._harmonode_idle_wait = association_wait  # type: ignore[attr-defined]
+    weakref.finalize(dul, finish)
 
 
 _IDLE_STATE = "Sta1"  # the DUL's state once the transport connection is gone

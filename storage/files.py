@@ -11,8 +11,11 @@ Layout under ``data_dir``::
 Received instances and the node's own results live in separate trees, so that startup recovery, which
 re-indexes files the index lost, can tell a result from a received instance by where it lies.
 
-A write goes to ``tmp/``, is fsynced, renamed into place and the directory is fsynced: after ``write``
-returns, the file survives a crash or power loss, and a reader never sees half a file.
+A write goes to ``tmp/``, is fsynced, linked into place and the directory is fsynced: after ``write``
+returns, the file survives a crash or power loss, and a reader never sees half a file. Where the file system
+takes extended attributes, a received instance goes into a pre-made durable slot instead (``storage.slots``):
+one fsync makes it safe, and the directory fsyncs of its final name follow in the background, batched;
+startup recovery puts back any slot whose final name a crash lost (``settle_slots``).
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+from storage import slots as slot_files
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +109,7 @@ class Tree(StrEnum):
 class FileStore:
     """Atomic, fsynced, versioned storage of DICOM Part 10 files under one root directory."""
 
-    def __init__(self, root: str | Path, fsync: bool = True) -> None:
+    def __init__(self, root: str | Path, fsync: bool = True, slots: bool = True, background: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
         self.objects = self.root / Tree.OBJECTS
@@ -112,6 +118,56 @@ class FileStore:
         self.quarantine_dir = self.root / "quarantine"
         for d in (self.objects, self.results, self.tmp, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
+        # Slots only where they save a flush (durable writes) and the file system can hold their records.
+        self.slots = slots and fsync and slot_files.supports_slots(self.tmp)
+        self._settler: slot_files.Settler | None = None
+        self._background = background  # False: final names settle on flush()/close() only (crash tests)
+        self._settler_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Make every final name durable now and stop the background thread (if one was started)."""
+        with self._settler_lock:
+            settler, self._settler = self._settler, None
+        if settler is not None:
+            settler.close()
+
+    def flush(self) -> None:
+        """Make the final names of every written instance durable now (the background does it otherwise)."""
+        if self._settler is not None:
+            self._settler.flush()
+
+    def _take_slot(self) -> Path | None:
+        if not self.slots:
+            return None
+        with self._settler_lock:
+            if self._settler is None:  # started on the first write: commands that only read start no thread
+                self._settler = slot_files.Settler(self.tmp, background=self._background)
+            return self._settler.take()
+
+    def _write_slot(
+        self, slot: Path, data: bytes | Iterable[bytes], record: Callable[[int, str], bytes]
+    ) -> tuple[int, str]:
+        """Write ``data`` into an empty durable slot with its record; one fsync makes both durable."""
+        h = hashlib.sha256()
+        size = 0
+        fd = os.open(slot, os.O_WRONLY)
+        try:
+            for chunk in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+                view = memoryview(chunk)
+                h.update(view)
+                size += len(view)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            digest = h.hexdigest()
+            os.setxattr(fd, slot_files.XATTR, record(size, digest))
+            os.fsync(fd)  # not fdatasync: the record is an attribute, not data
+        except BaseException:
+            os.close(fd)
+            slot.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return size, digest
 
     # -- writing ------------------------------------------------------------------------------------
     def _fsync_dir(self, path: Path) -> None:
@@ -177,7 +233,18 @@ class FileStore:
         """
         sop = check_uid(sop_uid, "SOPInstanceUID")
         directory = self.instance_dir(study_uid, series_uid, tree)
-        tmp, size, digest = self._write_tmp(data)
+        slot = self._take_slot()
+        if slot is not None:
+            study, series = directory.parent.name, directory.name
+
+            def record(size: int, digest: str) -> bytes:
+                return slot_files.SlotRecord(str(tree), study, series, sop, size, digest).encode()
+
+            size, digest = self._write_slot(slot, data, record)
+            tmp = slot
+        else:
+            tmp, size, digest = self._write_tmp(data)
+        settled = False
         try:
             new_dir = not directory.exists()
             if new_dir:
@@ -201,14 +268,54 @@ class FileStore:
                 os.link(tmp, target)
             except FileExistsError:
                 return self.write_instance(study_uid, series_uid, sop_uid, tmp.read_bytes(), tree, known, max_versions)
-            tmp.unlink()
-            self._fsync_dir(directory)
-            if new_dir:
-                self._fsync_dir(directory.parent)
-                self._fsync_dir(directory.parent.parent)
+            directories = (directory, directory.parent, directory.parent.parent) if new_dir else (directory,)
+            if slot is not None and self._settler is not None:
+                # The slot is durable and names the instance: the final name's fsyncs may come later.
+                self._settler.settled(slot, directories)
+                settled = True
+            else:
+                tmp.unlink()
+                for d in directories:
+                    self._fsync_dir(d)
             return StoredFile(target, self.relpath(target), size, digest, version, False)
         finally:
-            tmp.unlink(missing_ok=True)
+            if not settled:
+                tmp.unlink(missing_ok=True)
+
+    def settle_slots(self) -> tuple[int, int]:
+        """Startup recovery of slots a crash left in ``tmp/``: (put back in place, removed as never complete).
+
+        A slot whose final name survived (link count 2) only loses its own name. A slot whose record
+        matches its bytes is written to its final name again (the synchronous way, a duplicate of an
+        existing version being a no-op); a slot without a matching record was never acknowledged.
+        """
+        restored = dropped = 0
+        for slot in sorted(self.tmp.glob(f"*{slot_files.SUFFIX}")):
+            record = slot_files.read_record(slot)
+            try:
+                if record is not None and slot.stat().st_nlink < 2:
+                    data = slot.read_bytes()
+                    if len(data) == record.size and hashlib.sha256(data).hexdigest() == record.sha256:
+                        tree = Tree(record.tree)
+                        previous, self.slots = self.slots, False
+                        try:
+                            self.write_instance(record.study_uid, record.series_uid, record.sop_uid, data, tree)
+                        finally:
+                            self.slots = previous
+                        restored += 1
+                    else:
+                        dropped += 1
+                elif record is None and slot.stat().st_size:
+                    dropped += 1
+            except (OSError, ValueError) as exc:
+                log.error("slot %s cannot be put back (%s); removed", slot.name, type(exc).__name__)
+                dropped += 1
+            slot.unlink(missing_ok=True)
+        if restored or dropped:
+            log.warning(
+                "recovery: %d stored file(s) put back in place, %d incomplete write(s) removed", restored, dropped
+            )
+        return restored, dropped
 
     def write_result(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
         """Store an object the node made, in the results tree (as ``write_instance`` does)."""

@@ -1,6 +1,7 @@
 """Startup recovery: the file store is the truth, the index and queue follow it.
 
-Run before the node listens: partial writes left by a crash are removed, and every stored file the index
+Run before the node listens: slots whose final name a crash lost are put back in place
+(``FileStore.settle_slots``), partial writes left by a crash are removed, and every stored file the index
 does not know (the index commit was lost, or the node died between fsync and commit) is indexed again:
 a file of the received tree as a received instance, a file of the results tree as the node's own result
 (so it is never completed, analysed or fitted as a scanner's series).
@@ -26,6 +27,7 @@ class RecoveryReport:
     partial_files_removed: int
     reindexed: int
     unreadable: int
+    restored: int = 0  # written instances whose final name a crash lost, put back from their slot
 
 
 def recover(files: FileStore, index: Index) -> RecoveryReport:
@@ -41,7 +43,8 @@ def recover(files: FileStore, index: Index) -> RecoveryReport:
     RecoveryReport
         Counts of what was done; unreadable stored files are quarantined (copied) and logged.
     """
-    removed = files.clean_tmp()
+    restored, dropped = files.settle_slots()  # before clean_tmp: a slot may be the only durable copy
+    removed = files.clean_tmp() + dropped
     known = index.known_paths()
     reindexed = unreadable = 0
     stored = [(path, Origin.RECEIVED) for path in files.iter_instance_files(Tree.OBJECTS)]
@@ -70,4 +73,4 @@ def recover(files: FileStore, index: Index) -> RecoveryReport:
             log.error("stored file %s cannot be indexed (%s); left in place", rel, type(exc).__name__)
     if reindexed:
         log.warning("recovery: indexed %d stored file(s) the index had lost", reindexed)
-    return RecoveryReport(removed, reindexed, unreadable)
+    return RecoveryReport(removed, reindexed, unreadable, restored)

@@ -37,7 +37,8 @@ class Store:
     queue: JobQueue
 
     def close(self) -> None:
-        """Close the index and queue connections (the file store holds none)."""
+        """Close the index and queue connections and settle the file store's pending writes."""
+        self.files.close()
         self.queue.close()
         self.index.close()
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import os
 import socket
+import time
 
 import pynetdicom
+import pynetdicom.association
+import pynetdicom.dul
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
@@ -70,3 +75,58 @@ def test_send_stored_files_is_idempotent() -> None:
     first = assoc.send_c_store
     transport.send_stored_files(assoc)
     assert assoc.send_c_store is first
+
+
+def test_reactor_wait_relies_on_the_two_poll_sleeps_and_the_queues_they_poll() -> None:
+    # wait_instead_of_polling replaces exactly these sleeps (by the thread and the delay) and wakes on these.
+    dul_loop = inspect.getsource(DULServiceProvider.run_reactor)
+    assert "time.sleep(self._run_loop_delay)" in dul_loop and "_process_recv_primitive" in dul_loop
+    assert "time.sleep(0.001)" in inspect.getsource(Association._run_reactor)
+    assert transport._ASSOCIATION_POLL_S == 0.001
+    assert "self.to_provider_queue.put(primitive)" in inspect.getsource(DULServiceProvider.send_pdu)
+    assert "self._kill_thread = True" in inspect.getsource(DULServiceProvider.stop_dul)
+    assert "msg_queue.get" in inspect.getsource(DIMSEServiceProvider.get_msg)
+    assert hasattr(pynetdicom.dul, "time") and hasattr(pynetdicom.association, "time")  # `import time` in both
+
+
+def test_waiting_reactors_answer_at_once_and_idle_without_cpu() -> None:
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    acceptors: list = []
+
+    def on_open(event: evt.Event) -> None:
+        transport.tune_socket(event)
+        acceptors.append(event.assoc)
+
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="SCP")
+        assert assoc.is_established
+        [acceptor] = acceptors
+        started = time.perf_counter()
+        for _ in range(50):
+            assert assoc.send_c_echo().Status == 0x0000
+        per_echo = (time.perf_counter() - started) / 50
+        # the acceptor's two threads, idle for 0.5 s: polling every 0.2 ms would cost ~10 % of a core
+        cpu = _thread_cpu_s(acceptor.dul.native_id) + _thread_cpu_s(acceptor.native_id)
+        time.sleep(0.5)
+        idle = _thread_cpu_s(acceptor.dul.native_id) + _thread_cpu_s(acceptor.native_id) - cpu
+        released = time.perf_counter()
+        assoc.release()
+        acceptor.join(timeout=5)
+        assert not acceptor.is_alive() and time.perf_counter() - released < 1.0  # stop_dul wakes the DUL
+    finally:
+        server.shutdown()
+    assert per_echo < 0.05  # a wake, not a wait for the cap (loaded machines still answer in ms)
+    assert idle < 0.02, f"idle reactors used {idle:.3f} s of CPU in 0.5 s"
+    assert getattr(acceptor.dul, "_harmonode_idle_wait", None) is not None
+    assert isinstance(pynetdicom.dul.time, transport._ReactorClock)
+
+
+def _thread_cpu_s(native_id: int | None) -> float:
+    """CPU seconds (user + system) one thread of this process has used (Linux)."""
+    fields = open(f"/proc/self/task/{native_id}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -3,8 +3,10 @@
 (a) ``harmonode serve`` with durability on (fsync file + directory, index commit before the status),
 (b) Orthanc with its defaults (fsyncs every instance: the durable peer),
 (c) DCMTK ``storescp -pdu 131072 +B`` (bit-preserving, no fsync: a non-durable upper bound).
-Prints inst/s and MB/s of each, the ratios a/b and a/c, and harmonode's peak RSS while receiving 2,000
-slices. Run: ``./dev bench`` or ``.venv/bin/python tests/benchmarks/ingest.py [--slices 500] [--runs 3]``.
+Prints inst/s and MB/s of each, the ratios a/b and a/c (median of the runs and each run's, the receivers
+measured interleaved: harmonode, Orthanc, storescp, harmonode, ...), the load average, and harmonode's peak RSS
+while receiving 2,000 slices. ``--associations 4`` splits the files between 4 concurrent storescu.
+Run: ``./dev bench`` or ``.venv/bin/python tests/benchmarks/ingest.py [--slices 500] [--runs 3] [--associations 4]``.
 """
 
 from __future__ import annotations
@@ -62,15 +64,34 @@ def write_slices(out: Path, n: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def send(paths: list[Path], port: int, aet: str) -> float:
-    """Seconds storescu takes to send every file on one association."""
+ASSOCIATIONS = 1  # set by --associations
+
+
+def send(paths: list[Path], port: int, aet: str, associations: int | None = None) -> float:
+    """Seconds storescu takes to send every file, on ``associations`` concurrent associations."""
+    n = associations or ASSOCIATIONS
     t = time.perf_counter()
-    subprocess.run(
-        [system_tool("storescu"), "-aec", aet, "127.0.0.1", str(port), "--scan-directories", str(paths[0].parent)],
-        check=True,
-        capture_output=True,
-        env=peer_env(),
-    )
+    if n == 1:
+        subprocess.run(
+            [system_tool("storescu"), "-aec", aet, "127.0.0.1", str(port), "--scan-directories", str(paths[0].parent)],
+            check=True,
+            capture_output=True,
+            env=peer_env(),
+        )
+        return time.perf_counter() - t
+    senders = [
+        subprocess.Popen(
+            [system_tool("storescu"), "-aec", aet, "127.0.0.1", str(port), *map(str, paths[i::n])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=peer_env(),
+        )
+        for i in range(n)
+    ]
+    for s in senders:
+        _, err = s.communicate()
+        if s.returncode:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-400:]}")
     return time.perf_counter() - t
 
 
@@ -132,12 +153,17 @@ def storescp_run(paths: list[Path], work: Path) -> float:
 
 
 def main() -> None:
+    global ASSOCIATIONS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=500)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rss-slices", type=int, default=2000)
+    ap.add_argument("--associations", type=int, default=1, help="concurrent storescu, the files split between them")
+    ap.add_argument("--no-storescp", action="store_true", help="skip the storescp bound")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    ASSOCIATIONS = args.associations
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="hn-bench-") as tmp:
         work = Path(tmp)
         src = work / "series"
@@ -148,29 +174,45 @@ def main() -> None:
         for _ in range(args.runs):
             times["harmonode"].append(harmonode_run(paths, work)[0])
             times["orthanc"].append(orthanc_run(paths, work))
-            times["storescp"].append(storescp_run(paths, work))
-        big = work / "rss"
-        big.mkdir()
-        rss_paths = write_slices(big, args.rss_slices, seed=1)
-        _, rss = harmonode_run(rss_paths, work)
+            if not args.no_storescp:
+                times["storescp"].append(storescp_run(paths, work))
+            loads.append(os.getloadavg()[0])
+        if args.no_storescp:
+            times.pop("storescp")
+        rss = float("nan")
+        if args.rss_slices:  # 0: skip the RSS run
+            big = work / "rss"
+            big.mkdir()
+            rss_paths = write_slices(big, args.rss_slices, seed=1)
+            _, rss = harmonode_run(rss_paths, work)
     med = {k: statistics.median(v) for k, v in times.items()}
+    per_run = [round(o / h, 2) for h, o in zip(times["harmonode"], times["orthanc"], strict=True)]
     result = {
         "slices": args.slices,
+        "associations": args.associations,
         "megabytes": round(mb, 1),
         **{f"{k}_inst_per_s": round(args.slices / v, 1) for k, v in med.items()},
         **{f"{k}_mb_per_s": round(mb / v, 1) for k, v in med.items()},
-        "ratio_harmonode_over_orthanc": round(med["orthanc"] / med["harmonode"], 2),
-        "ratio_harmonode_over_storescp": round(med["storescp"] / med["harmonode"], 2),
+        "ratio_harmonode_over_orthanc": round(statistics.median(per_run), 2),
+        "ratio_harmonode_over_orthanc_per_run": per_run,
         f"harmonode_peak_rss_mb_{args.rss_slices}_slices": round(rss, 1),
+        "load_average_1min": [round(x, 1) for x in loads],
     }
+    if "storescp" in med:
+        result["ratio_harmonode_over_storescp"] = round(med["storescp"] / med["harmonode"], 2)
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{args.slices} slices, {mb:.0f} MB, median of {args.runs} runs, DCMTK storescu, one association")
-    for k in ("harmonode", "orthanc", "storescp"):
+    print(
+        f"{args.slices} slices, {mb:.0f} MB, median of {args.runs} interleaved runs, DCMTK storescu,"
+        f" {args.associations} association(s)"
+    )
+    for k in med:
         print(f"  {k:<10} {result[f'{k}_inst_per_s']:>7} inst/s {result[f'{k}_mb_per_s']:>7} MB/s")
-    print(f"  a/b harmonode/Orthanc (both durable): {result['ratio_harmonode_over_orthanc']}")
-    print(f"  a/c harmonode/storescp (non-durable bound): {result['ratio_harmonode_over_storescp']}")
+    print(f"  a/b harmonode/Orthanc (both durable): {result['ratio_harmonode_over_orthanc']} (runs: {per_run})")
+    if "storescp" in med:
+        print(f"  a/c harmonode/storescp (non-durable bound): {result['ratio_harmonode_over_storescp']}")
+    print(f"  load average (1 min) before and after each run: {result['load_average_1min']}")
     print(f"  harmonode peak RSS while receiving {args.rss_slices} slices: {rss:.0f} MB")
 
 
