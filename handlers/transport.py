@@ -13,6 +13,9 @@ versions they were checked against):
 5. Sending stored files as stored (``send_stored_files``, ``StoredInstance``, ``enable_raw_sending``).
 6. Reactors that wait instead of polling (``wait_instead_of_polling``, installed by ``tune_socket``).
 
+Long because every pynetdicom patch stays isolated in this one module (issue 24's condition): an upgrade
+re-checks one file against ``tests/test_transport.py``, not a scatter of them.
+
 Reactors: each association has two threads that poll: the DUL sleeps ``_run_loop_delay`` between looks at
 its socket and queues, the association's reactor sleeps 1 ms between looks for a decoded message. A store
 response waits for both, and each idle loop costs CPU the sender needs on a small machine (about a quarter

@@ -29,10 +29,12 @@ def test_import_contract_is_kept() -> None:
 
 
 def test_no_library_module_over_500_lines() -> None:
+    """A longer module says why in its docstring, as a longer function does (``LONG_REASON``)."""
     long = {
         p.relative_to(ROOT).as_posix(): n
         for p in library_modules()
         if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+        and LONG_REASON not in (ast.get_docstring(ast.parse(p.read_text())) or "")
     }
     assert long == {}
 

@@ -14,10 +14,7 @@ a radiology console needs to recognise a study (name, ID, accession); the node's
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import re
-from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -29,16 +26,13 @@ from starlette.routing import BaseRoute, Route
 from models.findings import LESION_KINDS
 from node.web.api import activate_rule, resend
 from node.web.auth import need
-from node.web.keyimages import key_image_path, png_of
-from node.web.plots import card_evaluation_png
-from rules.plots import NoHistograms, rule_histograms_png
-from rules.registry import RuleRegistry, UnknownRule
+from node.web.pictures import picture_routes, weights_folder
+from rules.registry import RuleRegistry
 from storage import findings as found
 from storage.deliveries import deliveries, delivery_status
 from storage.users import Role
 
 STUDIES_SHOWN = 200
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def viewer_link(template: str, study_uid: str) -> str:
@@ -97,14 +91,6 @@ def studies_view(context: Any) -> list[dict[str, Any]]:
     return studies
 
 
-def weights_folder() -> Path | None:
-    """The shipped weights' folder (``models/weights``), found without importing torch."""
-    spec = importlib.util.find_spec("models")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "weights"
-
-
 def models_view() -> list[dict[str, Any]]:
     """The model cards shipped with the weights (``models/weights/*.json``), read without importing torch."""
     folder = weights_folder()
@@ -139,7 +125,11 @@ def need_role(request: Request, role: Role) -> bool:
 
 
 def routes(context: Any, pages: Any) -> list[BaseRoute]:
-    """The console's pages and forms."""
+    """The console's pages and forms.
+
+    Long because each page is a small closure over the context and the templates, and one function lists
+    every page of the console in one place (the pictures are ``node.web.pictures``).
+    """
     index = context.store.index
 
     async def home(request: Request) -> Response:
@@ -179,19 +169,6 @@ def routes(context: Any, pages: Any) -> list[BaseRoute]:
             kinds=LESION_KINDS,
         )
 
-    async def key_image(request: Request) -> Response:
-        uid, number = request.path_params["uid"], request.path_params["number"]
-        if not _UID.match(uid) or len(uid) > 64:
-            raise HTTPException(400, "a series UID has digits and dots only")
-        path = await run_in_threadpool(key_image_path, index, context.store.files, uid, number)
-        if path is None:
-            raise HTTPException(404, f"no key image of finding {number} in series {uid}")
-        try:
-            png = await run_in_threadpool(png_of, path)
-        except ValueError as exc:
-            raise HTTPException(404, str(exc)) from exc
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
-
     async def delivery_page(request: Request) -> Response:
         summary = await run_in_threadpool(delivery_status, index)
         failing = await run_in_threadpool(deliveries, index, ("failed", "dead"))
@@ -223,30 +200,6 @@ def routes(context: Any, pages: Any) -> list[BaseRoute]:
         await run_in_threadpool(activate_rule, context, str(form.get("rule", "")), user.name)
         return RedirectResponse("/rules", status_code=303)
 
-    async def rule_plot(request: Request) -> Response:
-        ref = f"{request.path_params['rule']}@v{request.path_params['version']}"
-        try:
-            rule = await run_in_threadpool(lambda: RuleRegistry(index.db, index.lock).get(ref))
-            png = await run_in_threadpool(rule_histograms_png, rule)
-        except (UnknownRule, NoHistograms) as exc:
-            raise HTTPException(404, str(exc)) from exc
-        except ImportError as exc:
-            raise HTTPException(404, "pictures need matplotlib: pip install 'harmonode[plot]'") from exc
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
-
-    async def card_plot(request: Request) -> Response:
-        name, folder = str(request.path_params["card"]), weights_folder()
-        path = folder / f"{name}.json" if folder is not None and re.fullmatch(r"[A-Za-z0-9_-]+", name) else None
-        if path is None or not path.is_file():
-            raise HTTPException(404, f"no model card {name!r}")
-        try:
-            png = await run_in_threadpool(card_evaluation_png, _json(path.read_text(encoding="utf-8"), {}))
-        except LookupError as exc:
-            raise HTTPException(404, str(exc)) from exc
-        except ImportError as exc:
-            raise HTTPException(404, "pictures need matplotlib: pip install 'harmonode[plot]'") from exc
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
-
     async def models_page(request: Request) -> Response:
         return pages.render(request, "models.html", cards=await run_in_threadpool(models_view))
 
@@ -258,13 +211,11 @@ def routes(context: Any, pages: Any) -> list[BaseRoute]:
         Route("/", home, methods=["GET"]),
         Route("/studies", studies, methods=["GET"]),
         Route("/series/{uid}", series, methods=["GET"]),
-        Route("/series/{uid}/findings/{number:int}/key-image.png", key_image, methods=["GET"]),
         Route("/deliveries", delivery_page, methods=["GET"]),
         Route("/deliveries/resend", resend_form, methods=["POST"]),
         Route("/rules", rules_page, methods=["GET"]),
         Route("/rules/activate", activate_form, methods=["POST"]),
-        Route("/rules/{rule}/v{version:int}/histograms.png", rule_plot, methods=["GET"]),
         Route("/models", models_page, methods=["GET"]),
-        Route("/models/{card}/evaluation.png", card_plot, methods=["GET"]),
         Route("/quarantine", quarantine_page, methods=["GET"]),
+        *picture_routes(context),
     ]
