@@ -1,11 +1,11 @@
 """The frames of an Enhanced (or Legacy Converted Enhanced) CT / MR instance as the slices of a volume.
 
 Each frame becomes a ``FrameView``: a dataset that reads like the single-frame slice it stands for (the
-instance's own attributes, shared, not copied, and the frame's ImagePositionPatient, ImageOrientationPatient,
-PixelSpacing, SliceThickness, rescale, window and frame type from its functional groups, per-frame over
-shared), and that knows the instance it comes from and its frame number, so that results can reference
-(SOP Instance UID, frame number). Pixels stay in the instance and are decoded once, when the volume is
-stacked.
+instance's own attributes, functional groups included, shared, not copied; and the frame's
+ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness, rescale, window and frame type
+from its functional groups, per-frame over shared), and that knows the instance it comes from and its frame
+number, so that results can reference (SOP Instance UID, frame number). Pixels stay in the instance and are
+decoded once, when the volume is stacked.
 
 Refuses, with a reason a radiologist can read, frames that are not slices of one acquisition: functional
 groups missing, localizer frames, frames computed from a volume (MIP, MPR …).
@@ -23,16 +23,9 @@ MULTIFRAME_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4.4": "MR",  # Legacy Converted Enhanced MR Image Storage
 }
 
-# Instance-level elements a frame view leaves out: the pixels and the functional groups it resolves.
-_LEFT_OUT = {
-    "PixelData",
-    "FloatPixelData",
-    "DoubleFloatPixelData",
-    "ExtendedOffsetTable",
-    "ExtendedOffsetTableLengths",
-    "SharedFunctionalGroupsSequence",
-    "PerFrameFunctionalGroupsSequence",
-}
+# Instance-level elements a frame view leaves out: the pixels. It keeps the functional groups, so that a
+# builder that reads a multi-frame image itself (highdicom's GSPS, SEG, SR image library) finds them.
+_LEFT_OUT = {"PixelData", "FloatPixelData", "DoubleFloatPixelData", "ExtendedOffsetTable", "ExtendedOffsetTableLengths"}
 _FRAME_TYPE_SEQUENCES = ("CTImageFrameTypeSequence", "MRImageFrameTypeSequence")
 
 
