@@ -114,7 +114,7 @@ def frame_view(instance: Dataset, item: Dataset, shared: Dataset, number: int) -
     if frame_type is not None and "FrameType" in frame_type:
         values = frame_type.FrameType
         view.ImageType = list(values) if isinstance(values, MultiValue) else [values]
-        technique = str(frame_type.get("FrameVolumeBasedCalculationTechnique", "NONE") or "NONE").upper()
+        technique = str(frame_type.get("VolumeBasedCalculationTechnique", "NONE") or "NONE").upper()
         if technique != "NONE":
             raise MultiFrameRefused(f"frame {number} is computed from a volume ({technique}), not an acquired slice")
     if {"LOCALIZER", "SCOUT"} & {str(v).upper() for v in view.get("ImageType", [])}:
