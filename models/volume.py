@@ -1,7 +1,9 @@
 """Load a stored series as a volume: slices sorted along their normal, rescaled to real values (HU).
 
 Refuses, with a reason a radiologist can read, what cannot be one volume: a single slice, localizers,
-mixed orientations or sizes, missing or zero spacing, gaps or uneven slice spacing, multi-frame objects.
+mixed orientations or sizes, missing or zero spacing, gaps or uneven slice spacing. An Enhanced (or Legacy
+Converted Enhanced) CT / MR instance is one series on its own: its frames are the slices (``models.multiframe``),
+each knowing its (SOP Instance UID, frame number).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from models.findings import VolumeGeometry
+from models.multiframe import MULTIFRAME_SOP_CLASSES, FrameView, MultiFrameRefused, frame_views, is_multiframe
 
 
 class Modality(StrEnum):
@@ -28,6 +31,7 @@ class Modality(StrEnum):
 IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": Modality.CT,  # CT Image Storage
     "1.2.840.10008.5.1.4.1.1.4": Modality.MR,  # MR Image Storage
+    **{uid: Modality(m) for uid, m in MULTIFRAME_SOP_CLASSES.items()},  # Enhanced, Legacy Converted Enhanced
 }
 MIN_SLICES = 8
 SPACING_TOLERANCE = 0.1  # relative deviation of one gap from the median before it is a gap
@@ -39,7 +43,10 @@ class VolumeRefused(ValueError):
 
 @dataclass(frozen=True)
 class Volume:
-    """A series as a 3D array of real values with its geometry and its source datasets (same order)."""
+    """A series as a 3D array of real values with its geometry and its source datasets (same order).
+
+    For a multi-frame instance the source datasets are ``FrameView``s, one per frame (``frame_number``).
+    """
 
     values: np.ndarray  # float32, shape (slices, rows, columns)
     geometry: VolumeGeometry
@@ -75,7 +82,8 @@ def load_datasets(paths: Sequence[Path]) -> list[Dataset]:
 
 
 def build_volume(datasets: Sequence[Dataset]) -> Volume:
-    """Sort, check and stack single-frame CT/MR slices into a volume.
+    """Sort, check and stack CT/MR slices into a volume: single-frame slices, or the frames of one
+    Enhanced CT / MR instance.
 
     Long because each refusal is its own check with its own message, in the order a reader of the series would
     make them.
@@ -89,15 +97,13 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
         raise VolumeRefused("the series has no instances")
     sop_class = str(datasets[0].get("SOPClassUID", ""))
     if sop_class not in IMAGE_SOP_CLASSES:
-        raise VolumeRefused(f"SOP class {sop_class} is not a single-frame CT or MR image")
+        raise VolumeRefused(f"SOP class {sop_class} is not a CT or MR image")
     modality = IMAGE_SOP_CLASSES[sop_class]
-    slices = []
-    for ds in datasets:
+    slices = _frames_of(datasets) if any(is_multiframe(ds) for ds in datasets) else []
+    for ds in [] if slices else datasets:
         image_type = [str(v).upper() for v in ds.get("ImageType", [])]
         if "LOCALIZER" in image_type or "SCOUT" in image_type:
             continue
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise VolumeRefused("multi-frame instances are not analysed")
         slices.append(ds)
     if not slices:
         raise VolumeRefused("the series holds only localizer images")
@@ -139,7 +145,7 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
     slope = float(ordered[0].get("RescaleSlope", 1) or 1)
     intercept = float(ordered[0].get("RescaleIntercept", 0) or 0)
     try:
-        stored = np.stack([ds.pixel_array for ds in ordered])
+        stored = _stack(ordered)
     except Exception as exc:
         raise VolumeRefused(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
     values = np.empty(stored.shape, np.float32)
@@ -159,3 +165,31 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
         frame_of_reference_uid=str(ordered[0].get("FrameOfReferenceUID", "")),
     )
     return Volume(values, geometry, ordered, modality, str(stored.dtype), slope, intercept, stored if uniform else None)
+
+
+def _frames_of(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The frames of the one multi-frame instance of a series, as slices.
+
+    A SEG over a multi-frame source references one instance's frames; a series of several multi-frame
+    instances (or one mixed with single-frame slices) is refused rather than guessed at.
+    """
+    if len(datasets) != 1:
+        raise VolumeRefused(
+            f"the series holds {len(datasets)} instances with a multi-frame one among them; "
+            "an Enhanced CT/MR series is analysed when it is one multi-frame instance"
+        )
+    if str(datasets[0].get("SOPClassUID", "")) not in MULTIFRAME_SOP_CLASSES:
+        raise VolumeRefused("multi-frame instances of a single-frame SOP class are not analysed")
+    try:
+        return list(frame_views(datasets[0]))
+    except MultiFrameRefused as exc:
+        raise VolumeRefused(str(exc)) from exc
+
+
+def _stack(ordered: Sequence[Dataset]) -> np.ndarray:
+    """The stored pixels of the slices, in their order (a multi-frame instance decoded once)."""
+    if ordered and isinstance(ordered[0], FrameView):
+        frames = ordered[0].instance.pixel_array
+        frames = frames.reshape(-1, *frames.shape[-2:]) if frames.ndim == 2 else frames
+        return np.stack([frames[ds.frame_number - 1] for ds in ordered])  # type: ignore[attr-defined]
+    return np.stack([ds.pixel_array for ds in ordered])

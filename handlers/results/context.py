@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from models.findings import Finding, VolumeGeometry
+from models.multiframe import FrameView, frame_number
 
 MANUFACTURER = "harmonode"
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
@@ -144,6 +145,19 @@ class ResultContext:
         """The source slices through the findings' centres, in volume order, each once."""
         return [self.sources[k] for k in sorted({self.slice_of(f) for f in findings})]
 
+    @property
+    def instances(self) -> list[Dataset]:
+        """The source slices, one per stored instance (the frames of a multi-frame one count once)."""
+        seen: dict[str, Dataset] = {}
+        for ds in self.sources:
+            seen.setdefault(str(ds.SOPInstanceUID), ds)
+        return list(seen.values())
+
+    @property
+    def multiframe(self) -> bool:
+        """Whether the sources are the frames of a multi-frame instance (results reference frames)."""
+        return frame_number(self.sources[0]) is not None
+
     def pixel_of(self, finding: Finding) -> tuple[float, float]:
         """(column, row) of the finding's centre in its slice."""
         _, j, i = self.volume.patient_to_index(finding.center_mm)
@@ -185,9 +199,12 @@ def source_view(ds: Dataset) -> Dataset:
     """A view of a source instance the builders can read: its elements (shared, pixel data included, not
     copied) and the Type 2 Patient and Study attributes it lacks, empty.
 
-    The source itself is never changed (it is the stored instance's dataset).
+    The source itself is never changed (it is the stored instance's dataset). A frame of a multi-frame
+    instance stays a ``FrameView`` of the same instance and frame.
     """
-    view = Dataset()
+    view = FrameView() if isinstance(ds, FrameView) else Dataset()
+    if isinstance(ds, FrameView):
+        view.instance, view.frame_number = ds.instance, ds.frame_number
     for element in ds:
         view.add(element)
     for keyword in _TYPE2_KEYWORDS:

@@ -8,13 +8,17 @@ adds nothing: the same rule over the same sources gives the same series and the 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from models.multiframe import FrameView
 from rules.apply import RuleLike, apply_rule_stored
+
+log = logging.getLogger(__name__)
 
 SERIES_NUMBER = 9900  # beside the result series 9901-9904
 
@@ -59,6 +63,8 @@ def derived_series(
     Returns
     -------
     list[pydicom.dataset.Dataset]
+        Empty for the frames of a multi-frame instance: no multi-frame derived object is written yet (the
+        SR, SEG, GSPS and key images still reference its frames); a warning says so.
 
     Raises
     ------
@@ -69,6 +75,9 @@ def derived_series(
         raise ValueError("a derived series needs at least one source instance")
     if values is not None and len(values) != len(sources):
         raise ValueError(f"{len(values)} harmonized slices for {len(sources)} source instances")
+    if any(isinstance(src, FrameView) for src in sources):
+        log.warning("no harmonized copy of a multi-frame series: a multi-frame derived object is not written yet")
+        return []
     series_uid, sop_uids = derived_uids(sources, rule_label)
     out = []
     for k, (src, sop_uid) in enumerate(zip(sources, sop_uids, strict=True)):

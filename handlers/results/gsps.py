@@ -20,6 +20,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from handlers.results.context import NOT_FOR_DIAGNOSIS, ResultContext
 from models.findings import Finding
+from models.multiframe import frame_number
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,11 @@ def slice_annotation(
             )
         )
     return hd.pr.GraphicAnnotation(
-        referenced_images=[ds], graphic_layer=layer, graphic_objects=graphics, text_objects=texts
+        referenced_images=[ds],
+        graphic_layer=layer,
+        referenced_frame_number=frame_number(ds),  # None for a single-frame slice
+        graphic_objects=graphics,
+        text_objects=texts,
     )
 
 
@@ -119,7 +124,8 @@ def build_gsps(ctx: ResultContext, findings: list[Finding]) -> Dataset:
     for number, finding in enumerate(findings, start=1):
         by_slice.setdefault(ctx.slice_of(finding), []).append((number, finding))
     annotations = [slice_annotation(ctx, ctx.sources[k], by_slice[k], layer) for k in sorted(by_slice)]
-    referenced = [ctx.sources[k] for k in sorted(by_slice)]
+    # one reference per instance: the frames of a multi-frame source are named in the annotations
+    referenced = list({str(ctx.sources[k].SOPInstanceUID): ctx.sources[k] for k in sorted(by_slice)}.values())
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=referenced,
         sop_instance_uid=ctx.uid("gsps"),

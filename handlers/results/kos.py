@@ -17,6 +17,7 @@ from pydicom.sr.codedict import codes
 
 from handlers.results.context import NOT_FOR_DIAGNOSIS, ResultContext
 from models.findings import Finding
+from models.multiframe import frame_number
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,17 @@ def describe(ctx: ResultContext, findings: Sequence[Finding]) -> str:
     names = ", ".join(f"{ctx.tracking_id(f, n)} (p={f.probability:.2f})" for n, f in enumerate(findings, start=1))
     text = f"{len(findings)} finding(s): {names}. {ctx.algorithm.name} {ctx.algorithm.version}, "
     return f"{text}{ctx.algorithm.rule_text}. {NOT_FOR_DIAGNOSIS}."[:1024]
+
+
+def _reference_frames(kos: Dataset, frames: dict[str, list[int]]) -> None:
+    """Name the key frames in the IMAGE items of multi-frame instances (highdicom's KOS has no argument)."""
+    for item in kos.ContentSequence:
+        if item.ValueType != "IMAGE":
+            continue
+        ref = item.ReferencedSOPSequence[0]
+        numbers = frames.get(str(ref.ReferencedSOPInstanceUID))
+        if numbers:
+            ref.ReferencedFrameNumber = numbers if len(numbers) > 1 else numbers[0]
 
 
 def build_kos(ctx: ResultContext, findings: Sequence[Finding], results: Sequence[Dataset]) -> Dataset:
@@ -67,7 +79,13 @@ def build_kos(ctx: ResultContext, findings: Sequence[Finding], results: Sequence
             model_name=f"{ctx.algorithm.name} {ctx.algorithm.version}"[:64],
         ),
     )
-    referenced = [*ctx.finding_slices(findings), *results]
+    slices = ctx.finding_slices(findings)
+    frames: dict[str, list[int]] = {}  # key frames per multi-frame instance
+    for ds in slices:
+        if frame_number(ds) is not None:
+            frames.setdefault(str(ds.SOPInstanceUID), []).append(int(frame_number(ds)))  # type: ignore[arg-type]
+    key_images = list({str(ds.SOPInstanceUID): ds for ds in slices}.values())  # one item per instance
+    referenced = [*key_images, *results]
     content = hd.ko.KeyObjectSelection(
         document_title=TITLE,
         referenced_objects=referenced,
@@ -85,5 +103,6 @@ def build_kos(ctx: ResultContext, findings: Sequence[Finding], results: Sequence
         manufacturer=common.pop("manufacturer"),
         **common,
     )
+    _reference_frames(kos, frames)
     log.debug("KOS referencing %d object(s) built", len(referenced))
     return kos

@@ -17,6 +17,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from handlers.results.context import NOT_FOR_DIAGNOSIS, ResultContext
 from models.findings import Finding
+from models.multiframe import frame_number
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ def _key_image(ctx: ResultContext, k: int, rgb: np.ndarray, number: int, comment
     source_item = Dataset()
     source_item.ReferencedSOPClassUID = ref.SOPClassUID
     source_item.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+    if frame_number(ref) is not None:
+        source_item.ReferencedFrameNumber = frame_number(ref)
     sc.SourceImageSequence = DicomSequence([source_item])
     return sc
 

@@ -21,6 +21,7 @@ from handlers.results.context import ResultContext
 from handlers.results.gsps import COLOUR
 from handlers.results.sr import FINDING_TYPES
 from models.findings import Finding
+from models.multiframe import frame_number, source_instance
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,22 @@ def _fill_slice_thickness(ctx: ResultContext, seg: Dataset) -> None:
         for measures in group.get("PixelMeasuresSequence", []):
             if measures.get("SliceThickness") in (None, ""):
                 measures.SliceThickness = round(spacing, 6)
+
+
+def _in_source_order(ctx: ResultContext, labels: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
+    """The source images and the label volume as highdicom takes them.
+
+    Single-frame slices: the slices and the labels in volume order. The frames of a multi-frame instance:
+    the instance itself and the labels in its frame order (frame ``n`` is plane ``n - 1``), so that each
+    segmentation frame references its source frame.
+    """
+    if not ctx.multiframe:
+        return ctx.sources, labels
+    instance = source_instance(ctx.sources[0])
+    in_frame_order = np.zeros((int(instance.NumberOfFrames), *labels.shape[1:]), labels.dtype)
+    for k, ds in enumerate(ctx.sources):
+        in_frame_order[int(frame_number(ds)) - 1] = labels[k]  # type: ignore[arg-type]
+    return [instance], in_frame_order
 
 
 def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
@@ -116,8 +133,9 @@ def build_seg(ctx: ResultContext, findings: list[Finding]) -> Dataset:
                 display_color=COLOUR,
             )
         )
+    source_images, labels = _in_source_order(ctx, labels)
     seg = hd.seg.Segmentation(
-        source_images=ctx.sources,
+        source_images=source_images,
         pixel_array=labels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

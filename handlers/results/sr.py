@@ -27,6 +27,7 @@ from pydicom.sr.coding import Code
 
 from handlers.results.context import NOT_FOR_DIAGNOSIS, ResultContext
 from models.findings import Finding
+from models.multiframe import frame_number
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def planar_group(
         source_image=hd.sr.SourceImageForRegion(
             referenced_sop_class_uid=str(source.SOPClassUID),
             referenced_sop_instance_uid=str(source.SOPInstanceUID),
+            referenced_frame_numbers=None if frame_number(source) is None else [frame_number(source)],
         ),
     )
     measurements = [
@@ -234,7 +236,7 @@ def build_sr(ctx: ResultContext, findings: list[Finding], analysed: bool, reason
     common = ctx.common("sr")
     common["series_description"] = f"{common['series_description']} {ctx.algorithm.rule_text}"[:64]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=ctx.sources,
+        evidence=ctx.instances,
         content=report[0],
         sop_instance_uid=ctx.uid("sr"),
         instance_number=1,
