@@ -458,3 +458,41 @@ def load_mined(folder: Path, channels: int | None = None) -> tuple[np.ndarray, n
 def manifest_of(options: MiningOptions, views: Sequence[str], model_version: str, **extra: Any) -> dict[str, Any]:
     """The manifest ``write_mined`` stores: options, views, the model that scored, anything else named."""
     return {"options": asdict(options), "views": list(views), "model_version": model_version, **extra}
+
+
+# -- the simulated world (the CLI, tests and benchmarks) ----------------------------------------------------------
+#: First subject of the simulated studies whose parameters fill the store (in the rules' range, unused by them).
+STORE_SUBJECTS_FROM = 97_000
+
+
+def store_simulated(
+    index: Any, kind: str, conditions: Sequence[str], per_condition: int, size: str = "test", base: int | None = None
+) -> list[int]:
+    """Measure ``per_condition`` simulated studies of each condition and store them (``simulated:`` sources),
+    under the condition key ``kind/condition``; returns the row ids."""
+    from models.training.data import simulated
+    from storage.parameters import store_parameters
+
+    base = STORE_SUBJECTS_FROM if base is None else base
+    ids = []
+    for ci, cond in enumerate(conditions):
+        for s in range(per_condition):
+            seed = base + 100 * ci + s
+            study = simulated(kind, cond, seed, size)
+            params = measure(study.values, study.modality, name=f"{kind}/{cond}/{seed}")
+            ids.append(store_parameters(index, f"simulated:{kind}/{cond}/{seed}", f"{kind}/{cond}", study.modality,
+                                        params.as_dict()))  # fmt: skip
+    return ids
+
+
+def rules_harmonizer(rules: dict[str, dict[str, Any]]) -> Harmonizer:
+    """Harmonize a converted volume of cell ``kind/condition`` with that condition's fitted rule
+    (``models.training.data.fit_rules`` output); another key, or a condition without a rule, stays as it is."""
+    from rules.apply import apply_rule
+
+    def harmonize(values: np.ndarray, condition_key: str) -> np.ndarray:
+        kind, _, cond = condition_key.partition("/")
+        mapping = rules.get(kind, {}).get(cond)
+        return values if mapping is None else apply_rule(mapping, values)
+
+    return harmonize
