@@ -215,9 +215,17 @@ def extension_studies(
 ) -> list[Study]:
     """The inverse-converted copies of a reference-condition study for each scarce condition of its kind in
     ``extend`` (none for another condition, or without ``extend`` or ``rules``)."""
+    from rules.apply import NotInvertible
+
     if not extend or not rules or study.condition != REFERENCE[study.kind]:
         return []
-    return [inverse_converted(study, rules, cond) for cond in extend.get(study.kind, ()) if cond != study.condition]
+    out = []
+    for cond in extend.get(study.kind, ()):
+        try:
+            out.append(inverse_converted(study, rules, cond))
+        except NotInvertible as exc:  # a fitted seed rule with a·c + b < c folds values: no inverse exists
+            log.warning("data extension: %s/%s skipped, its rule has no inverse (%s)", study.kind, cond, exc)
+    return out
 
 
 def rescanned(study: Study, rng: np.random.Generator) -> Study:
