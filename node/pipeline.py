@@ -29,6 +29,7 @@ from handlers.learning import record_findings, with_finding_ids
 from handlers.results import AlgorithmInfo, build_results
 from handlers.results.derived import derived_series
 from models.findings import Finding
+from models.mining import measure
 from models.residual import ResidualOutcome, residual_stage
 from models.volume import IMAGE_SOP_CLASSES, Volume, VolumeRefused, build_volume, load_datasets
 from node.config import PipelineConfig
@@ -41,6 +42,7 @@ from storage.files import FileStore
 from storage.index import Index, SeriesState
 from storage.maps import MapCache
 from storage.meta import series_condition_tags
+from storage.parameters import store_parameters
 from storage.queue import AnalyzeSeriesPayload, Job, JobQueue
 
 log = logging.getLogger(__name__)
@@ -216,6 +218,18 @@ def find_rule(registry: RuleRegistry, key: ConditionKey) -> RuleMatch:
     return registry.lookup(key)
 
 
+def remember_parameters(index: Index, series_uid: str, key: str, volume: Volume) -> None:
+    """Store the raw volume's per-region (mean, std) under its condition key: the parameter store that
+    hard-example mining (seed 001, ``harmonode mine``) converts towards. A volume that cannot be measured is
+    logged and skipped; it never fails the series."""
+    try:
+        parameters = measure(volume.values, volume.modality, name=key)
+    except ValueError as exc:
+        log.info("series %s: no parameter set stored (%s)", series_uid, exc)
+        return
+    store_parameters(index, f"series:{series_uid}", key, volume.modality, parameters.as_dict())
+
+
 def harmonize(volume: Volume, rule: Rule | None) -> np.ndarray:
     """Apply the rule to the volume (identity when none applies).
 
@@ -358,6 +372,7 @@ def run_series(worker: Worker, series_uid: str) -> SeriesOutcome:
     detection = DetectionOutcome(refused=loaded.refused)
     harmonized = None
     if loaded.volume is not None:
+        _timed(t, "parameters", remember_parameters, worker.index, series_uid, str(key), loaded.volume)
         values = _timed(t, "harmonize", harmonize, loaded.volume, match.rule)
         model = worker.residual.get() if worker.residual is not None and _needs_residual(match) else None
         harmonized = _timed(t, "residual", residual, values, loaded.volume, match, model, worker.maps, series_uid)

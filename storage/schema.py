@@ -13,7 +13,7 @@ import logging
 
 import sqlite_utils
 
-from storage import exports, feedback, findings
+from storage import exports, feedback, findings, parameters
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ def _create(db: sqlite_utils.Database) -> None:
     findings.create_tables(db)
     feedback.create_table(db)
     exports.create_table(db)
+    parameters.create_table(db)
 
 
 def schema_version(db: sqlite_utils.Database) -> int:

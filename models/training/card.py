@@ -82,6 +82,16 @@ class LesionRecipe:
     compare_scratch: bool = False
     views: tuple[str, ...] = ("planes",)
     fine_candidates: int = 0
+    extra_patches: Path | None = None
+    extend: tuple[str, ...] = ()  # kind/condition cells extended by inverse rules (data extension)
+
+    def extension(self) -> dict[str, tuple[str, ...]] | None:
+        """``extend`` as ``{kind: conditions}`` (None when empty)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for cell in self.extend:
+            kind, _, cond = cell.partition("/")
+            out[kind] = (*out.get(kind, ()), cond)
+        return out or None
 
     def command(self) -> str:
         """The commands that train a network so (written into the card)."""
@@ -96,6 +106,8 @@ class LesionRecipe:
             + (f" --subjects-from {self.subjects_from}" if self.subjects_from is not None else "")
             + (f" --views {','.join(self.views)}" if self.views != ("planes",) else "")
             + (f" --fine-candidates {self.fine_candidates}" if self.fine_candidates else "")
+            + (f" --extra-patches {self.extra_patches}" if self.extra_patches else "")
+            + (f" --extend-with-inverse-rules --scarce {','.join(self.extend)}" if self.extend else "")
         )
 
 
@@ -207,7 +219,8 @@ def train_lesion_card(
         compare_scratch=recipe.compare_scratch, size=recipe.size, test_size_studies=recipe.test_size_studies,
         mine=recipe.mine, width=recipe.width, lesions_per_study=recipe.lesions_per_study, rescan=recipe.rescan,
         subjects_from=recipe.subjects_from, views=recipe.views, fine_candidates=recipe.fine_candidates,
-        device=device, head_studies=recipe.head_studies,
+        device=device, head_studies=recipe.head_studies, extra_patches=recipe.extra_patches,
+        extend=recipe.extension(),
     )  # fmt: skip
     landmark = load_checkpoint(pretrained)[1].get("metrics", {}) if pretrained is not None else {}
     card = lesion_card(recipe, metrics, landmark, pretrained is not None, version)

@@ -191,6 +191,43 @@ def harmonized(study: Study, rules: dict[str, dict[str, Any]] | None) -> Study:
     return Study(**{**study.__dict__, "values": apply_rule(mapping, study.values)})
 
 
+def inverse_converted(study: Study, rules: dict[str, dict[str, Any]], condition: str) -> Study:
+    """Data extension (seed 000, 0143): the study as ``condition`` would show it, by that condition's rule inverted
+    (``rules.apply.invert_rule``: reference look → its look), labelled with ``condition``; truth and geometry stay.
+
+    ``rules``: ``fit_rules`` output for the study's size.
+
+    Raises
+    ------
+    KeyError
+        No rule for ``condition``.
+    rules.apply.NotInvertible
+        The rule folds values and has no inverse.
+    """
+    from rules.apply import invert_rule
+
+    values = invert_rule(rules[study.kind][condition], study.values)
+    return Study(study.kind, condition, study.seed, values, study.geometry, study.modality, study.truth)
+
+
+def extension_studies(
+    study: Study, extend: dict[str, Sequence[str]] | None, rules: dict[str, dict[str, Any]] | None
+) -> list[Study]:
+    """The inverse-converted copies of a reference-condition study for each scarce condition of its kind in
+    ``extend`` (none for another condition, or without ``extend`` or ``rules``)."""
+    from rules.apply import NotInvertible
+
+    if not extend or not rules or study.condition != REFERENCE[study.kind]:
+        return []
+    out = []
+    for cond in extend.get(study.kind, ()):
+        try:
+            out.append(inverse_converted(study, rules, cond))
+        except NotInvertible as exc:  # a fitted seed rule with a·c + b < c folds values: no inverse exists
+            log.warning("data extension: %s/%s skipped, its rule has no inverse (%s)", study.kind, cond, exc)
+    return out
+
+
 def rescanned(study: Study, rng: np.random.Generator) -> Study:
     """Training augmentation (CT): the harmonized study as a scanner of random kernel and dose would show it.
 
@@ -332,6 +369,8 @@ def collect(
     rescan: bool = False,
     views: Sequence[str] = ("planes",),
     fine_candidates: int = 0,
+    extend: dict[str, Sequence[str]] | None = None,
+    extend_rules: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Patches and labels from every (kind, condition, seed, size) of ``plan``, harmonized with ``rules``.
 
@@ -347,6 +386,10 @@ def collect(
         Lesions only: every CT study is also used once more, rescanned through a random kernel and dose.
     views, fine_candidates
         Lesions only: as ``lesion_samples``.
+    extend, extend_rules
+        Lesions only, data extension: every reference-condition study is also used once per scarce condition
+        ``extend[kind]``, inverse-converted by that condition's rule in ``extend_rules`` (``fit_rules_by_size``
+        output) and then harmonized with ``rules`` as a study of that condition.
 
     Returns
     -------
@@ -356,12 +399,15 @@ def collect(
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for kind, cond, s, size in tqdm(plan, desc=f"{what} patches", leave=False):
-        study = harmonized(simulated(kind, cond, s, size, n_lesions), rules_for(rules, size))
+        raw = simulated(kind, cond, s, size, n_lesions)
+        study = harmonized(raw, rules_for(rules, size))
         if what == "landmarks":
             samples = [landmark_samples(study, names, rng)]
         else:
             options = {"views": views, "fine_candidates": fine_candidates}
             samples = [lesion_samples(study, rng, **options)]  # type: ignore[arg-type]
+            for extra in extension_studies(raw, extend, rules_for(extend_rules, size)):
+                samples.append(lesion_samples(harmonized(extra, rules_for(rules, size)), rng, **options))  # type: ignore[arg-type]
             if rescan and study.modality == "CT":
                 samples.append(lesion_samples(rescanned(study, rng), rng, **options))  # type: ignore[arg-type]
         for x, y in samples:

@@ -329,6 +329,8 @@ def train_lesions(
     fine_candidates: int = 0,
     device: str = "cpu",
     head_studies: int | None = None,
+    extra_patches: Path | None = None,
+    extend: dict[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the landmark trunk to lesion vs normal (aneurysm and nodule patches in one binary task).
 
@@ -341,7 +343,9 @@ def train_lesions(
     ``views`` (``models.patches.VIEWS``) are what the network reads, three channels each; ``fine_candidates``
     adds the head's finest-scale extra candidates to training, validation and calibration (the card then asks
     the detector for them). ``device``: where the network trains (``cuda`` on a GPU). Writes the checkpoint
-    ``out``; ``pretrained`` is the landmark checkpoint to start from (None: from scratch).
+    ``out``; ``pretrained`` is the landmark checkpoint to start from (None: from scratch). ``extra_patches``: a
+    mined set (``harmonode mine``, ``models.mining.load_mined``) added to the training patches; ``extend``: data
+    extension (seed 000, 0143), ``{kind: scarce conditions}`` whose inverse rules convert the reference studies.
 
     Returns
     -------
@@ -362,7 +366,20 @@ def train_lesions(
     test_plan = study_plan(KINDS, HELD_OUT_CONDITIONS, eval_studies, SEEDS["eval"], size)
     inputs = {"views": tuple(views), "fine_candidates": fine_candidates}
     n_lesions = lesions_per_study or None
-    x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=n_lesions, rescan=rescan, **inputs)
+    extension = {
+        "extend": extend,
+        "extend_rules": (rules or fit_rules_by_size(KINDS, (size, "test"))) if extend else None,
+    }
+    x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=n_lesions, rescan=rescan, **inputs, **extension)
+    n_before_extra = len(y)
+    mined: dict[str, Any] = {}
+    if extra_patches is not None:
+        from models.mining import load_mined
+
+        xm, ym, manifest = load_mined(extra_patches, channels=x.shape[1])
+        x, y = np.concatenate([x, xm.astype(x.dtype)]), np.concatenate([y, ym])
+        mined = {"folder": str(extra_patches), "patches": int(len(ym)), "lesion_patches": int(ym.sum()),
+                 "model_version": manifest.get("model_version"), "random": manifest.get("random", False)}  # fmt: skip
     xv, yv = collect("lesions", test_plan, rules, seed=seed + 1, **inputs)
     options = {"lr": 1e-3, "flips": True, "balance": True, "mine": mine, "device": device}
     runs = _lesion_runs(pretrained, compare_scratch, (x, y), width, seed, epochs, options)
@@ -382,6 +399,8 @@ def train_lesions(
         "fine_candidates": {"head": fine_candidates} if fine_candidates else {},
         "lesions_per_training_study": lesions_per_study or "simulator default (1-3 aneurysms, 1-4 nodules)",
         "threshold_at_1fp_validation": thresholds, "cpu_seconds": time.process_time() - t0,
+        "extra_patches": mined, "n_train_patches_before_extra": n_before_extra,
+        "extended_with_inverse_rules": {k: list(v) for k, v in extend.items()} if extend else {},
     }  # fmt: skip
     save_checkpoint(runs[shipped], out, {"task": "lesion", "init": shipped, "metrics": metrics})
     log.info("lesion model: %s", metrics)

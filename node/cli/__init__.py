@@ -216,6 +216,7 @@ def _register_optional_commands() -> None:
         ("node.cli.feedback", "register"),
         ("node.cli.learn", "register"),
         ("node.cli.bundles", "register"),
+        ("node.cli.mine", "register"),
     ):
         try:
             mod = importlib.import_module(module)

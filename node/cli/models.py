@@ -111,6 +111,22 @@ def _lesion_views(
     return view_list
 
 
+def _scarce_cells(scarce: str | None) -> tuple[str, ...]:
+    """The kind/condition cells ``--scarce`` names (default: every held-out condition), checked (BadParameter)."""
+    from models.training.data import HELD_OUT_CONDITIONS, REFERENCE, TRAIN_CONDITIONS
+
+    if scarce is None:
+        return tuple(f"{k}/{c}" for k, conds in HELD_OUT_CONDITIONS.items() for c in conds)
+    cells = tuple(c.strip() for c in scarce.split(",") if c.strip())
+    for cell in cells:
+        kind, _, cond = cell.partition("/")
+        known = (*TRAIN_CONDITIONS.get(kind, ()), *HELD_OUT_CONDITIONS.get(kind, ()))
+        if cond not in known or cond == REFERENCE.get(kind):
+            raise typer.BadParameter(f"{cell}: not a kind/condition with a rule other than the reference",
+                                     param_hint="--scarce")  # fmt: skip
+    return cells
+
+
 def train_lesions_cmd(
     pretrained: Annotated[Path | None, typer.Option(help="Landmark checkpoint (none: from scratch).")] = WEIGHTS
     / "landmarks.pt",
@@ -148,6 +164,20 @@ def train_lesions_cmd(
     device: Annotated[str, typer.Option(help="Where the network trains: cpu, cuda, auto.")] = "auto",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
     version: Annotated[str, typer.Option(help="Version written to the model card.")] = "1.4.0",
+    extra_patches: Annotated[
+        Path | None, typer.Option(help="A mined set (`harmonode mine --out DIR`) added to the training patches.")
+    ] = None,
+    extend_with_inverse_rules: Annotated[
+        bool,
+        typer.Option(
+            help="Data extension (seed 000): reference studies converted by a scarce condition's"
+            " inverted rule are added as studies of that condition (see --scarce)."
+        ),
+    ] = False,
+    scarce: Annotated[
+        str | None,
+        typer.Option(help="Scarce cells kind/condition, comma-separated (default: every held-out condition)."),
+    ] = None,
 ) -> None:
     """Transfer the landmark trunk to lesion vs normal (aneurysm on head CTA/MRA, nodule on chest CT).
 
@@ -165,11 +195,16 @@ def train_lesions_cmd(
 
     _threads(threads)
     view_list = _lesion_views(views, fine_candidates, studies, head_studies, pretrained, subjects_from)
+    if extra_patches is not None and not (extra_patches / "manifest.json").exists():
+        raise typer.BadParameter(
+            f"{extra_patches} is not a mined set (harmonode mine --out)", param_hint="--extra-patches"
+        )
+    cells = _scarce_cells(scarce) if extend_with_inverse_rules else ()
     recipe = LesionRecipe(
         studies=studies, head_studies=head_studies, test_size_studies=test_size_studies, size=size, epochs=epochs,
         mine=mine, lesions_per_study=lesions_per_study, width=width, seed=seed, harmonize=harmonize,
         rescan=rescan, subjects_from=subjects_from, compare_scratch=compare_scratch, views=view_list,
-        fine_candidates=fine_candidates,
+        fine_candidates=fine_candidates, extra_patches=extra_patches, extend=cells,
     )  # fmt: skip
     trained = train_lesion_card(out, pretrained, recipe, str(pick_device(device)), version)
     said = {"checkpoint": str(trained.checkpoint), "card": str(trained.card), **trained.metrics}
