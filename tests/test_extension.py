@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.training import data
+from models.training import data, extension
 from rules.apply import apply_rule, invert_rule, make_map
 from rules.fit import FitOptions, fit_groups
 from rules.histogram import default_spec, image_histogram
@@ -56,13 +56,13 @@ def test_the_inverse_inverts_each_rule_method(method: str, parameters: dict) -> 
 
 def test_extension_converts_reference_studies_and_labels_them_scarce(fitted: dict) -> None:
     reference = data.simulated("chest-ct", data.REFERENCE["chest-ct"], 20_002, "test")
-    [extra] = data.extension_studies(reference, {"chest-ct": (SCARCE,)}, fitted)
+    [extra] = extension.extension_studies(reference, {"chest-ct": (SCARCE,)}, fitted)
     assert extra.condition == SCARCE and extra.seed == reference.seed and extra.truth == reference.truth
     assert np.array_equal(extra.values, invert_rule(fitted["chest-ct"][SCARCE], reference.values))
     assert not np.allclose(extra.values, reference.values)
     other = data.simulated("chest-ct", "canon-aquilion-fc43", 20_003, "test")
-    assert data.extension_studies(other, {"chest-ct": (SCARCE,)}, fitted) == []  # only the reference is extended
-    assert data.extension_studies(reference, None, fitted) == []
+    assert extension.extension_studies(other, {"chest-ct": (SCARCE,)}, fitted) == []  # only the reference is extended
+    assert extension.extension_studies(reference, None, fitted) == []
 
 
 def test_collect_adds_the_extended_studies(fitted: dict) -> None:

@@ -346,6 +346,8 @@ def train_lesions(
     ``out``; ``pretrained`` is the landmark checkpoint to start from (None: from scratch). ``extra_patches``: a
     mined set (``harmonode mine``, ``models.mining.load_mined``) added to the training patches; ``extend``: data
     extension (seed 000, 0143), ``{kind: scarce conditions}`` whose inverse rules convert the reference studies.
+    Long because it is the lesion recipe end to end (data, runs, calibration, the card's metrics), each step
+    one call, and the card records every option this docstring names.
 
     Returns
     -------
@@ -372,14 +374,7 @@ def train_lesions(
     }
     x, y = collect("lesions", train_plan, rules, seed=seed, n_lesions=n_lesions, rescan=rescan, **inputs, **extension)
     n_before_extra = len(y)
-    mined: dict[str, Any] = {}
-    if extra_patches is not None:
-        from models.mining import load_mined
-
-        xm, ym, manifest = load_mined(extra_patches, channels=x.shape[1])
-        x, y = np.concatenate([x, xm.astype(x.dtype)]), np.concatenate([y, ym])
-        mined = {"folder": str(extra_patches), "patches": int(len(ym)), "lesion_patches": int(ym.sum()),
-                 "model_version": manifest.get("model_version"), "random": manifest.get("random", False)}  # fmt: skip
+    x, y, mined = _with_mined(x, y, extra_patches)
     xv, yv = collect("lesions", test_plan, rules, seed=seed + 1, **inputs)
     options = {"lr": 1e-3, "flips": True, "balance": True, "mine": mine, "device": device}
     runs = _lesion_runs(pretrained, compare_scratch, (x, y), width, seed, epochs, options)
@@ -405,6 +400,18 @@ def train_lesions(
     save_checkpoint(runs[shipped], out, {"task": "lesion", "init": shipped, "metrics": metrics})
     log.info("lesion model: %s", metrics)
     return metrics
+
+
+def _with_mined(x: np.ndarray, y: np.ndarray, folder: Path | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The training patches with a mined set (``harmonode mine``) added, and what the card says of it."""
+    if folder is None:
+        return x, y, {}
+    from models.mining import load_mined
+
+    xm, ym, manifest = load_mined(folder, channels=x.shape[1])
+    said = {"folder": str(folder), "patches": int(len(ym)), "lesion_patches": int(ym.sum()),
+            "model_version": manifest.get("model_version"), "random": manifest.get("random", False)}  # fmt: skip
+    return np.concatenate([x, xm.astype(x.dtype)]), np.concatenate([y, ym]), said
 
 
 def calibrate_thresholds(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -79,19 +79,8 @@ def mine_cmd(
     from models.detector import Detector, WeightsRefused
     from models.mining import (
         MiningOptions,
-        candidates_of,
-        detector_scorer,
-        manifest_of,
-        mine,
-        online_updater,
-        random_converted,
-        rules_harmonizer,
-        store_simulated,
-        write_mined,
     )  # fmt: skip
-    from models.training.data import HELD_OUT_CONDITIONS, KINDS, TRAIN_CONDITIONS, fit_rules, simulated, study_plan
-    from storage.index import Index
-    from storage.parameters import stored_parameters
+    from models.training.data import KINDS
 
     if kind not in KINDS:
         raise typer.BadParameter(f"one of {', '.join(KINDS)}", param_hint="--kind")
@@ -105,20 +94,32 @@ def mine_cmd(
         raise fail(str(exc)) from exc
     if threads > 0:
         torch.set_num_threads(threads)
-    db = Index(_index_path(index, config))
-    try:
-        if simulate_store:
-            store_simulated(db, kind, HELD_OUT_CONDITIONS[kind], simulate_store)
-        stored = stored_parameters(db, condition if condition is not None else f"{kind}/*")
-    finally:
-        db.close()
-    if not stored:
-        raise fail(f"no stored parameter set for {condition or kind + '/*'}: let the node read studies first"
-                   " (or --simulate-store N)")  # fmt: skip
+    stored = _stored_sets(_index_path(index, config), kind, condition, simulate_store)
     try:
         detector = Detector.load("cpu", weights_dir)
     except (FileNotFoundError, WeightsRefused) as exc:
         raise fail(str(exc)) from exc
+    said = _run(detector, options, stored, out, kind, studies, subjects_from, size, harmonize, random)
+    typer.echo(json.dumps(said))
+
+
+def _run(
+    detector: Any, options: Any, stored: list, out: Path, kind: str, studies: int, subjects_from: int, size: str,
+    harmonize: bool, random: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Mine (or, ``random``, convert at random) the training studies of ``kind``; write the set; what to print."""
+    from models.mining import (
+        candidates_of,
+        detector_scorer,
+        manifest_of,
+        mine,
+        online_updater,
+        random_converted,
+        rules_harmonizer,
+        write_mined,
+    )  # fmt: skip
+    from models.training.data import TRAIN_CONDITIONS, fit_rules, simulated, study_plan
+
     sources = [
         simulated(k, c, s, sz) for k, c, s, sz in study_plan((kind,), TRAIN_CONDITIONS, studies, subjects_from, size)
     ]
@@ -127,15 +128,36 @@ def mine_cmd(
     if random:
         mined = random_converted(sources, cands, detector.views, options, harmonizer)
     else:
-        update = online_updater(detector, options) if update_every else None
+        update = online_updater(detector, options) if options.update_every else None
         mined = mine(sources, cands, detector_scorer(detector), detector.views, options, harmonizer, update)
     names = [f"{s.kind}/{s.condition}/{s.seed}" for s in sources]
     manifest = manifest_of(options, detector.views, detector.version, kind=kind, random=random, sources=names,
                            harmonized=harmonize)  # fmt: skip
     write_mined(out, mined, manifest)
     x, y = mined.arrays()
-    typer.echo(json.dumps({"out": str(out), "patches": int(len(y)), "lesion_patches": int(y.sum()),
-                           "conversions": len(mined.conversions), "online_updates": mined.updates}))  # fmt: skip
+    return {"out": str(out), "patches": int(len(y)), "lesion_patches": int(y.sum()),
+            "conversions": len(mined.conversions), "online_updates": mined.updates}  # fmt: skip
+
+
+def _stored_sets(index_path: Path, kind: str, condition: str | None, simulate: int) -> list:
+    """The parameter store's sets for ``condition`` (or every condition of ``kind``), after simulating
+    ``simulate`` studies into it; a CLI error when there are none."""
+    from models.mining import store_simulated
+    from models.training.data import HELD_OUT_CONDITIONS
+    from storage.index import Index
+    from storage.parameters import stored_parameters
+
+    db = Index(index_path)
+    try:
+        if simulate:
+            store_simulated(db, kind, HELD_OUT_CONDITIONS[kind], simulate)
+        stored = stored_parameters(db, condition if condition is not None else f"{kind}/*")
+    finally:
+        db.close()
+    if not stored:
+        raise fail(f"no stored parameter set for {condition or kind + '/*'}: let the node read studies first"
+                   " (or --simulate-store N)")  # fmt: skip
+    return stored
 
 
 def register(app: typer.Typer) -> None:

@@ -195,10 +195,7 @@ def train_lesions_cmd(
 
     _threads(threads)
     view_list = _lesion_views(views, fine_candidates, studies, head_studies, pretrained, subjects_from)
-    if extra_patches is not None and not (extra_patches / "manifest.json").exists():
-        raise typer.BadParameter(
-            f"{extra_patches} is not a mined set (harmonode mine --out)", param_hint="--extra-patches"
-        )
+    _check_mined(extra_patches)
     cells = _scarce_cells(scarce) if extend_with_inverse_rules else ()
     recipe = LesionRecipe(
         studies=studies, head_studies=head_studies, test_size_studies=test_size_studies, size=size, epochs=epochs,
@@ -209,6 +206,12 @@ def train_lesions_cmd(
     trained = train_lesion_card(out, pretrained, recipe, str(pick_device(device)), version)
     said = {"checkpoint": str(trained.checkpoint), "card": str(trained.card), **trained.metrics}
     typer.echo(json.dumps(said, indent=2))
+
+
+def _check_mined(folder: Path | None) -> None:
+    """A BadParameter unless ``folder`` is None or a mined set (``harmonode mine --out``)."""
+    if folder is not None and not (folder / "manifest.json").exists():
+        raise typer.BadParameter(f"{folder} is not a mined set (harmonode mine --out)", param_hint="--extra-patches")
 
 
 def train_sweep_cmd(

@@ -6,7 +6,7 @@ reference study it came from (round trip within a HU, tests/test_extension.py), 
 Here the shipped detector is fine-tuned (``models.mining.fine_tune``: last layers, ``--steps`` steps) to read
 raw chest-ct/siemens-definition-hr64 series (the card's weakest condition) from ``--scarce`` labelled studies of
 that condition (subjects 22700+), without and with ``--reference`` reference-condition studies (subjects 22000+)
-inverse-converted by the condition's fitted rule (``models.training.data.extension_studies``), and evaluated on
+inverse-converted by the condition's fitted rule (``models.training.extension.extension_studies``), and evaluated on
 ``--held-out`` raw studies of the condition (subjects 52000+).
 
 Not in the default suite. Run (2 cores shared; about 4 minutes)::
@@ -32,12 +32,12 @@ from models.mining import fine_tune  # noqa: E402
 from models.training.data import (  # noqa: E402
     HELD_OUT_CONDITIONS,
     REFERENCE,
-    extension_studies,
     fit_rules,
     lesion_samples,
     simulated,
 )  # fmt: skip
 from models.training.evaluate import evaluate_detector  # noqa: E402
+from models.training.extension import extension_studies  # noqa: E402
 from rules.apply import NotInvertible, invert_rule  # noqa: E402
 
 
