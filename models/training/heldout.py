@@ -154,13 +154,19 @@ def evaluate_card(
     FileNotFoundError, models.detector.WeightsRefused
         As ``Detector.load``.
     models.training.candidate_cache.CacheError
-        A candidate cache that cannot be read.
+        A candidate cache that cannot be read, or (with ``update_card``) one of another model than the card.
     """
     caches = caches or CandidateOptions()
     if caches.read_from is not None:
-        from models.training.candidate_cache import load_candidates
+        from models.training.candidate_cache import CacheError, load_candidates
 
         manifest, readings = load_candidates(caches.read_from)
+        if update_card:
+            card_version = json.loads((weights_dir / CARD_NAME).read_text()).get("version")
+            if manifest["model"] != card_version:
+                raise CacheError(
+                    f"{caches.read_from} holds candidates of model {manifest['model']}, the card is {card_version}"
+                )
         studies, size, subjects_from = manifest["studies"], manifest["size"], manifest["subjects_from"]
         if not raw:
             readings.pop("raw", None)
