@@ -47,7 +47,7 @@ def test_the_cache_reproduces_a_direct_evaluation_exactly(direct, tmp_path):
     manifest = {"model": detector.version, "studies": 1, "size": "test", "subjects_from": 52600}
     save_candidates(tmp_path / "cache", readings, manifest)
     back_manifest, back = load_candidates(tmp_path / "cache")
-    assert back_manifest["model"] == detector.version and list(back) == ["harmonized", "raw"]
+    assert {k: back_manifest[k] for k in manifest} == manifest and list(back) == ["harmonized", "raw"]
     for label in back:
         for a, b in zip(readings[label], back[label], strict=True):
             _same(a, b)

@@ -53,8 +53,8 @@ def save_candidates(
     readings
         ``{reading label: [StudyCandidates]}`` as ``evaluate.collect_candidates`` returns it.
     manifest
-        What else the cache should say (model version, size, studies, command); ``format``, ``readings`` and
-        each reading's study files are added.
+        What else the cache should say (model version, size, studies per condition, first subject); ``format``,
+        ``readings`` and each reading's study files (``files``) are added.
 
     Returns
     -------
@@ -62,11 +62,11 @@ def save_candidates(
         The manifest written.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    studies: dict[str, list[str]] = {}
+    files: dict[str, list[str]] = {}
     for label, records in readings.items():
         sub = folder / label
         sub.mkdir(exist_ok=True)
-        studies[label] = []
+        files[label] = []
         for rec in records:
             meta = {
                 "kind": rec.kind, "condition": rec.condition, "seed": rec.seed, "size": rec.size, "body": rec.body,
@@ -75,9 +75,9 @@ def save_candidates(
             name = _study_file(rec)
             arrays = {k: np.asarray(getattr(rec, k)) for k in _ARRAYS}
             np.savez(sub / name, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
-            studies[label].append(name)
+            files[label].append(name)
     path = folder / MANIFEST
-    body = {**manifest, "format": FORMAT, "readings": list(readings), "studies": studies}
+    body = {**manifest, "format": FORMAT, "readings": list(readings), "files": files}
     path.write_text(json.dumps(body, indent=2) + "\n")
     return path
 
@@ -115,7 +115,7 @@ def load_candidates(folder: Path) -> tuple[dict[str, Any], dict[str, list[StudyC
     readings: dict[str, list[StudyCandidates]] = {}
     for label in manifest["readings"]:
         readings[label] = []
-        for name in manifest["studies"][label]:
+        for name in manifest["files"][label]:
             study = folder / label / name
             if not study.is_file():
                 raise CacheError(f"{folder}: {label}/{name} is missing")
