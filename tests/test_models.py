@@ -106,7 +106,8 @@ def test_froc_and_auc_bookkeeping():
     # case 1: lesion found at 0.9, an FP at 0.8; case 2: an FP at 0.95, lesion found at 0.3
     studies = [(np.array([0.9, 0.8]), np.array([[1], [0]]), 1), (np.array([0.95, 0.3]), np.array([[0], [1]]), 1)]
     sens = froc_points(studies)
-    assert sens["0.5"] == 0.5 and sens["1"] == 1.0 and sens["4"] == 1.0
+    # read as LUNA16 reads it: at the grid point nearest 0.5 (0.49985) and 1 (0.99975), just before each FP
+    assert sens["0.5"] == 0.0 and sens["1"] == 0.5 and sens["4"] == 1.0
     assert auc(np.array([0.9, 0.8, 0.1]), np.array([1, 0, 0])) == 1.0
     assert auc(np.array([0.1, 0.8]), np.array([1, 0])) == 0.0
 
@@ -358,17 +359,6 @@ def test_fine_candidates_are_appended_away_from_the_others():
     assert np.all(gap > 1.5)
 
 
-@needs_weights
-def test_the_shipped_cards_figures_were_counted_by_todays_rule():
-    import json
-
-    from models.detector import CARD_NAME
-    from models.training.evaluate import HIT_RULE
-
-    evaluation = json.loads((WEIGHTS_DIR / CARD_NAME).read_text())["evaluation"]
-    assert evaluation["hit_rule"] == HIT_RULE, "the hit rule changed: run harmonode evaluate --update-card"
-
-
 def test_the_card_names_the_views_its_networks_read():
     card = {"version": "test", "threshold": 0.5, "views": ["planes", "mip"], "fine_candidates": {"head": 20}}
     detector = Detector(MiniVGG(NetConfig(in_channels=6)), card, torch.device("cpu"))
@@ -476,7 +466,9 @@ def test_findings_are_matched_to_lesions_after_nms():
         {"center_mm": [0.0, 34, 0], "diameter_mm": 2.0},  # 4 mm away: within max(1, 3) + 1.5
         {"center_mm": [0.0, 0, 90], "diameter_mm": 5.0},  # no candidate near
     ]
-    keep, hits, with_candidate = findings_on_lesions(mm, probs, np.full(4, 3.0), "head", lesions)
+    from models.training.hits import REACH
+
+    keep, hits, with_candidate = findings_on_lesions(mm, probs, np.full(4, 3.0), "head", lesions, REACH)
     assert list(keep) == [0, 2, 3]  # the 0.8 two millimetres from the 0.9 is suppressed (6 mm head radius)
     assert hits.tolist() == [[True, False, False], [False, False, False], [False, True, False]]
     assert with_candidate == 2
@@ -491,11 +483,11 @@ def test_one_finding_within_reach_of_two_lesions_finds_both():
     lesions = [{"center_mm": [0.0, 0, 0], "diameter_mm": 6.0}, {"center_mm": [2.0, 0, 0], "diameter_mm": 2.5}]
     keep, hits, with_candidate = findings_on_lesions(mm, np.array([0.9, 0.5]), np.full(2, 3.0), "head", lesions)
     assert list(keep) == [0, 1] and hits.tolist() == [[True, True], [False, False]] and with_candidate == 2
-    from models.training.evaluate import lesion_hits, within_lesion
+    from models.training.evaluate import hit_reach, lesion_hits, within_lesion
 
     assert lesion_hits(mm[keep], lesions, within_lesion).tolist() == [[True, True], [False, False]]  # in both sacs
     beside = np.array([[5.0, 0, 0]])  # 3 mm from the small sac's centre: within its 4.5 mm reach, in neither sac
-    assert lesion_hits(beside, lesions).tolist() == [[False, True]]
+    assert lesion_hits(beside, lesions, hit_reach).tolist() == [[False, True]]
     assert lesion_hits(beside, lesions, within_lesion).tolist() == [[False, False]]
     study = (np.array([0.9, 0.5]), hits, 2)
     assert froc_points([study], fp_rates=(0.5, 1)) == {"0.5": 1.0, "1": 1.0}

@@ -23,7 +23,7 @@ from models.nets import MiniVGG, NetConfig
 from models.patches import CLIP, CT_SCALE, PATCH_CEILING, apply_ceiling, normalise
 from models.training.card import LesionRecipe, lesion_card, store_evaluation, write_card
 from models.training.data import EVAL_SUBJECTS_FROM, SubjectsOutOfRange, check_eval_subjects, held_out_plan
-from models.training.evaluate import HIT_RULE
+from models.training.hits import PRIMARY
 
 needs_weights = pytest.mark.skipif(not (WEIGHTS_DIR / "lesion.pt").exists(), reason="no shipped weights")
 
@@ -131,7 +131,7 @@ def test_the_evaluation_is_stored_with_the_hit_rule(tmp_path: Path):
         "held_out_studies_per_condition": 2,
         "subjects_from": 52500,
         "size": "test",
-        "hit_rule": HIT_RULE,
+        "hit_rule": PRIMARY.card(),
         "cases": 3,
         "model": "t",
     }

@@ -16,21 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.detector import CARD_NAME, TTA, WEIGHTS_NAME, Detector, input_normalisation, sha256_of
+from models.detector import CARD_NAME, TTA, WEIGHTS_NAME, input_normalisation, sha256_of
 from models.training.data import (
-    EVAL_SUBJECTS_FROM,
     HELD_OUT_CONDITIONS,
     KINDS,
     REFERENCE,
     RESCAN_NOTE,
     SEEDS,
     TRAIN_CONDITIONS,
-    check_eval_subjects,
-    fit_rules_by_size,
-    held_out_plan,
     load_or_fit_rules,
 )
-from models.training.evaluate import HIT_RULE, evaluate_detector, froc_plot
 from models.training.sweep import RECIPE_VIEWS
 from models.training.train import calibrate_thresholds, load_checkpoint, save_checkpoint, train_lesions
 
@@ -390,110 +385,7 @@ def card_from_sweep(
     return SweepCard(write_card(weights / WEIGHTS_NAME, card), files, thresholds)
 
 
-# -- the held-out evaluation of a card ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EvaluationReport:
-    """A card's held-out evaluation: figures per reading (``harmonized``, ``raw``) and the JSON summary."""
+# the held-out evaluation of a card lives in its own module; these names stay importable from here
+from models.training.heldout import EvaluationReport, evaluate_card, store_evaluation  # noqa: E402
 
-    results: dict[str, dict[str, Any]]
-    summary: dict[str, Any]
-    studies: int
-    size: str
-    plot: Path | None
-
-
-def store_evaluation(weights_dir: Path, summary: dict[str, Any], studies: int, size: str, subjects_from: int) -> Path:
-    """Write a held-out evaluation into the card's ``evaluation`` (with the command and the hit rule).
-
-    Returns
-    -------
-    Path
-        The card updated.
-    """
-    card_path = weights_dir / CARD_NAME
-    card = json.loads(card_path.read_text())
-    card["evaluation"] = {
-        "command": f"harmonode evaluate --studies {studies} --size {size}"
-        + (f" --subjects-from {subjects_from}" if subjects_from != EVAL_SUBJECTS_FROM else "")
-        + " --update-card",
-        "held_out_studies_per_condition": studies,
-        "subjects_from": subjects_from,
-        "size": size,
-        "hit_rule": HIT_RULE,
-        **summary,
-    }
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
-    return card_path
-
-
-def evaluate_card(
-    weights_dir: Path,
-    studies: int = 8,
-    size: str = "eval",
-    raw: bool = True,
-    plot: Path | None = None,
-    update_card: bool = False,
-    jobs: int = 1,
-    subjects_from: int = EVAL_SUBJECTS_FROM,
-    progress: bool = True,
-    residual_dir: Path | None = None,
-) -> EvaluationReport:
-    """FROC and patch AUC of a card's detector on held-out conditions, with (and without) the rules.
-
-    Parameters
-    ----------
-    weights_dir
-        The card's folder.
-    studies
-        Held-out studies per condition.
-    size
-        Their simulated size.
-    raw
-        Also evaluate without harmonization.
-    plot
-        FROC plot to write (None: none).
-    update_card
-        Store the results in the card (``store_evaluation``).
-    jobs
-        Studies scored in parallel processes.
-    subjects_from
-        First held-out subject (kind k from here + 1000 k).
-    progress
-        Show progress bars.
-    residual_dir
-        Residual weights: also read every study after the rules and the residual stage
-        (``harmonized+residual``), strengths proposed per condition on the rules' subjects.
-
-    Returns
-    -------
-    EvaluationReport
-
-    Raises
-    ------
-    models.training.data.SubjectsOutOfRange
-        A plan reaching outside the evaluation subjects.
-    FileNotFoundError, models.detector.WeightsRefused
-        As ``Detector.load``.
-    """
-    check_eval_subjects(subjects_from, studies)
-    detector = Detector.load(device="auto", weights_dir=weights_dir)
-    plan = held_out_plan(studies, size, subjects_from)
-    rules = fit_rules_by_size(KINDS, (size,), progress=progress)
-    results = {"harmonized": evaluate_detector(detector, plan, rules, progress=progress, jobs=jobs)}
-    if raw:
-        results["raw"] = evaluate_detector(detector, plan, None, progress=progress, jobs=jobs)
-    if residual_dir is not None:
-        from models.residual_net import ResidualModel
-        from models.training.residual_eval import residual_plan
-
-        stages = residual_plan(ResidualModel.load("auto", residual_dir), [p[:2] for p in plan], size, rules)
-        results["harmonized+residual"] = evaluate_detector(detector, plan, rules, progress, jobs, stages)
-        results["harmonized+residual"]["residual_stages"] = stages.proposals
-    summary = {**results["harmonized"], "without_harmonization": results.get("raw"), "model": detector.version}
-    if "harmonized+residual" in results:
-        summary["with_residual_stage"] = results["harmonized+residual"]
-    if plot is not None:
-        froc_plot(results, plot)
-    if update_card:
-        store_evaluation(weights_dir, summary, studies, size, subjects_from)
-    return EvaluationReport(results, summary, studies, size, plot)
+__all__ = ["EvaluationReport", "evaluate_card", "store_evaluation"]

@@ -1,178 +1,64 @@
-"""The one hit rule, and the detector's evaluation by it: FROC, candidate recall, sensitivity by size, patch AUC.
+"""The detector's held-out evaluation: candidates per study, then the FROC, CPM, recall, sizes and AUC of them.
 
-Every count of found lesions in harmonode goes through ``lesion_hits`` (``HIT_RULE``): the held-out FROC of
-``harmonode evaluate``, the thresholds calibrated on validation studies, the recipe sweep and the demo's table
-(``count_hits``).
+An evaluation has two halves. ``collect_candidates`` simulates each study once, reads it through every asked
+reading (rules, none, rules + residual stage), and keeps what the detector made of it (``StudyCandidates``:
+every candidate, its probability, the lesions, the geometry); ``summarize`` turns those into figures by the hit
+rules of ``models.training.hits`` (``PRIMARY``, the sac-tight count, and ``SECOND`` beside it). The candidate
+cache (``models.training.candidate_cache``) stores the first half, so the second re-runs in seconds with another
+rule or NMS radius.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from models.training.data import PlanItem, candidate_labels, harmonized, rules_for, simulated
-
-#: How ``evaluate`` counts a finding as a hit (written into the model card's evaluation).
-HIT_RULE = (
-    "a finding (after 3D NMS) hits every lesion whose centre lies within max(d/2, 3) + 1.5 mm of it; one finding on"
-    " two overlapping sacs finds both (the LUNA16 convention); a lesion counts once, by its best finding"
+from models.training.data import PlanItem, Study, candidate_labels, harmonized, rules_for, simulated
+from models.training.hits import (
+    FP_RATES,
+    HIT_RULE,
+    PRIMARY,
+    SECOND,
+    HitRule,
+    count_hits,
+    cpm,
+    froc_points,
+    hit_reach,
+    lesion_hits,
+    threshold_at_1fp,
+    unmatched,
+    within_lesion,
 )
-#: The false-positive rates per case the FROC is read at (keys of ``sensitivity_at_fp``).
-FP_RATES = ("0.5", "1", "2", "4")
+
+__all__ = [
+    "FP_RATES", "HIT_RULE", "SIZE_BINS_MM", "Reading", "Scoring", "StudyCandidates", "auc", "collect_candidates",
+    "count_hits", "evaluate_detector", "findings_on_lesions", "froc_plot", "froc_points", "hit_reach",
+    "lesion_hits", "sensitivity_by_size", "study_candidates", "summarize", "threshold_at_1fp", "unmatched",
+    "within_lesion",
+]  # fmt: skip
+
 #: Lesion size bins (mm) for sensitivity by size: the small aneurysms are where a detector earns its keep
 SIZE_BINS_MM = (0.0, 3.0, 5.0, 10.0, float("inf"))
-
-
-def hit_reach(diameter_mm: float) -> float:
-    """How far (mm) from a lesion's centre a finding still hits it (``HIT_RULE``)."""
-    return max(diameter_mm / 2, 3.0) + 1.5
-
-
-def within_lesion(diameter_mm: float) -> float:
-    """The sac-tight reach: inside the lesion's own sphere (d/2), as challenges that want a mark on the sac count."""
-    return diameter_mm / 2
-
-
-def lesion_hits(
-    points_mm: np.ndarray, lesions: Sequence[dict[str, Any]], reach: Callable[[float], float] = hit_reach
-) -> np.ndarray:
-    """Which lesions each point hits.
-
-    Parameters
-    ----------
-    points_mm
-        Finding positions (N, 3) in patient mm.
-    lesions
-        True lesions, each with ``center_mm`` and ``diameter_mm``.
-    reach
-        Distance (mm) within which a point hits a lesion of a given diameter (``hit_reach``: the rule).
-
-    Returns
-    -------
-    numpy.ndarray
-        Boolean (points, lesions) matrix.
-    """
-    out = np.zeros((len(points_mm), len(lesions)), bool)
-    for li, les in enumerate(lesions):
-        d = np.linalg.norm(np.asarray(points_mm, float).reshape(-1, 3) - np.asarray(les["center_mm"]), axis=1)
-        out[:, li] = d <= reach(float(les["diameter_mm"]))
-    return out
-
-
-def unmatched(hits: np.ndarray) -> np.ndarray:
-    """Per finding, True where it hits no lesion (a false positive); ``hits`` as ``findings_on_lesions`` gives it."""
-    return ~np.asarray(hits, bool).any(axis=1)
-
-
-def count_hits(
-    findings_xyz_mm: Sequence[Sequence[float]] | np.ndarray,
-    lesion_centres_mm: Sequence[Sequence[float]] | np.ndarray,
-    lesion_diameters_mm: Sequence[float] | np.ndarray,
-) -> tuple[int, int]:
-    """True and false positives of one series' findings by the project's hit rule (``lesion_hits``).
-
-    Parameters
-    ----------
-    findings_xyz_mm
-        Finding centres (N, 3) in patient mm.
-    lesion_centres_mm
-        True lesion centres (M, 3) in patient mm.
-    lesion_diameters_mm
-        The M lesion diameters (mm).
-
-    Returns
-    -------
-    tuple
-        (lesions hit by at least one finding, findings that hit no lesion). A lesion counts once however many
-        findings hit it; one finding within reach of two lesions finds both.
-
-    Raises
-    ------
-    ValueError
-        Lesion centres and diameters of different lengths, or positions that are not 3D.
-    """
-    centres = np.asarray(lesion_centres_mm, float).reshape(-1, 3) if len(lesion_centres_mm) else np.zeros((0, 3))
-    diameters = np.asarray(lesion_diameters_mm, float).reshape(-1)
-    if len(centres) != len(diameters):
-        raise ValueError(f"{len(centres)} lesion centres but {len(diameters)} diameters")
-    points = np.asarray(findings_xyz_mm, float)
-    if points.size and (points.ndim != 2 or points.shape[1] != 3):
-        raise ValueError(f"finding positions must be (N, 3) in mm, got shape {points.shape}")
-    lesions = [{"center_mm": c, "diameter_mm": float(d)} for c, d in zip(centres, diameters, strict=True)]
-    hits = lesion_hits(points.reshape(-1, 3), lesions)
-    return int(hits.any(axis=0).sum()), int(unmatched(hits).sum())
-
-
-def threshold_at_1fp(per_study: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
-    """The probability above which there is on average one false positive per case (0.5 when there are fewer).
-
-    Parameters
-    ----------
-    per_study
-        (scores of the kept findings, which lesions each hits) per study.
-
-    Returns
-    -------
-    float
-    """
-    fp = np.sort(np.concatenate([np.asarray(scores)[unmatched(hits)] for scores, hits in per_study]))[::-1]
-    return float(fp[len(per_study) - 1]) if len(fp) >= len(per_study) else 0.5
-
-
-def froc_points(
-    per_study: list[tuple[np.ndarray, np.ndarray, int]], fp_rates: Sequence[float] = (0.5, 1, 2, 4)
-) -> dict[str, float]:
-    """Sensitivity at each false-positive rate per case.
-
-    A lesion counts once (its best finding); extra hits on it are not FPs; a finding within reach of two lesions
-    finds both (as the LUNA16 evaluation counts a CAD mark inside two nodules).
-
-    Parameters
-    ----------
-    per_study
-        (scores of the findings, which lesions each finding hits as ``findings_on_lesions`` gives it, number of
-        lesions) per study, findings already NMS-suppressed.
-    fp_rates
-        False positives per case to read the curve at.
-
-    Returns
-    -------
-    dict
-        ``{f"{rate:g}": sensitivity}``.
-    """
-    n_cases = len(per_study)
-    n_lesions = sum(n for _, _, n in per_study)
-    events = []  # (score, lesion ids the finding hits; empty: a false positive)
-    for si, (scores, hits, _) in enumerate(per_study):
-        for s, row in zip(scores, np.asarray(hits, bool), strict=True):
-            events.append((float(s), [(si, int(li)) for li in np.flatnonzero(row)]))
-    events.sort(key=lambda e: -e[0])
-    seen: set[tuple[int, int]] = set()
-    tps, fps, curve = 0, 0, [(0.0, 0.0)]
-    for _, lesion_ids in events:
-        if lesion_ids:
-            fresh = [lid for lid in lesion_ids if lid not in seen]
-            seen.update(fresh)
-            tps += len(fresh)
-        else:
-            fps += 1
-        curve.append((fps / max(n_cases, 1), tps / max(n_lesions, 1)))
-    out = {}
-    for rate in fp_rates:
-        ok = [sens for fpr, sens in curve if fpr <= rate]
-        out[f"{rate:g}"] = float(max(ok)) if ok else 0.0
-    return out
+#: The detector's NMS radius floor per body part (``models.detector.Detector.detect``)
+NMS_MIN_MM = {"head": 6.0, "chest": 10.0}
 
 
 def findings_on_lesions(
-    mm: np.ndarray, probs: np.ndarray, diameters_mm: np.ndarray, body: str, lesions: Sequence[dict[str, Any]]
+    mm: np.ndarray,
+    probs: np.ndarray,
+    diameters_mm: np.ndarray,
+    body: str,
+    lesions: Sequence[dict[str, Any]],
+    rule: HitRule = PRIMARY,
+    nms_min_mm: Mapping[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """The FROC's view of one study: the detector's 3D NMS, then the hit rule on what it keeps.
+    """The FROC's view of one study: the detector's 3D NMS, then a hit rule on what it keeps.
 
     Parameters
     ----------
@@ -181,22 +67,27 @@ def findings_on_lesions(
     probs
         Their probabilities.
     diameters_mm
-        Their blob diameters (the NMS radius, at least 6 mm in the head and 10 mm in the chest).
+        Their blob diameters (the NMS radius, at least ``nms_min_mm[body]``).
     body
         ``head`` or ``chest``.
     lesions
         True lesions (``center_mm``, ``diameter_mm``).
+    rule
+        The hit rule (default ``PRIMARY``, the sac-tight count).
+    nms_min_mm
+        The NMS radius floor per body part (default ``NMS_MIN_MM``, the detector's: 6 mm head, 10 mm chest).
 
     Returns
     -------
     tuple
         (indices kept by NMS, best first; which lesions each kept one hits, a (kept, lesions) boolean matrix; how
-        many lesions have any candidate at all).
+        many lesions any candidate at all hits).
     """
     from models.detector import nms_3d
 
-    keep = nms_3d(mm, probs, np.maximum(diameters_mm, 6.0 if body == "head" else 10.0))
-    near = lesion_hits(mm, lesions)
+    floor = (nms_min_mm or NMS_MIN_MM)[body]
+    keep = nms_3d(mm, probs, np.maximum(diameters_mm, floor))
+    near = lesion_hits(mm, lesions, rule)
     return keep, near[keep], int(near.any(axis=0).sum())
 
 
@@ -250,51 +141,253 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((r[: pos.sum()].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * neg.sum()))
 
 
-def _score_study(
-    detector: Any,
-    kind: str,
-    cond: str,
-    seed: int,
-    size: str,
-    rules: dict | None,
-    threads: int = 0,
-    residual: Any = None,
-) -> tuple[str, tuple]:
-    """One study's row for ``evaluate_detector``: (key, (finding scores, hits, lesions, probs, labels, found,
-    lesion diameters, hits within the lesions' own spheres))."""
+# -- the first half: what the detector made of each study ------------------------------------------------------------
+@dataclass(frozen=True)
+class StudyCandidates:
+    """One study as the detector scored it: every candidate (before threshold and NMS) and the study's truth.
+
+    Everything the FROC, the hit rules and the patch AUC read, so figures can be counted again without the
+    simulator or the network (``models.training.candidate_cache`` stores it).
+    """
+
+    kind: str
+    condition: str
+    seed: int
+    size: str
+    body: str
+    centres_index: np.ndarray  # (N, 3) voxel indices (slice, row, column)
+    centres_mm: np.ndarray  # (N, 3) patient mm
+    blob_mm: np.ndarray  # (N,) candidate blob diameters (the NMS radius)
+    probs: np.ndarray  # (N,) the detector's probabilities
+    labels: np.ndarray  # (N,) training labels (1 lesion, 0 normal, -1 ignored: ``candidate_labels``)
+    lesions: tuple[dict[str, Any], ...]  # the truth: center_mm, diameter_mm (and site, place where known)
+    geometry: dict[str, Any] = field(default_factory=dict)  # origin, row/column direction, spacing, shape
+
+    @property
+    def key(self) -> str:
+        """``kind/condition``: the group of the per-condition figures."""
+        return f"{self.kind}/{self.condition}"
+
+
+def study_candidates(study: Study, size: str, cands: Any, probs: np.ndarray) -> StudyCandidates:
+    """The ``StudyCandidates`` of a (harmonized) study and ``Detector.score``'s candidates and probabilities."""
+    centres = np.asarray(cands.centres, float).reshape(-1, 3)
+    mm = study.geometry.index_to_patient(centres) if len(centres) else np.zeros((0, 3))
+    g = study.geometry
+    geometry = {
+        "origin": list(g.origin), "row_direction": list(g.row_direction),
+        "column_direction": list(g.column_direction), "spacing": list(g.spacing), "shape": list(g.shape),
+    }  # fmt: skip
+    lesions = tuple(
+        {"center_mm": [float(v) for v in les["center_mm"]], "diameter_mm": float(les["diameter_mm"]),
+         **{k: les[k] for k in ("site", "place", "kind") if k in les}}
+        for les in study.truth["lesions"]
+    )  # fmt: skip
+    return StudyCandidates(
+        study.kind, study.condition, int(study.seed), size, study.body, centres, np.asarray(mm, float),
+        np.asarray(cands.diameters_mm, float).reshape(-1), np.asarray(probs).reshape(-1),
+        candidate_labels(study, cands.centres), lesions, geometry,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One way the held-out studies are read: histogram rules (``fit_rules_by_size`` output, None: raw) and
+    optionally the residual stage (a ``models.training.residual_eval.ResidualPlan``)."""
+
+    label: str
+    rules: dict[str, dict[str, Any]] | None
+    residual: Any = None
+
+
+def _candidates_of(
+    detector: Any, item: PlanItem, readings: Sequence[Reading], threads: int, sim_cache: Path | None
+) -> list[tuple[str, StudyCandidates]]:
+    """One study simulated once (or loaded from ``sim_cache``), scored through every reading."""
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
-    study = harmonized(simulated(kind, cond, seed, size), rules_for(rules, size))
-    if residual is not None:
-        from models.training.residual_eval import with_residual
+    kind, condition, seed, size = item
+    if sim_cache is not None:
+        from models.training.candidate_cache import cached_simulation
 
-        study = with_residual(study, residual)
-    cands, probs = detector.score(study.values, study.geometry, study.modality, study.body)
-    labels = candidate_labels(study, cands.centres)
-    mm = study.geometry.index_to_patient(cands.centres) if len(cands) else np.zeros((0, 3))
-    keep, hits, with_candidate = findings_on_lesions(mm, probs, cands.diameters_mm, study.body, study.truth["lesions"])
-    lesions = study.truth["lesions"]
-    diameters = np.array([float(les["diameter_mm"]) for les in lesions])
-    inside = lesion_hits(mm[keep], lesions, within_lesion)
-    return f"{kind}/{cond}", (probs[keep], hits, len(lesions), probs, labels, with_candidate, diameters, inside)
+        source = cached_simulation(kind, condition, seed, size, sim_cache)
+    else:
+        source = simulated(kind, condition, seed, size)
+    out = []
+    for reading in readings:
+        study = harmonized(source, rules_for(reading.rules, size))
+        if reading.residual is not None:
+            from models.training.residual_eval import with_residual
+
+            study = with_residual(study, reading.residual)
+        cands, probs = detector.score(study.values, study.geometry, study.modality, study.body)
+        out.append((reading.label, study_candidates(study, size, cands, probs)))
+    return out
 
 
-def _summary(items: list[tuple]) -> dict[str, Any]:
-    """The figures of a group of ``_score_study`` rows."""
-    s = np.concatenate([it[3] for it in items])
-    lab = np.concatenate([it[4] for it in items])
-    threshold = threshold_at_1fp([it[:2] for it in items])
+def collect_candidates(
+    detector: Any,
+    plan: Sequence[PlanItem],
+    readings: Sequence[Reading],
+    progress: bool = True,
+    jobs: int = 1,
+    sim_cache: Path | None = None,
+) -> dict[str, list[StudyCandidates]]:
+    """Every study of ``plan`` through every reading: the detector's candidates, in plan order.
+
+    Parameters
+    ----------
+    detector
+        A ``models.detector.Detector`` (or anything with its ``score``).
+    plan
+        The studies (``models.training.data.held_out_plan``).
+    readings
+        How to read each study (each study is simulated once for all of them).
+    progress
+        Show a progress bar.
+    jobs
+        > 1: studies in that many processes (one torch thread each); the result is the same. 0: one per CPU.
+    sim_cache
+        Folder of simulated studies (``candidate_cache.cached_simulation``): each simulated once, reused by
+        later runs. None: simulate every time.
+
+    Returns
+    -------
+    dict
+        ``{reading label: [StudyCandidates per study of plan]}``.
+    """
+    jobs = min(jobs or os.cpu_count() or 1, max(len(plan), 1))
+    out: dict[str, list[StudyCandidates]] = {r.label: [] for r in readings}
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # a forked child cannot use CUDA once the parent has (the detector's networks are there): spawn then
+        on_cuda = getattr(getattr(detector, "device", None), "type", "cpu") == "cuda"
+        context = multiprocessing.get_context("spawn" if on_cuda else None)
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = [pool.submit(_candidates_of, detector, item, readings, 1, sim_cache) for item in plan]
+            for future in tqdm(futures, desc="evaluate", disable=not progress):
+                for label, record in future.result():
+                    out[label].append(record)
+    else:
+        for item in tqdm(plan, desc="evaluate", disable=not progress):
+            for label, record in _candidates_of(detector, item, readings, 0, sim_cache):
+                out[label].append(record)
+    return out
+
+
+# -- the second half: figures by the hit rules -----------------------------------------------------------------------
+#: Moves the kept findings of a study before they are counted: (study, indices NMS kept) -> positions (kept, 3) mm
+Refine = Callable[[StudyCandidates, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How candidates become counted findings: the hit rules, the NMS radius floor, an optional refinement."""
+
+    rule: HitRule = PRIMARY
+    second: HitRule = SECOND
+    nms_min_mm: Mapping[str, float] = field(default_factory=lambda: dict(NMS_MIN_MM))
+    refine: Refine | None = None
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One study counted: kept findings' scores, their hits by both rules, the truth, the patches' labels."""
+
+    key: str
+    scores: np.ndarray
+    hits: np.ndarray
+    hits_second: np.ndarray
+    lesions: int
+    probs: np.ndarray
+    labels: np.ndarray
+    with_candidate: int
+    with_candidate_second: int
+    diameters: np.ndarray
+
+
+def _row(rec: StudyCandidates, scoring: Scoring) -> _Row:
+    keep, hits, with_candidate = findings_on_lesions(
+        rec.centres_mm, rec.probs, rec.blob_mm, rec.body, rec.lesions, scoring.rule, scoring.nms_min_mm
+    )
+    mm = rec.centres_mm[keep] if scoring.refine is None else scoring.refine(rec, keep)
+    if scoring.refine is not None:
+        hits = lesion_hits(mm, rec.lesions, scoring.rule)
+    second = lesion_hits(mm, rec.lesions, scoring.second)
+    with_second = int(lesion_hits(rec.centres_mm, rec.lesions, scoring.second).any(axis=0).sum())
+    diameters = np.array([float(les["diameter_mm"]) for les in rec.lesions])
+    return _Row(
+        rec.key, np.asarray(rec.probs)[keep], hits, second, len(rec.lesions), np.asarray(rec.probs), rec.labels,
+        with_candidate, with_second, diameters,
+    )  # fmt: skip
+
+
+def _counted(rows: Sequence[_Row], second: bool) -> dict[str, Any]:
+    """FROC, CPM, candidate recall and sensitivity by size of ``rows`` by one of the two rules."""
+    per = [(r.scores, r.hits_second if second else r.hits, r.lesions) for r in rows]
+    sens = froc_points(per)
+    threshold = threshold_at_1fp([p[:2] for p in per])
+    lesions = max(1, sum(r.lesions for r in rows))
+    found = sum(r.with_candidate_second if second else r.with_candidate for r in rows)
     return {
-        "sensitivity_at_fp": froc_points([it[:3] for it in items]),
-        # the same FROC with a hit only inside the lesion's own sphere (d/2): the sac-tight reading
-        "sensitivity_at_fp_within_lesion": froc_points([(it[0], it[7], it[2]) for it in items]),
-        "auc": auc(s, lab),
-        "cases": len(items),
-        "lesions": int(sum(it[2] for it in items)),
-        "candidate_recall": float(sum(it[5] for it in items) / max(1, sum(it[2] for it in items))),
+        "sensitivity_at_fp": sens,
+        "cpm": cpm(sens),
+        "candidate_recall": float(found / lesions),
         "threshold_at_1fp": threshold,
-        "sensitivity_at_1fp_by_size": sensitivity_by_size([(it[0], it[1], it[6]) for it in items], threshold),
+        "sensitivity_at_1fp_by_size": sensitivity_by_size(
+            [(s, h, r.diameters) for (s, h, _), r in zip(per, rows, strict=True)], threshold
+        ),
     }
+
+
+def _summary(rows: Sequence[_Row]) -> dict[str, Any]:
+    """The figures of a group of studies: primary rule at the top level, the second rule under ``second``."""
+    probs = np.concatenate([r.probs for r in rows]) if rows else np.zeros(0)
+    labels = np.concatenate([r.labels for r in rows]) if rows else np.zeros(0, np.int64)
+    return {
+        **_counted(rows, second=False),
+        "auc": auc(probs, labels),
+        "cases": len(rows),
+        "lesions": int(sum(r.lesions for r in rows)),
+        "second": _counted(rows, second=True),
+    }
+
+
+def summarize(records: Sequence[StudyCandidates], scoring: Scoring | None = None) -> dict[str, Any]:
+    """The held-out figures of scored studies, overall, per condition and per kind.
+
+    Parameters
+    ----------
+    records
+        What ``collect_candidates`` (or the candidate cache) gives for one reading.
+    scoring
+        Hit rules, NMS radius floor and refinement (default ``Scoring()``: the sac-tight count, the reach rule
+        beside it, the detector's NMS).
+
+    Returns
+    -------
+    dict
+        ``sensitivity_at_fp`` (LUNA16's seven rates), ``cpm``, ``auc``, ``cases``, ``lesions``,
+        ``candidate_recall``, ``threshold_at_1fp``, ``sensitivity_at_1fp_by_size`` by the primary rule; the same
+        by the second rule under ``second``; ``hit_rule`` and ``second_rule`` (name, version, text);
+        ``per_condition`` and ``per_kind`` figures beside them.
+    """
+    scoring = scoring or Scoring()
+    rows = [_row(rec, scoring) for rec in records]
+    result = _summary(rows)
+    result["hit_rule"] = scoring.rule.card()
+    result["second_rule"] = scoring.second.card()
+    keys = sorted({r.key for r in rows})
+    result["per_condition"] = {key: _summary([r for r in rows if r.key == key]) for key in keys}
+    result["per_kind"] = {
+        kind: _summary([r for r in rows if r.key.startswith(kind + "/")])
+        for kind in sorted({key.split("/")[0] for key in keys})
+    }
+    return result
 
 
 def evaluate_detector(
@@ -305,10 +398,7 @@ def evaluate_detector(
     jobs: int = 1,
     residual: Any = None,
 ) -> dict[str, Any]:
-    """FROC (sensitivity at 0.5/1/2/4 FP per case) and candidate-patch AUC, overall, per condition and per kind.
-
-    Also counts the lesions that have any candidate at all (``candidate_recall``: no classifier can find the
-    others) and the lesions found at the 1-FP-per-case threshold by diameter (``sensitivity_at_1fp_by_size``).
+    """FROC at LUNA16's rates, CPM and candidate-patch AUC of one reading, overall, per condition and per kind.
 
     Parameters
     ----------
@@ -329,42 +419,19 @@ def evaluate_detector(
     Returns
     -------
     dict
-        The overall figures with ``per_condition`` and ``per_kind`` figures beside them.
+        As ``summarize``.
     """
-    rows: dict[str, list] = {}
-    if jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # a forked child cannot use CUDA once the parent has (the detector's networks are there): spawn then
-        on_cuda = getattr(getattr(detector, "device", None), "type", "cpu") == "cuda"
-        context = multiprocessing.get_context("spawn" if on_cuda else None)
-        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            futures = [pool.submit(_score_study, detector, *item, rules, 1, residual) for item in plan]
-            for future in tqdm(futures, desc="evaluate", disable=not progress):
-                key, row = future.result()
-                rows.setdefault(key, []).append(row)
-    else:
-        for item in tqdm(plan, desc="evaluate", disable=not progress):
-            key, row = _score_study(detector, *item, rules, 0, residual)
-            rows.setdefault(key, []).append(row)
-    everything = [it for items in rows.values() for it in items]
-    result = _summary(everything)
-    result["per_condition"] = {key: _summary(items) for key, items in sorted(rows.items())}
-    result["per_kind"] = {
-        kind: _summary([it for key, items in rows.items() if key.startswith(kind + "/") for it in items])
-        for kind in sorted({key.split("/")[0] for key in rows})
-    }
-    return result
+    reading = Reading("reading", rules, residual)
+    return summarize(collect_candidates(detector, plan, [reading], progress, jobs)["reading"])
 
 
 def froc_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
-    """Draw the FROC per kind of each labelled result (``harmonized`` solid, others dashed) into a PNG.
+    """Draw the FROC (primary rule) per kind of each labelled result (``harmonized`` solid, others dashed).
 
     Parameters
     ----------
     results
-        ``{label: evaluate_detector(...)}``.
+        ``{label: summarize(...)}``.
     path
         The PNG to write (its folder is made).
     """
@@ -381,12 +448,12 @@ def froc_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
             colour = colours.setdefault(kind, f"C{len(colours)}")
             style, marker = ("-", "o") if label == "harmonized" else ("--", "x")
             sens = [r["sensitivity_at_fp"][k] for k in FP_RATES]
-            ax.plot(rates, sens, style, color=colour, marker=marker, label=f"{kind} ({label})")
+            ax.plot(rates, sens, style, color=colour, marker=marker, label=f"{kind} ({label}, CPM {r['cpm']:.2f})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(rates, FP_RATES)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("false positives per case")
-    ax.set_ylabel("sensitivity")
+    ax.set_ylabel(f"sensitivity ({next(iter(results.values()))['hit_rule']['name']} count)")
     ax.set_title("FROC on held-out scanner conditions (simulated)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
-from models.training.evaluate import count_hits
+from models.training.hits import count_hits
 from node.config import Config, Destination, load_config, with_overrides
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ def start_pacs(workdir: Path) -> BuiltinPacs | OrthancPacs:
 
 def _count_hits(findings: list[dict[str, Any]], lesions: list[dict[str, Any]]) -> tuple[int, int]:
     """(true positives, false positives) of a series' findings against its true lesions, by the project's
-    one hit rule (``models.training.evaluate``, the rule ``harmonode evaluate`` counts by)."""
+    one hit rule (``models.training.hits.PRIMARY``, the sac-tight count ``harmonode evaluate`` counts by)."""
     centres = [les["center_mm"] for les in lesions]
     return count_hits([f["center_mm"] for f in findings], centres, [les["diameter_mm"] for les in lesions])
 

@@ -34,17 +34,21 @@ def _error(message: str) -> typer.Exit:
 
 
 def _table(result: dict[str, Any], title: str) -> str:
-    from models.training.evaluate import FP_RATES
+    """The evaluation as a table: the primary rule's FROC at LUNA16's rates and CPM, then the second rule's."""
+    from models.training.hits import FP_RATES
 
-    head = f"{'':44s} {'cases':>5s} {'les':>4s} " + " ".join(f"FP{r:>4s}" for r in FP_RATES)
-    lines = [title, head + "    AUC  cand.rec  in-sac FP1"]
+    primary = result.get("hit_rule", {}).get("name", "primary")
+    second = result.get("second_rule", {}).get("name", "second")
+    head = f"{'':44s} {'cases':>5s} {'les':>4s} " + " ".join(f"{'FP' + r:>6s}" for r in FP_RATES)
+    lines = [title, f"{head}    CPM    AUC cand.rec | {second}: FP0.25  FP1   CPM"]
 
     def row(name: str, r: dict[str, Any]) -> str:
         sens = " ".join(f"{r['sensitivity_at_fp'][k]:6.2f}" for k in FP_RATES)
-        tight = r["sensitivity_at_fp_within_lesion"]["1"]
+        other = r["second"]
         return (
-            f"{name:44s} {r['cases']:5d} {r['lesions']:4d} {sens} {r['auc']:6.3f} {r['candidate_recall']:8.3f}"
-            f" {tight:11.2f}"
+            f"{name:44s} {r['cases']:5d} {r['lesions']:4d} {sens} {r['cpm']:6.3f} {r['auc']:6.3f} "
+            f"{r['candidate_recall']:8.3f} | {' ' * len(second)}  {other['sensitivity_at_fp']['0.25']:6.2f}"
+            f" {other['sensitivity_at_fp']['1']:5.2f} {other['cpm']:5.3f}"
         )
 
     lines.append(row("overall", result))
@@ -52,8 +56,11 @@ def _table(result: dict[str, Any], title: str) -> str:
         lines.append(row(name, r))
     for name, r in result["per_condition"].items():
         lines.append(row("  " + name, r))
-    lines.append("in-sac: sensitivity at 1 FP per case counting a finding only inside the lesion's own sphere (d/2)")
-    lines.append("found at 1 FP per case, by lesion diameter:")
+    lines.append(
+        f"counted by the {primary} rule (a finding inside the lesion's own sphere, d/2); CPM: mean sensitivity at"
+        f" the seven rates (LUNA16); right of the bar the {second} rule (within max(d/2, 3) + 1.5 mm)"
+    )
+    lines.append(f"found at 1 FP per case ({primary}), by lesion diameter:")
     for name, r in result.get("per_kind", {}).items():
         bins = r.get("sensitivity_at_1fp_by_size", {})
         lines.append(f"  {name:42s} " + "  ".join(f"{b} {v['found']}/{v['lesions']}" for b, v in bins.items()))
@@ -313,7 +320,7 @@ def evaluate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     update_card: Annotated[bool, typer.Option(help="Store the results in the model card.")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch default).")] = 2,
-    jobs: Annotated[int, typer.Option(help="Studies scored in parallel processes.")] = 1,
+    jobs: Annotated[int, typer.Option(help="Studies scored in parallel processes (0: one per CPU core).")] = 0,
     subjects_from: Annotated[
         int,
         typer.Option(
@@ -325,25 +332,59 @@ def evaluate_cmd(
         bool, typer.Option(help="Also read every study after rules + the residual stage (seed 003).")
     ] = False,
     residual_dir: Annotated[Path, typer.Option(help="Folder with residual.pt and residual.json.")] = WEIGHTS,
+    save_candidates: Annotated[
+        Path | None, typer.Option(help="Write every study's candidates and probabilities to this folder.")
+    ] = None,
+    from_candidates: Annotated[
+        Path | None,
+        typer.Option(help="Count from a --save-candidates folder: no simulation, no network (seconds)."),
+    ] = None,
+    sim_cache: Annotated[
+        Path | None, typer.Option(help="Folder of simulated studies and fitted rules, made once and reused.")
+    ] = None,
+    rule: Annotated[str, typer.Option(help="Primary hit rule: sac-tight or reach (the other is the second).")] = (
+        "sac-tight"
+    ),
+    nms_head_mm: Annotated[float, typer.Option(help="NMS radius floor in the head (mm).")] = 6.0,
+    nms_chest_mm: Annotated[float, typer.Option(help="NMS radius floor in the chest (mm).")] = 10.0,
 ) -> None:
-    """FROC (sensitivity at 0.5/1/2/4 FP per case) and patch AUC on held-out conditions, with/without rules."""
-    from models.detector import WeightsRefused
-    from models.training.card import evaluate_card
-    from models.training.data import SubjectsOutOfRange
+    """FROC at LUNA16's rates (1/8 to 8 FP per case), CPM and patch AUC on held-out conditions, with/without rules.
 
+    Counted by the sac-tight rule (a finding inside the lesion's sphere); the older reach rule is the second
+    column. ``--save-candidates DIR`` keeps what the detector made of every study; ``--from-candidates DIR``
+    counts again from it (another ``--rule`` or NMS radius) in seconds.
+    """
+    from models.detector import WeightsRefused
+    from models.training.candidate_cache import CacheError
+    from models.training.data import SubjectsOutOfRange
+    from models.training.evaluate import Scoring
+    from models.training.heldout import CandidateOptions, evaluate_card
+    from models.training.hits import RULES, rule_named
+
+    try:
+        primary = rule_named(rule)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--rule") from exc
+    second = next(r for r in RULES.values() if r != primary)
+    scoring = Scoring(primary, second, {"head": nms_head_mm, "chest": nms_chest_mm})
+    if update_card and (scoring != Scoring()):
+        raise _error("--update-card stores the card's figures by the default rule and NMS; drop --rule / --nms-*")
+    caches = CandidateOptions(save_candidates, from_candidates, sim_cache, scoring)
     _threads(threads)
     try:
         report = evaluate_card(
             weights_dir, studies=studies, size=size, raw=raw, plot=plot, update_card=update_card, jobs=jobs,
             subjects_from=subjects_from, progress=not as_json, residual_dir=residual_dir if residual else None,
+            caches=caches,
         )  # fmt: skip
-    except (SubjectsOutOfRange, FileNotFoundError, WeightsRefused) as exc:
+    except (SubjectsOutOfRange, FileNotFoundError, WeightsRefused, CacheError) as exc:
         raise _error(str(exc)) from exc
     if as_json:
         typer.echo(json.dumps(report.summary, indent=2))
         return
     for label, res in report.results.items():
-        typer.echo(_table(res, f"\n{label} (held-out conditions, {studies} studies per condition, size {size})"))
+        title = f"\n{label} (held-out conditions, {report.studies} studies per condition, size {report.size})"
+        typer.echo(_table(res, title))
     if plot is not None:
         typer.echo(f"\nFROC plot: {plot}")
 
