@@ -45,3 +45,15 @@ def node(node_config: Config) -> Iterator[Node]:
 @pytest.fixture(autouse=True)
 def _quiet_pynetdicom() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _pydicom_validation_as_it_was() -> Iterator[None]:
+    """dicomweb-client sets pydicom's validation to RAISE around its file functions and, when one raises, never
+    sets it back (``dicomweb_client.file._enforce_standard_conformance`` has no ``finally``): every later test
+    would then read and write as strictly as it does. Each test starts and ends with the modes it found."""
+    from pydicom import config
+
+    reading, writing = config.settings.reading_validation_mode, config.settings.writing_validation_mode
+    yield
+    config.settings.reading_validation_mode, config.settings.writing_validation_mode = reading, writing
