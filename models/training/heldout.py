@@ -99,6 +99,21 @@ def _readings(
     return readings, manifest
 
 
+def _cached_readings(folder: Path, card_dir: Path | None, raw: bool) -> tuple[dict, dict]:
+    """A candidate cache's manifest and readings (``raw`` False: without the raw reading); with ``card_dir``,
+    a ``CacheError`` unless the cache holds that card's model."""
+    from models.training.candidate_cache import CacheError, load_candidates
+
+    manifest, readings = load_candidates(folder)
+    if card_dir is not None:
+        card_version = json.loads((card_dir / CARD_NAME).read_text()).get("version")
+        if manifest["model"] != card_version:
+            raise CacheError(f"{folder} holds candidates of model {manifest['model']}, the card is {card_version}")
+    if not raw:
+        readings.pop("raw", None)
+    return manifest, readings
+
+
 def evaluate_card(
     weights_dir: Path,
     studies: int = 8,
@@ -158,18 +173,8 @@ def evaluate_card(
     """
     caches = caches or CandidateOptions()
     if caches.read_from is not None:
-        from models.training.candidate_cache import CacheError, load_candidates
-
-        manifest, readings = load_candidates(caches.read_from)
-        if update_card:
-            card_version = json.loads((weights_dir / CARD_NAME).read_text()).get("version")
-            if manifest["model"] != card_version:
-                raise CacheError(
-                    f"{caches.read_from} holds candidates of model {manifest['model']}, the card is {card_version}"
-                )
+        manifest, readings = _cached_readings(caches.read_from, weights_dir if update_card else None, raw)
         studies, size, subjects_from = manifest["studies"], manifest["size"], manifest["subjects_from"]
-        if not raw:
-            readings.pop("raw", None)
     else:
         args = (weights_dir, studies, size, raw, jobs, subjects_from, progress, residual_dir, caches)
         readings, manifest = _readings(*args)
