@@ -133,7 +133,7 @@ def test_rerun_with_harmonized_series_adds_no_second_set_of_instances(study, sto
     assert len(derived) == 1
     instances = store.index.instances_of_series(derived[0]["series_instance_uid"], latest_only=False)
     assert len(instances) == len(study.datasets)
-    assert first.timings.keys() == {"load", "key", "rule", "harmonize", "residual", "detect", "results"}
+    assert first.timings.keys() == {"load", "key", "rule", "parameters", "harmonize", "residual", "detect", "results"}
 
 
 def test_recovery_keeps_results_as_results(study, tmp_path: Path) -> None:  # noqa: ANN001
