@@ -26,6 +26,19 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 ASSOCIATIONS = 4
 
 
+def _stored(data_dir: Path) -> int:
+    """Instance files in the store's objects/."""
+    objects = data_dir / "objects"
+    return sum(1 for _ in objects.rglob("*.dcm")) if objects.is_dir() else 0
+
+
+def _wait_until_stored(data_dir: Path, n: int, timeout_s: float = 60.0) -> None:
+    """Until ``n`` instance files are in the store's objects/ (or the timeout: the assertions then say so)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _stored(data_dir) < n:
+        time.sleep(0.02)
+
+
 def test_sigkill_during_four_concurrent_pushes_loses_nothing_acknowledged(series_files, tmp_path):  # noqa: F811
     data_dir = tmp_path / "node"
     port = free_port()
@@ -33,6 +46,7 @@ def test_sigkill_during_four_concurrent_pushes_loses_nothing_acknowledged(series
     acked_all: set[str] = set()
     for _round in range(2):
         proc = start_node(data_dir, port)
+        before = _stored(data_dir)
         senders = [
             subprocess.Popen(
                 [system_tool("storescu"), "-v", "-aec", "HARMONODE", "127.0.0.1", str(port)]
@@ -44,7 +58,9 @@ def test_sigkill_during_four_concurrent_pushes_loses_nothing_acknowledged(series
             )
             for i in range(ASSOCIATIONS)
         ]
-        time.sleep(rng.uniform(0.5, 2.0))  # a random moment in the transfers
+        # a random moment in the transfers: once a random share of the slices is stored (a fixed delay let a
+        # fast run finish before the kill)
+        _wait_until_stored(data_dir, before + int(rng.uniform(0.1, 0.6) * (N_SLICES - before)))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         acked = [a for s in senders for a in acknowledged(s.communicate(timeout=60)[0])]

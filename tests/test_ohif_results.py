@@ -140,8 +140,8 @@ def _read_results_in_ohif(site: ViewerSite, analysed: dict, shots: Path) -> dict
         ohif.open_series(page, SR_SERIES)
         seen["first_instance"] = ohif.wait_for_instance(page, findings[0]["instance"])
         seen["first"] = ohif.settled(
-            page, shots / "ohif-findings.png", rows, columns, lambda shot: _circle_drawn(shot, findings[0])
-        )
+            page, shots / "ohif-findings.png", rows, columns, lambda shot: _circle_drawn(shot, findings[0]), 45_000
+        )  # up to 45 s: on a loaded 2-core machine OHIF once drew the SR's circle after the old 15 s
         page.locator("[data-cy=viewport-action-arrows-right]").first.click()
         seen["next_instance"] = ohif.wait_for_instance(page, findings[1]["instance"])
         # scroll to a slice that carries no finding
@@ -168,6 +168,7 @@ def _read_results_in_ohif(site: ViewerSite, analysed: dict, shots: Path) -> dict
             rows,
             columns,
             lambda shot: ohif.drawn(shot) and np.count_nonzero(ohif.yellow(shot.rgb) & shot.inside()) >= 4,
+            45_000,
         )
         seen["seg_instance"] = ohif.instance_number(page)
         page.close()
