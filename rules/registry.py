@@ -211,25 +211,25 @@ class RuleRegistry:
         # The node's threads share one connection: every statement of the registry runs under this lock
         # (pass the index's lock when the registry lives in the index database).
         self.lock = lock or threading.RLock()
-        if TABLE not in db.table_names():
-            db[TABLE].create(
-                {
-                    "id": str,
-                    "version": int,
-                    "key": str,
-                    "method": str,
-                    "parameters": str,
-                    "provenance": str,
-                    "fitted_at": float,
-                    "active": int,
-                    "residual": str,
-                },
-                pk=("id", "version"),
-                if_not_exists=True,
-            )
-            db[TABLE].create_index(["key", "active"], if_not_exists=True)
-        elif "residual" not in db[TABLE].columns_dict:  # a registry from before the residual stage
-            with self.lock:
+        with self.lock:  # even reading the schema is a statement on the shared connection (a savepoint)
+            if TABLE not in db.table_names():
+                db[TABLE].create(
+                    {
+                        "id": str,
+                        "version": int,
+                        "key": str,
+                        "method": str,
+                        "parameters": str,
+                        "provenance": str,
+                        "fitted_at": float,
+                        "active": int,
+                        "residual": str,
+                    },
+                    pk=("id", "version"),
+                    if_not_exists=True,
+                )
+                db[TABLE].create_index(["key", "active"], if_not_exists=True)
+            elif "residual" not in db[TABLE].columns_dict:  # a registry from before the residual stage
                 db.execute(f"ALTER TABLE {TABLE} ADD COLUMN residual TEXT")
 
     # -- reading --------------------------------------------------------------------------------------

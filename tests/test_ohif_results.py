@@ -133,15 +133,22 @@ def _read_results_in_ohif(site: ViewerSite, analysed: dict, shots: Path) -> dict
     findings = _planar_findings(analysed["sr"], source)
     seen: dict = {"findings": findings, "console": []}
     with ohif.browser() as chromium:
-        page = ohif.open_study(chromium, site.url, analysed["uid"], "vic", PASSWORDS["vic"], seen["console"])
-        page.get_by_text(SR_SERIES).first.wait_for(timeout=30_000)
-        # as a user does, wait for the CT to show before opening the SR on it
-        assert ohif.drawn(ohif.settled(page, shots / "ohif-opened.png", rows, columns, ohif.drawn, 30_000))
-        ohif.open_series(page, SR_SERIES)
-        seen["first_instance"] = ohif.wait_for_instance(page, findings[0]["instance"])
-        seen["first"] = ohif.settled(
-            page, shots / "ohif-findings.png", rows, columns, lambda shot: _circle_drawn(shot, findings[0]), 45_000
-        )  # up to 45 s: on a loaded 2-core machine OHIF once drew the SR's circle after the old 15 s
+        # as a user would, open the study again when OHIF shows the SR's slice without its annotation (it did,
+        # now and then, on the second study of a run: no orientation markers, no overlay); at most twice
+        for attempt in range(2):
+            page = ohif.open_study(chromium, site.url, analysed["uid"], "vic", PASSWORDS["vic"], seen["console"])
+            page.get_by_text(SR_SERIES).first.wait_for(timeout=30_000)
+            # as a user does, wait for the CT to show before opening the SR on it
+            assert ohif.drawn(ohif.settled(page, shots / "ohif-opened.png", rows, columns, ohif.drawn, 30_000))
+            ohif.open_series(page, SR_SERIES)
+            seen["first_instance"] = ohif.wait_for_instance(page, findings[0]["instance"])
+            seen["first"] = ohif.settled(
+                page, shots / "ohif-findings.png", rows, columns, lambda shot: _circle_drawn(shot, findings[0]), 30_000
+            )
+            seen["opened"] = attempt + 1
+            if _circle_drawn(seen["first"], findings[0]) or attempt == 1:
+                break
+            page.close()
         page.locator("[data-cy=viewport-action-arrows-right]").first.click()
         seen["next_instance"] = ohif.wait_for_instance(page, findings[1]["instance"])
         # scroll to a slice that carries no finding

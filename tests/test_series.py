@@ -34,6 +34,8 @@ def test_series_completes_after_quiet_period_and_job_runs(node):
     push(node.port, uid, 3)
     assert node.index.series(uid)["state"] == "receiving"
     wait_until(lambda: node.index.series(uid)["state"] == "done", timeout=20, what="series done")
+    # the job is marked done just after the series it analysed: wait for that too
+    wait_until(lambda: all(j["state"] == "done" for j in node.queue.jobs() if j["key"] == uid), timeout=20, what="job")
     jobs = [j for j in node.queue.jobs() if j["key"] == uid]
     assert len(jobs) == 1 and jobs[0]["kind"] == ANALYZE_SERIES and jobs[0]["state"] == "done"
 
