@@ -106,6 +106,20 @@ class Tree(StrEnum):
     RESULTS = "results"  # made by the node
 
 
+
+def _write_all(fd: int, data: bytes | Iterable[bytes]) -> tuple[int, str]:
+    """Write ``data`` (bytes, or chunks of them) to ``fd`` in full; return its size and sha256."""
+    h = hashlib.sha256()
+    size = 0
+    for chunk in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+        view = memoryview(chunk)
+        h.update(view)
+        size += len(view)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    return size, h.hexdigest()
+
 class FileStore:
     """Atomic, fsynced, versioned storage of DICOM Part 10 files under one root directory."""
 
@@ -148,18 +162,9 @@ class FileStore:
         self, slot: Path, data: bytes | Iterable[bytes], record: Callable[[int, str], bytes]
     ) -> tuple[int, str]:
         """Write ``data`` into an empty durable slot with its record; one fsync makes both durable."""
-        h = hashlib.sha256()
-        size = 0
         fd = os.open(slot, os.O_WRONLY)
         try:
-            for chunk in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
-                view = memoryview(chunk)
-                h.update(view)
-                size += len(view)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            digest = h.hexdigest()
+            size, digest = _write_all(fd, data)
             os.setxattr(fd, slot_files.XATTR, record(size, digest))
             os.fsync(fd)  # not fdatasync: the record is an attribute, not data
         except BaseException:
@@ -181,17 +186,9 @@ class FileStore:
 
     def _write_tmp(self, data: bytes | Iterable[bytes]) -> tuple[Path, int, str]:
         tmp = self.tmp / f"{secrets.token_hex(8)}.part"
-        h = hashlib.sha256()
-        size = 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            for chunk in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
-                view = memoryview(chunk)
-                h.update(view)
-                size += len(view)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+            size, digest = _write_all(fd, data)
             if self.fsync:
                 os.fdatasync(fd)
         except BaseException:
@@ -199,7 +196,7 @@ class FileStore:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        return tmp, size, h.hexdigest()
+        return tmp, size, digest
 
     def instance_dir(self, study_uid: str, series_uid: str, tree: Tree = Tree.OBJECTS) -> Path:
         """Directory of one series (UIDs validated before they become path parts)."""

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from handlers.results.context import NOT_FOR_DIAGNOSIS, ResultContext
+from handlers.results.sr import device_observer
 from models.findings import Finding
 from models.multiframe import frame_number
 
@@ -70,15 +71,7 @@ def build_kos(ctx: ResultContext, findings: Sequence[Finding], results: Sequence
     study = ctx.sources[0].StudyInstanceUID
     if any(ds.StudyInstanceUID != study for ds in results):
         raise ValueError("every object a key object selection references lies in the source study")
-    device = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=ctx.uid("device"),
-            name=ctx.algorithm.name[:64],
-            manufacturer_name="harmonode",
-            model_name=f"{ctx.algorithm.name} {ctx.algorithm.version}"[:64],
-        ),
-    )
+    device = device_observer(ctx)
     slices = ctx.finding_slices(findings)
     frames: dict[str, list[int]] = {}  # key frames per multi-frame instance
     for ds in slices:

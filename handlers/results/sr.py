@@ -187,6 +187,19 @@ def summary_group(ctx: ResultContext, analysed: bool, reason: str) -> hd.sr.Meas
     return group
 
 
+def device_observer(ctx: ResultContext) -> hd.sr.ObserverContext:
+    """The detector as the device observer of a document (SR, KOS): its UID, name and version."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=ctx.uid("device"),
+            name=ctx.algorithm.name[:64],
+            manufacturer_name="harmonode",
+            model_name=f"{ctx.algorithm.name} {ctx.algorithm.version}"[:64],
+        ),
+    )
+
+
 def build_sr(ctx: ResultContext, findings: list[Finding], analysed: bool, reason: str = "") -> Dataset:
     """The Comprehensive 3D SR of one series.
 
@@ -206,15 +219,7 @@ def build_sr(ctx: ResultContext, findings: list[Finding], analysed: bool, reason
     pydicom.Dataset
         The SR instance.
     """
-    device = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=ctx.uid("device"),
-            name=ctx.algorithm.name[:64],
-            manufacturer_name="harmonode",
-            model_name=f"{ctx.algorithm.name} {ctx.algorithm.version}"[:64],
-        ),
-    )
+    device = device_observer(ctx)
     # 3D coordinates need the series' frame of reference; a source without one gets the planar regions only.
     groups: list = (
         [finding_group(ctx, f, n) for n, f in enumerate(findings, start=1)] if _frame_of_reference(ctx) else []
