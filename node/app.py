@@ -41,6 +41,7 @@ from handlers.transport import (
     enable_raw_sending,
     tune_socket,
 )
+from node.cluster import Heartbeat, Relay, celery_app, consume
 from node.config import Config
 from node.jobs import ROLE_JOBS, JobBinding, job_bindings
 from node.pipeline import DetectorSlot, ResidualSlot
@@ -54,6 +55,7 @@ from storage.commitments import Commitments
 from storage.queue import GiveUp, Job, RetryLater
 from storage.recovery import RecoveryReport, recover
 from storage.store import open_store
+from storage.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,7 @@ class Node:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.recovery: RecoveryReport | None = None
+        self.celery: Any = None  # the Celery app in cluster mode (``node.cluster``)
 
     # -- listen -------------------------------------------------------------------------------------
     def build_ae(self) -> AE:
@@ -263,7 +266,8 @@ class Node:
 
     def start(self, roles: tuple[str, ...] = ROLES) -> None:
         """Recover, then start the roles asked for."""
-        self.recovery = recover(self.files, self.index)
+        if "listen" in roles or not self.config.cluster.enabled:  # a cluster's listener owns what arrives
+            self.recovery = recover(self.files, self.index)
         released = self.queue.release_orphans()
         if released:
             log.warning("recovery: %d job(s) a dead process of this host had claimed are ready again", released)
@@ -274,11 +278,15 @@ class Node:
             self.job_handlers[binding.kind] = observed_job(binding.kind, binding, self.index, self.metrics, self.audit)
         if "listen" in roles:
             self.start_listening()
-        if "work" in roles:
-            for i in range(max(1, self.config.pipeline.workers)):
-                self._spawn(f"worker-{i}", lambda: self.run_jobs(ROLE_JOBS["work"]))
-        if "dispatch" in roles:
-            self._spawn("dispatcher", lambda: self.run_jobs(ROLE_JOBS["dispatch"]))
+        if self.config.cluster.enabled:  # jobs come from the broker (``consume``); every process relays
+            self.celery = celery_app(self.config.cluster)
+            self._spawn("relay", lambda: Relay(self.celery, self.queue, self.config.cluster).run(self._stop))
+        else:
+            if "work" in roles:
+                for i in range(max(1, self.config.pipeline.workers)):
+                    self._spawn(f"worker-{i}", lambda: self.run_jobs(ROLE_JOBS["work"]))
+            if "dispatch" in roles:
+                self._spawn("dispatcher", lambda: self.run_jobs(ROLE_JOBS["dispatch"]))
         if WEB_ROLE in roles and self.config.web.enabled:
             try:
                 self.start_web()
@@ -286,6 +294,34 @@ class Node:
                 web = self.config.web
                 log.error("web console not started on %s:%d (%s): DICOM roles keep serving", web.host, web.port, exc)
                 self.web = None
+
+    # -- the cluster ----------------------------------------------------------------------------------
+    def consume(self, resources: Sequence[str]) -> None:
+        """Run this process's jobs from the broker's ``resources`` queues until stopped (cluster mode only).
+
+        Blocks in a Celery worker (solo pool: the task runs here, with this node's handlers); a heartbeat
+        thread tells the others this process is alive and which job it holds.
+        """
+        cluster = self.config.cluster
+        beat = Heartbeat(Workers(self.queue), self.queue.worker_id, resources, cluster)
+        self._spawn("heartbeat", lambda: beat.run(self._stop))
+
+        def run_job(job_id: int) -> str:
+            job = self.queue.claim_job(job_id)
+            if job is None:
+                return "not claimable (done, not due, or held by a live worker)"
+            beat.current = job.id
+            try:
+                self.run_one(job)
+            finally:
+                beat.current = None
+            return "ran"
+
+        hostname = f"{cluster.name}-{'-'.join(resources)}@{self.queue.worker_id.replace(':', '.')}"
+        try:
+            consume(self.celery, cluster, resources, run_job, hostname)
+        finally:
+            self.stop()
 
     # -- web ----------------------------------------------------------------------------------------
     def _associations_open(self) -> int | None:
@@ -297,8 +333,8 @@ class Node:
         alive = {t.name for t in self._threads if t.is_alive()}
         checks = {
             "listen": self.server is not None and "series-watcher" in alive,
-            "work": any(name.startswith("worker-") for name in alive),
-            "dispatch": "dispatcher" in alive,
+            "work": any(name.startswith("worker-") for name in alive) or "heartbeat" in alive,
+            "dispatch": "dispatcher" in alive or "heartbeat" in alive,
         }
         return {role: checks[role] for role in self.roles if role in checks}
 

@@ -155,6 +155,38 @@ class LearningConfig:
         )
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The [cluster] section: beyond one machine (``node.cluster``).
+
+    With ``broker`` (``amqp://…``, RabbitMQ) and ``database`` (``postgresql://…``) both set, every role and
+    command of this config runs against the cluster: the index, the rule registry and the job rows live in
+    PostgreSQL (the truth of a job's state), jobs travel as Celery tasks on RabbitMQ, and ``[node] data_dir``
+    is the shared file store every host mounts. Empty (the default): the embedded node, SQLite and a folder.
+    """
+
+    broker: str = ""
+    database: str = ""
+    name: str = "harmonode"  # prefix of the broker's queues (several nodes may share one broker)
+    relay_seconds: float = 0.5  # how often due jobs are published and lost ones looked for
+    lost_after_s: float = 30.0  # a published job still ready after this, its broker queue empty: publish again
+    heartbeat_seconds: float = 2.0  # a worker's beat in the database
+    stale_after_s: float = 30.0  # a worker silent this long is dead: its running job is taken over
+
+    def __post_init__(self) -> None:
+        if bool(self.broker) != bool(self.database):
+            raise ConfigError("[cluster] needs both broker (amqp://…) and database (postgresql://…), or neither")
+        if self.broker and not self.broker.startswith(("amqp://", "amqps://", "pyamqp://")):
+            raise ConfigError(f"[cluster] broker must be a RabbitMQ URL (amqp://…), got {self.broker!r}")
+        if self.database and not self.database.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"[cluster] database must be a PostgreSQL URL (postgresql://…), got {self.database!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """True when this config runs the cluster mode."""
+        return bool(self.broker)
+
+
 QueueConfig = QueueSettings  # the [queue] section: analysis jobs' leases, retries, dead letters
 
 
@@ -198,6 +230,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     destinations: tuple[Destination, ...] = ()
     peers: tuple[PeerPermission, ...] = ()  # [[peers]]: who may use which service; none: every admitted caller
 
@@ -250,6 +283,7 @@ _SECTIONS: dict[str, type] = {
     "web": WebConfig,
     "storage": StorageConfig,
     "learning": LearningConfig,
+    "cluster": ClusterConfig,
 }
 
 

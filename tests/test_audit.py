@@ -9,11 +9,11 @@ from xml.etree import ElementTree as ET
 
 import httpx  # noqa: I001
 import pytest
-from webnode import csrf_of, logged_in, login, web_node
 
 from builders import make_ct_series
 from peers import run_tool, wait_until
 from storage.audit import read_messages, verify_chain
+from webnode import csrf_of, logged_in, login, web_node
 
 
 def check_a5(xml: str) -> ET.Element:

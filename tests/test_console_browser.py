@@ -20,7 +20,6 @@ from xml.etree import ElementTree as ET
 import httpx
 import pytest
 from viewer.ohif import browser, keep_for_docs
-from webnode import PASSWORDS, csrf_of, logged_in, web_node
 
 from conftest import make_config
 from node.app import Node
@@ -29,6 +28,7 @@ from peers import free_port, run_tool, system_tool, wait_until
 from simulator.studies import simulate_study, write_study
 from storage import findings as found
 from storage.audit import read_messages
+from webnode import PASSWORDS, csrf_of, logged_in, web_node
 
 pytestmark = pytest.mark.peers
 

@@ -20,11 +20,11 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 from requests import HTTPError
-from webnode import PASSWORDS, base_url, web_node
 
 from builders import encoded, findscu, make_ct_series, population, store_population, study_uids
 from peers import wait_until
 from storage.users import create_token
+from webnode import PASSWORDS, base_url, web_node
 
 pytestmark = pytest.mark.peers
 

@@ -12,10 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
-from webnode import base_url, web_node
 
 from builders import dataset_bytes, make_ct_series
 from peers import free_port, run_tool, system_tool, wait_until
+from webnode import base_url, web_node
 
 N = 16
 

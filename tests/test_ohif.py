@@ -20,10 +20,10 @@ from dicomweb_client.session_utils import create_session_from_user_pass
 from PIL import Image
 from viewer.ohif import keep_for_docs
 from viewer.site import DIST, ViewerSite
-from webnode import PASSWORDS, base_url, web_node
 
 from builders import make_ct_series
 from peers import in_ci, wait_until
+from webnode import PASSWORDS, base_url, web_node
 
 pytestmark = pytest.mark.peers
 

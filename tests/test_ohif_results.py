@@ -31,10 +31,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from viewer import ohif
 from viewer.site import DIST, ViewerSite
-from webnode import PASSWORDS, base_url, web_node
 
 from peers import in_ci, run_tool, running_orthanc, system_tool, wait_until
 from simulator.studies import simulate_study, write_study
+from webnode import PASSWORDS, base_url, web_node
 
 pytestmark = pytest.mark.peers
 

@@ -11,10 +11,10 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
-from webnode import HTML, PASSWORDS, base_url, carry_cookie, csrf_of, logged_in, login, web_node
 
 from node.web.app import PUBLIC_PATHS
 from storage.users import create_token, failed_logins
+from webnode import HTML, PASSWORDS, base_url, carry_cookie, csrf_of, logged_in, login, web_node
 
 
 async def _mounted(request: Request) -> JSONResponse:

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from webnode import csrf_of, logged_in, web_node
 
 from builders import make_ct_series
 from conftest import make_config
 from node.config import Destination, with_overrides
 from peers import free_port, run_tool, wait_until
+from webnode import csrf_of, logged_in, web_node
 
 
 @pytest.mark.peers

@@ -13,13 +13,13 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
-from webnode import base_url, web_node
 
 from builders import make_ct_series
 from conftest import make_config
 from node.config import Destination, with_overrides
 from peers import free_port, wait_until
 from storage.files import file_sha256
+from webnode import base_url, web_node
 
 
 def test_readyz_reports_each_check_and_fails_on_an_unreachable_destination(tmp_path: Path) -> None:

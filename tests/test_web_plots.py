@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from webnode import logged_in, web_node
 
 from rules.histogram import CT_SPEC
 from rules.keys import ConditionKey
 from rules.registry import RuleRegistry
+from webnode import logged_in, web_node
 
 PNG = b"\x89PNG\r\n\x1a\n"
 KEY = ConditionKey.parse("CT|ge|optima-ct660|bone|ctdi5-15|100kv|head")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -105,8 +106,11 @@ def audit_change(cfg: Config, what: str) -> None:
     )
 
 
-def _run_roles(config_path: Path | None, roles: tuple[str, ...], verbose: bool) -> None:
+def _run_roles(
+    config_path: Path | None, roles: tuple[str, ...], verbose: bool, queues: tuple[str, ...] | None = None
+) -> None:
     from node.app import Node
+    from node.cluster import ROLE_QUEUES
 
     setup_logging(verbose)
     config = load_or_fail(config_path)
@@ -117,7 +121,11 @@ def _run_roles(config_path: Path | None, roles: tuple[str, ...], verbose: bool) 
         raise fail(
             f"cannot start: {exc} (is the port {config.node.port} free, is {config.node.data_dir} writable?)"
         ) from exc
-    node.wait()
+    consumed = queues or tuple(q for role in roles for q in ROLE_QUEUES.get(role, ()))
+    if config.cluster.enabled and consumed:
+        node.consume(consumed)  # a Celery worker in this process until SIGTERM or ^C
+    else:
+        node.wait()
 
 
 @app.command()
@@ -132,10 +140,37 @@ def listen(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
     _run_roles(config, ("listen", "web"), verbose)
 
 
+QueuesOption = Annotated[
+    str,
+    typer.Option(
+        "--queues",
+        help="Cluster mode: the broker queues this worker takes, comma-separated: cpu (feedback), gpu (series"
+        " analysis). Default: both.",
+    ),
+]
+GpuOption = Annotated[
+    str,
+    typer.Option("--gpu", help="Pin this worker to one GPU (sets CUDA_VISIBLE_DEVICES; run one worker per GPU)."),
+]
+
+
 @app.command()
-def work(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
-    """Run only a worker: claims series jobs and runs the pipeline (start several per GPU host)."""
-    _run_roles(config, ("work",), verbose)
+def work(
+    config: ConfigOption = None, verbose: VerboseOption = False, queues: QueuesOption = "", gpu: GpuOption = ""
+) -> None:
+    """Run only a worker: series jobs through the pipeline (embedded: from the queue; cluster: from the broker).
+
+    Cluster example, one process per GPU: `harmonode work --config site.toml --queues gpu --gpu 0`.
+    """
+    from node.cluster import ROLE_QUEUES
+
+    wanted = tuple(q.strip() for q in queues.split(",") if q.strip()) or ROLE_QUEUES["work"]
+    unknown = set(wanted) - set(ROLE_QUEUES["work"])
+    if unknown:
+        raise fail(f"unknown queue(s) {sorted(unknown)}: a worker takes {', '.join(ROLE_QUEUES['work'])}")
+    if gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch is imported: the worker sees that GPU only
+    _run_roles(config, ("work",), verbose, wanted)
 
 
 @app.command()
