@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import sqlite_utils
 from sqlite_utils.db import NotFoundError
+from sqlite_utils.utils import dedupe_keys
 
 from storage.pgsql import Params, PgConnection, PgCursor, quote_identifier
 
@@ -120,9 +121,9 @@ class PgDatabase:
         return self.conn.execute(sql, params)
 
     def query(self, sql: str, params: Params = None) -> Iterator[dict[str, Any]]:
-        """Run a query; yield its rows as dicts (a later column of the same name wins, as in sqlite-utils)."""
+        """Run a query; yield its rows as dicts (a repeated column name gets ``_2``, ``_3``, as in sqlite-utils)."""
         cur = self.conn.execute(sql, params)
-        names = [c[0] for c in cur.description or ()]
+        names = dedupe_keys(c[0] for c in cur.description or ())
         for row in cur.fetchall():
             yield dict(zip(names, row, strict=True))
 
