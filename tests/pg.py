@@ -139,3 +139,18 @@ def claim_until_empty(url: str, by_id: bool, ids: list[int], start: float, out: 
             got.append(job.id)
     queue.close()
     Path(out).write_text("".join(f"{i}\n" for i in got))
+
+
+def record_many(url: str, study: str, series: str, count: int, start: float) -> None:
+    """One indexing process: record ``count`` new instances of one new patient's study and series."""
+    from builders import SeriesSpec, synthetic_instance
+    from storage.index import Index, instance_meta_from_dataset
+
+    index = Index(url)
+    spec = SeriesSpec("P9", "DOE^JOHN", study, "20240115", "101500", "ACC9", series, "CT", count)
+    instances = [instance_meta_from_dataset(synthetic_instance(spec, n), "1.2.840.10008.1.2.1") for n in range(count)]
+    while time.time() < start:
+        time.sleep(0.005)
+    for n, meta in enumerate(instances):
+        index.record_instance(meta, f"{meta.sop_instance_uid}.dcm", 10, f"{n:064d}", 1)
+    index.close()

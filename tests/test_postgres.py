@@ -144,6 +144,24 @@ def test_conflicts_are_recorded_not_overwritten(target: str) -> None:
     index.close()
 
 
+def test_two_processes_index_one_new_study_at_once(pg_url: str) -> None:
+    """BEGIN IMMEDIATE on PostgreSQL serializes the read-modify-write of patients and studies across processes."""
+    Index(pg_url).close()  # the schema exists before both start
+    study, series = generate_uid(), generate_uid()
+    ctx = multiprocessing.get_context("spawn")
+    start = time.time() + 3.0
+    procs = [ctx.Process(target=pg.record_many, args=(pg_url, study, series, 40, start)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    index = Index(pg_url)
+    assert index.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 80, "conflicts": 0}
+    assert index.series(series)["instance_count"] == 80
+    index.close()
+
+
 def test_migrate_twice_is_a_no_op(pg_url: str) -> None:
     index = Index(pg_url)
     _record(index, _instance("P1", "DOE^JOHN", generate_uid(), generate_uid(), 1))
