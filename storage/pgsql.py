@@ -166,7 +166,9 @@ class PgConnection:
     def __init__(self, url: str, schema: str, lock_timeout_s: float = 30.0) -> None:
         self.schema = schema
         self.lock_key = advisory_key(schema)
-        self.raw = psycopg.connect(url, autocommit=True)
+        # no server-side prepared statements: a column another process adds (a migration) would break a
+        # prepared ``SELECT *`` here ("cached plan must not change result type"); SQLite re-prepares itself
+        self.raw = psycopg.connect(url, autocommit=True, prepare_threshold=None)
         self.raw.adapters.register_loader("numeric", _NumericLoader)
         self._id_tables: set[str] | None = None
         quoted = quote_identifier(schema)

@@ -20,10 +20,13 @@ import pg
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from builders import SeriesSpec, synthetic_instance
-from handlers.query import STUDY_ROOT, find
+from handlers.query import STUDY_ROOT, find, handle_find
 from handlers.retrieve import retrieve_instances
+from peers import free_port
 from rules.keys import ConditionKey
 from rules.registry import RuleRegistry
 from storage import deliveries, exports, feedback, findings, parameters, users
@@ -33,6 +36,7 @@ from storage.index import ConflictKind, Index, Origin, instance_meta_from_datase
 from storage.pgsql import translate
 from storage.queue import DEAD, DONE, READY, RUNNING, JobQueue, QueueSettings, worker_id
 from storage.schema import SCHEMA_VERSION, migrate, schema_version
+from storage.status import collect_status
 from storage.store import open_store
 
 
@@ -252,6 +256,29 @@ def test_cfind_counts_and_retrieve_on_postgres(both: tuple[Index, Index]) -> Non
     assert len(retrieve_instances(postgres, ident, STUDY_ROOT)) == 2
 
 
+def test_cfind_over_an_association_on_postgres(both: tuple[Index, Index]) -> None:
+    scp = AE(ae_title="HARMONODE")
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, handle_find, [both[1], "HARMONODE"])]
+    )
+    try:
+        scu = AE(ae_title="VIEWER")
+        scu.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = scu.associate("127.0.0.1", port, ae_title="HARMONODE")
+        assert assoc.is_established
+        ident = Dataset()
+        ident.QueryRetrieveLevel, ident.PatientName, ident.PatientID = "STUDY", "doe*", ""
+        answers = list(assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind))
+        assoc.release()
+    finally:
+        server.shutdown()
+    statuses = [int(st.Status) for st, _ in answers if st]
+    assert statuses == [0xFF00, 0xFF00, 0x0000]
+    assert {str(found.PatientID) for _, found in answers if found is not None} == {"P1", "P2"}
+
+
 # -- the queue ----------------------------------------------------------------------------------------
 def test_queue_lifecycle(target: str) -> None:
     q = JobQueue(target, QueueSettings(max_attempts=3, backoff_base_s=10, lease_seconds=60))
@@ -462,6 +489,8 @@ def test_store_tables_round_trip_on_postgres(tmp_path: Path, pg_url: str) -> Non
         assert exports.add_export(index, queue, settings, body, "2.25.1", "2.25.1:detected") is not None
         assert exports.add_export(index, queue, settings, body, "2.25.1", "2.25.1:detected") is None
         assert exports.exports_status(index, queue)["targets"] == {"folder": {"ready": 1}}
+        report = json.loads(json.dumps(collect_status(store, {"ae_title": "HARMONODE"})))
+        assert report["findings"][0]["finding_id"] == "2.25.1" and report["exports"]["records"] == {"feedback": 1}
 
 
 def test_commitments_on_postgres(tmp_path: Path, pg_url: str) -> None:
