@@ -88,13 +88,18 @@ def _start_own() -> Server:
 
 
 def server() -> Server:
-    """The server on 127.0.0.1:5432, or one started here.
+    """The server of ``HARMONODE_TEST_POSTGRES``, else the one on 127.0.0.1:5432, else one started here.
 
     Raises
     ------
     RuntimeError
         Neither: what was tried and why it failed.
     """
+    given = os.environ.get("HARMONODE_TEST_POSTGRES", "")  # another server: its URL without a database
+    if given:
+        if not _answers(given):
+            raise RuntimeError(f"HARMONODE_TEST_POSTGRES={given} does not answer")
+        return Server(given)
     if _answers(DEFAULT):
         return Server(DEFAULT)
     return _start_own()
