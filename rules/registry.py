@@ -30,7 +30,7 @@ from typing import Any
 from rules.apply import IntensityMap, RuleParameterError, make_map
 from rules.keys import ANY, FALLBACKS, ConditionKey, KeyParseError
 from rules.strengths import ResidualStage, StageError
-from storage.database import Database
+from storage.database import Database, like
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class RuleRegistry:
             ``match`` is ``exact``, ``drop-region``, ``drop-dose``, ``drop-model``, ``manufacturer`` or
             ``identity``; among one level's hits the series' region wins (module docstring).
         """
-        candidates = [r for r in self._rows("active = 1 AND key LIKE ?", (key.modality + "|%",))]
+        candidates = [r for r in self._rows(f"active = 1 AND {like(self.db, 'key')}", (key.modality + "|%",))]
         for match, drop in FALLBACKS:
             if match == MatchKind.DROP_DOSE and "dose" not in key.layout:
                 continue

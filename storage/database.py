@@ -71,6 +71,23 @@ def schema_name(schema: str) -> str:
     return schema if schema.startswith(SCHEMA_PREFIX) else SCHEMA_PREFIX + schema
 
 
+def dialect_of(db: Any) -> Dialect:
+    """The dialect of a database (a plain ``sqlite_utils.Database`` speaks SQLite's)."""
+    return getattr(db, "dialect", SQLITE)
+
+
+def like(db: Any, column: str, escape: str = "") -> str:
+    """SQLite's ``<column> LIKE ?`` in the database's dialect: ASCII case folded, ``escape`` or no escape character.
+
+    SQLite's LIKE ignores the case of ASCII letters and has no escape character unless told one; on
+    PostgreSQL that is ``ILIKE`` on the ``"C"``-collated text columns, with ``ESCAPE ''`` (its default is a
+    backslash).
+    """
+    if dialect_of(db) == POSTGRESQL:
+        return f"{column} ILIKE ? ESCAPE '{escape.replace(chr(39), chr(39) * 2)}'"
+    return f"{column} LIKE ? ESCAPE '{escape.replace(chr(39), chr(39) * 2)}'" if escape else f"{column} LIKE ?"
+
+
 def open_database(target: str | Path, schema: str) -> SqliteDatabase | PgDatabase:
     """Open the database of one store part: a SQLite file, or a schema of a PostgreSQL database.
 

@@ -27,7 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from storage.database import open_database
+from storage.database import like, open_database
 from storage.workers import Workers
 
 
@@ -366,7 +366,7 @@ class JobQueue:
         host = socket.gethostname()
         with self.lock:
             rows = self.db.conn.execute(
-                "SELECT id, worker FROM jobs WHERE state=? AND worker LIKE ?", (RUNNING, f"{host}:%")
+                f"SELECT id, worker FROM jobs WHERE state=? AND {like(self.db, 'worker')}", (RUNNING, f"{host}:%")
             ).fetchall()
             orphans = [job_id for job_id, worker in rows if not _worker_alive(worker)]
             now = time.time()
@@ -385,7 +385,7 @@ class JobQueue:
             sql += " AND kind=?"
             params.append(kind)
         if key_prefix:
-            sql += " AND key LIKE ?"
+            sql += f" AND {like(self.db, 'key')}"
             params.append(key_prefix + "%")
         with self.lock:
             return self.db.conn.execute(sql, params).rowcount

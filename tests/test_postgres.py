@@ -297,7 +297,8 @@ def test_queue_lifecycle(target: str) -> None:
     job = q.claim_job(a, now=time.time() + 100)
     assert q.fail(job, "still down") == DEAD and q.claim_job(a, now=time.time() + 1000) is None
     assert q.jobs((DEAD,))[0]["last_error"] == "still down"
-    assert q.retry_dead("k", key_prefix="s") == 1
+    assert q.retry_dead("k", key_prefix="x") == 0
+    assert q.retry_dead("k", key_prefix="S") == 1  # SQLite's LIKE folds ASCII case: so does PostgreSQL's ILIKE
     job = q.claim_job(a)
     assert job is not None and job.attempts == 1
     q.complete(job)
@@ -485,6 +486,8 @@ def test_store_tables_round_trip_on_postgres(tmp_path: Path, pg_url: str) -> Non
         set_id = parameters.store_parameters(index, "series:1", "CT|ge|x", "CT", {"regions": [{"mean": 1}]})
         assert parameters.store_parameters(index, "series:1", "CT|ge|y", "CT", {"regions": [{"mean": 2}]}) == set_id
         assert [p.condition_key for p in parameters.stored_parameters(index, "CT|ge|*")] == ["CT|ge|y"]
+        assert [p.condition_key for p in parameters.stored_parameters(index, "ct|GE|*")] == ["CT|ge|y"]  # as SQLite
+        assert parameters.stored_parameters(index, "CT|g_|*") == []  # _ is literal
         assert parameters.conditions(index) == {"CT|ge|y": 1}
         settings = exports.ExportSettings(export_dir=str(tmp_path / "out"))
         body = exports.build_record(exports.ExportTrigger.FEEDBACK, b"f", 1, "f16z", {"kind": "a"}, None, 0.2, "m", "k")
