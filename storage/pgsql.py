@@ -21,7 +21,8 @@ is translated once (``translate``, cached):
 
 Text columns are created with the ``"C"`` collation: comparisons and ``ORDER BY`` are by code point as in
 SQLite's BINARY collation, and ``lower``/``ILIKE`` fold ASCII letters only, as SQLite's NOCASE and LIKE do.
-``numeric`` results (``SUM`` of integers) come back as ``int`` (``float`` when fractional), as SQLite's do.
+``numeric`` results (``SUM`` of integers) come back as ``int`` (``float`` when fractional), as SQLite's do, and
+``True``/``False`` are bound as 1/0, as sqlite3 binds them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg.adapt import Loader
+from psycopg.adapt import Dumper, Loader
 
 _LITERAL = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""")
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
@@ -109,6 +110,15 @@ class _NumericLoader(Loader):
         return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
+class _BoolAsIntDumper(Dumper):
+    """``True``/``False`` as the integers 1/0, as sqlite3 binds them (no column here is a PostgreSQL boolean)."""
+
+    oid = psycopg.postgres.types["int8"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return b"1" if obj else b"0"
+
+
 class PgCursor:
     """The result of one statement, fetched at once (so one connection serves the node's threads)."""
 
@@ -176,6 +186,7 @@ class PgConnection:
         # prepared ``SELECT *`` here ("cached plan must not change result type"); SQLite re-prepares itself
         self.raw = psycopg.connect(url, autocommit=True, prepare_threshold=None)
         self.raw.adapters.register_loader("numeric", _NumericLoader)
+        self.raw.adapters.register_dumper(bool, _BoolAsIntDumper)
         self._id_tables: set[str] | None = None
         quoted = quote_identifier(schema)
         self.raw.execute(f"SET lock_timeout = '{int(lock_timeout_s * 1000)}ms'")

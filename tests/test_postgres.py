@@ -97,6 +97,17 @@ def test_translation(sqlite: str, postgres: str) -> None:
     assert translate(sqlite) == postgres
 
 
+def test_values_come_back_as_sqlite_gives_them(pg_url: str) -> None:
+    db = open_database(pg_url, "index")
+    db["t"].create({"id": int, "n": int, "x": float, "s": str, "b": bytes}, pk="id")
+    cur = db.conn.execute("INSERT INTO t (n, x, s, b) VALUES (?, ?, ?, ?)", (True, 0.1, "50%", b"\x00"))
+    assert (cur.lastrowid, cur.rowcount) == (1, 1)
+    assert db.conn.execute("SELECT s FROM t WHERE s LIKE '5%' AND s != '?'").fetchall() == [("50%",)]  # literals kept
+    assert db.conn.execute("SELECT n, x, s, b FROM t WHERE n = ?", (True,)).fetchone() == (1, 0.1, "50%", b"\x00")
+    assert db.conn.execute("SELECT SUM(n), COUNT(*), AVG(x) FROM t").fetchone() == (1, 1, 0.1)
+    db.close()
+
+
 def test_insert_or_replace_is_refused() -> None:
     with pytest.raises(NotImplementedError):
         translate("INSERT OR REPLACE INTO t (a) VALUES (?)")
