@@ -83,9 +83,10 @@ def like(db: Any, column: str, escape: str = "") -> str:
     PostgreSQL that is ``ILIKE`` on the ``"C"``-collated text columns, with ``ESCAPE ''`` (its default is a
     backslash).
     """
+    clause = "ESCAPE '" + escape.replace("'", "''") + "'"
     if dialect_of(db) == POSTGRESQL:
-        return f"{column} ILIKE ? ESCAPE '{escape.replace(chr(39), chr(39) * 2)}'"
-    return f"{column} LIKE ? ESCAPE '{escape.replace(chr(39), chr(39) * 2)}'" if escape else f"{column} LIKE ?"
+        return f"{column} ILIKE ? {clause}"
+    return f"{column} LIKE ? {clause}" if escape else f"{column} LIKE ?"
 
 
 def open_database(target: str | Path, schema: str) -> SqliteDatabase | PgDatabase:
