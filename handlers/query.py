@@ -1,10 +1,15 @@
-"""C-FIND SCP: Patient Root and Study Root queries answered from the SQLite index.
+"""C-FIND SCP: Patient Root and Study Root queries answered from the index (SQLite, or PostgreSQL in a cluster).
 
 Matching follows PS3.4 C.2.2.2: an empty key is universal matching (returned, not matched), a plain value
 is single-value matching, ``*`` and ``?`` are wildcards, ``a-b`` / ``a-`` / ``-b`` on DA, TM and DT are
 range matching, and several values (``\\``-separated, as a list of UIDs) match any of them. PN values match
 case-insensitively (PS3.4 C.2.2.2.1 lets an SCP ignore case for names); every other VR is case-sensitive.
 Every value becomes an SQL parameter; only column names chosen from ``ATTRIBUTES`` enter the SQL text.
+
+The matches are the same on both dialects of the index (``Index.dialect``). SQLite: wildcards by ``GLOB``
+(case-sensitive), names by ``LIKE`` and ``COLLATE NOCASE`` (ASCII case folded). PostgreSQL: wildcards by
+``LIKE … ESCAPE`` (case-sensitive), names by ``ILIKE … ESCAPE``; its text columns have the ``"C"`` collation
+(``storage.pgsql``), so ``ILIKE`` folds ASCII letters only, as SQLite does, and ranges compare code points.
 
 The same matcher builds the instance list of a C-MOVE or C-GET (``handlers.retrieve``).
 """
@@ -161,15 +166,22 @@ def _check_temporal(vr: str, value: str) -> None:
         raise BadIdentifier(f"{vr} value is not a valid {vr}")
 
 
-def _match_one(attr: Attribute, value: str, col: str) -> tuple[str, list[Any]]:
-    """SQL condition and parameters for one value of one key (PS3.4 C.2.2.2), on column ``col``."""
+def _match_one(attr: Attribute, value: str, col: str, dialect: str = "sqlite") -> tuple[str, list[Any]]:
+    """SQL condition and parameters for one value of one key (PS3.4 C.2.2.2), on column ``col``.
+
+    ``dialect`` is the index's (``"sqlite"`` | ``"postgresql"``): the same matches in either's SQL.
+    """
     vr = attr.vr
+    pg = dialect == "postgresql"
     if value == "*":
         return "", []
     if col == "st.modalities":
+        if any(c in value for c in "*?") and pg:
+            return "('\\' || " + col + " || '\\') LIKE ? ESCAPE '\\'", ["%\\\\" + _like_pattern(value) + "\\\\%"]
         if any(c in value for c in "*?"):
             return "('\\' || " + col + " || '\\') GLOB ?", ["*\\" + _glob_escape(value) + "\\*"]
-        return "instr('\\' || " + col + " || '\\', ?) > 0", ["\\" + value + "\\"]
+        position = "strpos" if pg else "instr"
+        return position + "('\\' || " + col + " || '\\', ?) > 0", ["\\" + value + "\\"]
     if vr in ("DA", "TM", "DT") and "-" in value and not (vr == "DT" and _DT_RE.match(value)):
         start, _, end = value.partition("-")
         for part in (start, end):
@@ -194,13 +206,26 @@ def _match_one(attr: Attribute, value: str, col: str) -> tuple[str, list[Any]]:
         except ValueError as exc:
             raise BadIdentifier(f"{vr} value is not an integer") from exc
     if vr != "UI" and any(c in value for c in "*?"):
-        if vr == "PN":
-            pattern = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            return f"{col} LIKE ? ESCAPE '\\'", [pattern.replace("*", "%").replace("?", "_")]
+        if vr == "PN":  # case-insensitive: SQLite's LIKE folds ASCII case, as ILIKE on "C" text does
+            return f"{col} {'ILIKE' if pg else 'LIKE'} ? ESCAPE '\\'", [_like_pattern(value)]
+        if pg:
+            return f"{col} LIKE ? ESCAPE '\\'", [_like_pattern(value)]
         return f"{col} GLOB ?", [_glob_escape(value)]
     if vr == "PN":
+        if pg:
+            return f"{col} ILIKE ? ESCAPE '\\'", [_like_escape(value)]
         return f"{col} = ? COLLATE NOCASE", [value]
     return f"{col} = ?", [value]
+
+
+def _like_escape(value: str) -> str:
+    """``value`` as a LIKE pattern (``ESCAPE '\\'``) that matches itself only."""
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _like_pattern(value: str) -> str:
+    """A DICOM wildcard value as a LIKE pattern (``ESCAPE '\\'``): ``*`` → ``%``, ``?`` → ``_``, the rest literal."""
+    return _like_escape(value).replace("*", "%").replace("?", "_")
 
 
 def _glob_escape(value: str) -> str:
@@ -208,10 +233,15 @@ def _glob_escape(value: str) -> str:
     return value.replace("[", "[[]")
 
 
-def match_condition(attr: Attribute, values: list[str], level: str = "PATIENT") -> tuple[str, list[Any]]:
-    """The SQL condition for a key with one or more values (several values: any one matches) at ``level``."""
+def match_condition(
+    attr: Attribute, values: list[str], level: str = "PATIENT", dialect: str = "sqlite"
+) -> tuple[str, list[Any]]:
+    """The SQL condition for a key with one or more values (several values: any one matches) at ``level``.
+
+    ``dialect``: the index's (``Index.dialect``), ``"sqlite"`` or ``"postgresql"``.
+    """
     col = attr.column(level)
-    parts = [_match_one(attr, v, col) for v in values]
+    parts = [_match_one(attr, v, col, dialect) for v in values]
     if any(not sql for sql, _ in parts):
         return "", []
     if len(parts) == 1:
@@ -240,10 +270,11 @@ def query_level(identifier: Dataset, root: str) -> str:
     return level
 
 
-def where_clause(identifier: Dataset, level: str) -> tuple[str, list[Any]]:
+def where_clause(identifier: Dataset, level: str, dialect: str = "sqlite") -> tuple[str, list[Any]]:
     """WHERE text and parameters for the matching keys of ``identifier`` at or above ``level``.
 
-    Keys below the level and keys the index does not hold do not constrain the match.
+    Keys below the level and keys the index does not hold do not constrain the match. ``dialect``: the
+    index's SQL (``Index.dialect``).
     """
     depth = LEVELS.index(level)
     conds: list[str] = [_LATEST] if level == "IMAGE" else []
@@ -258,7 +289,7 @@ def where_clause(identifier: Dataset, level: str) -> tuple[str, list[Any]]:
             raise BadIdentifier(f"{elem.keyword} cannot be read") from exc
         if not values:
             continue
-        sql, p = match_condition(attr, values, level)
+        sql, p = match_condition(attr, values, level, dialect)
         if sql:
             conds.append(sql)
             params.extend(p)
@@ -291,7 +322,7 @@ def find(index: Index, identifier: Dataset, root: str, retrieve_ae_title: str = 
     """
     level = query_level(identifier, root)
     depth = LEVELS.index(level)
-    where, params = where_clause(identifier, level)
+    where, params = where_clause(identifier, level, index.dialect)
     wanted: list[tuple[Any, str | None]] = []  # (element, column alias or None)
     select: list[str] = []
     for elem in identifier:

@@ -73,7 +73,7 @@ def retrieve_instances(index: Index, identifier: Dataset, root: str) -> list[dic
     key = UNIQUE_KEYS[level]
     if not str(identifier.get(key, "") or "").strip():
         raise BadIdentifier(f"a {level} level retrieve needs {key}")
-    where, params = where_clause(identifier, "IMAGE")
+    where, params = where_clause(identifier, "IMAGE", index.dialect)
     sql = (
         "SELECT i.path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid FROM instances i"
         " JOIN studies st ON st.study_instance_uid = i.study_instance_uid"

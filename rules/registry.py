@@ -1,6 +1,6 @@
 """Conversion rules stored versioned in the node's index, looked up by condition key, exported and imported.
 
-Table ``rules`` (in the given ``sqlite_utils.Database``, normally the node's ``index.sqlite``): one row per
+Table ``rules`` (in the given database, normally the node's index: ``index.sqlite`` or PostgreSQL): one row per
 ``(id, version)``. ``id`` names a rule for one condition key and method and stays the same when it is fitted
 again; each fit adds a version. At most one rule per condition key is active.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -28,11 +27,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import sqlite_utils
-
 from rules.apply import IntensityMap, RuleParameterError, make_map
 from rules.keys import ANY, FALLBACKS, ConditionKey, KeyParseError
 from rules.strengths import ResidualStage, StageError
+from storage.database import Database, like
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +196,16 @@ def _row_to_rule(row: Mapping[str, Any]) -> Rule:
 
 
 class RuleRegistry:
-    """Versioned rules in a SQLite database (tables created on first use).
+    """Versioned rules in the index's database, SQLite or PostgreSQL (tables created on first use).
 
     Parameters
     ----------
     db
-        The node's index database (``storage.index.Index.db``) or any ``sqlite_utils.Database``.
+        The node's index database (``storage.index.Index.db``), any ``sqlite_utils.Database``, or a
+        ``storage.database.PgDatabase``.
     """
 
-    def __init__(self, db: sqlite_utils.Database, lock: threading.RLock | None = None) -> None:
+    def __init__(self, db: Database, lock: threading.RLock | None = None) -> None:
         self.db = db
         # The node's threads share one connection: every statement of the registry runs under this lock
         # (pass the index's lock when the registry lives in the index database).
@@ -287,7 +286,7 @@ class RuleRegistry:
             ``match`` is ``exact``, ``drop-region``, ``drop-dose``, ``drop-model``, ``manufacturer`` or
             ``identity``; among one level's hits the series' region wins (module docstring).
         """
-        candidates = [r for r in self._rows("active = 1 AND key LIKE ?", (key.modality + "|%",))]
+        candidates = [r for r in self._rows(f"active = 1 AND {like(self.db, 'key')}", (key.modality + "|%",))]
         for match, drop in FALLBACKS:
             if match == MatchKind.DROP_DOSE and "dose" not in key.layout:
                 continue
@@ -459,8 +458,12 @@ class RuleRegistry:
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error); joins a transaction already open."""
+def _transaction(conn: Any) -> Iterator[None]:
+    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error); joins a transaction already open.
+
+    ``conn`` is a ``sqlite3.Connection`` or a ``storage.pgsql.PgConnection`` (whose BEGIN IMMEDIATE takes the
+    schema's advisory lock, and whose ``in_transaction`` is PostgreSQL's own).
+    """
     if conn.in_transaction:
         yield
         return

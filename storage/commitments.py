@@ -10,12 +10,14 @@ even after a crash or a power cut.
 ``judge`` answers from the index: an instance is committed when the index holds it with the SOP class the
 peer names and its file is in the store. The store writes, fsyncs and links a file before indexing it and
 acknowledges a C-STORE only after both (``handlers.store``), so an indexed instance is on disk.
+
+In a cluster the table lives in the schema ``harmonode_commitments`` of the cluster's PostgreSQL database
+(``Commitments("postgresql://…")``, ``storage.database``); the SQL is the same.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +26,7 @@ from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any
 
+from storage.database import open_database
 from storage.index import Index
 
 
@@ -99,7 +102,7 @@ class Commitments:
     Parameters
     ----------
     path
-        The SQLite file (``<data_dir>/commitments.sqlite``), created when missing.
+        The SQLite file (``<data_dir>/commitments.sqlite``), created when missing, or a ``postgresql://`` URL.
     max_attempts
         Deliveries of a report tried before the transaction is ``failed``.
     backoff_base_s, backoff_max_s
@@ -110,13 +113,12 @@ class Commitments:
         self, path: str | Path, max_attempts: int = 20, backoff_base_s: float = 5.0, backoff_max_s: float = 600.0
     ) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0, isolation_level=None)
+        self._db = open_database(path, "commitments")
+        self._conn = self._db.conn
         with self.lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")  # a row cannot be rebuilt from the file store

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
-import sqlite_utils
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 
+from storage.database import Database
 from storage.files import FileStore
 from storage.index import Index, Origin, instance_meta_from_dataset
 from storage.queue import JobKind, JobQueue, JobState
@@ -97,7 +97,7 @@ class SendPayload:
 
 
 # -- the table ---------------------------------------------------------------------------------------
-def create_table(db: sqlite_utils.Database) -> None:
+def create_table(db: Database) -> None:
     """Create the ``deliveries`` table and its index if they are not there (called once per open store)."""
     db["deliveries"].create(
         {
@@ -221,9 +221,7 @@ def store_results(files: FileStore, index: Index, datasets: Iterable[Dataset]) -
                 meta, stored.relpath, stored.size, stored.sha256, stored.version, origin=Origin.RESULT
             )
         records.append(
-            StoredResult(
-                stored.relpath, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), ts
-            )
+            StoredResult(stored.relpath, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), ts)
         )
     return records
 

@@ -27,8 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
-
+from storage.database import Database
 from storage.queue import JobKind
 
 if TYPE_CHECKING:  # the index's schema creates this module's table: no import at run time
@@ -88,7 +87,7 @@ class ExportSettings:
         return tuple(out)
 
 
-def create_table(db: sqlite_utils.Database) -> None:
+def create_table(db: Database) -> None:
     """Create the ``exports`` table where missing (an older index gains it as it opens)."""
     db["exports"].create(
         {
@@ -201,9 +200,10 @@ def export_body(index: Index, record_id: str) -> bytes | None:
 def exports_status(index: Index, queue: JobQueue) -> dict[str, Any]:
     """Records kept per trigger, and export jobs per target and state, for ``status --json``."""
     kept = {r["trigger"]: r["n"] for r in index.query("SELECT trigger, COUNT(*) n FROM exports GROUP BY trigger")}
+    position = "strpos" if queue.db.dialect == "postgresql" else "instr"  # the same function, named twice
     with queue.lock:
         rows = queue.db.conn.execute(
-            "SELECT substr(key, 1, instr(key, ':') - 1), state, COUNT(*) FROM jobs WHERE kind=? GROUP BY 1, 2",
+            f"SELECT substr(key, 1, {position}(key, ':') - 1), state, COUNT(*) FROM jobs WHERE kind=? GROUP BY 1, 2",
             (str(JobKind.EXPORT),),
         ).fetchall()
     targets: dict[str, dict[str, int]] = {}

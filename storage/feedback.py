@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
+from storage.database import Database
 
 if TYPE_CHECKING:  # the index's schema creates this module's table: no import at run time
     from storage.index import Index
@@ -44,7 +44,7 @@ class FeedbackState(StrEnum):
     REFUSED = "refused"
 
 
-def create_table(db: sqlite_utils.Database) -> None:
+def create_table(db: Database) -> None:
     """Create the ``feedback`` table where missing (an older index gains it as it opens)."""
     db["feedback"].create(
         {

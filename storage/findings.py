@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
+from storage.database import Database
 
 if TYPE_CHECKING:  # the index's schema creates this module's tables: no import at run time
     from storage.index import Index
@@ -67,7 +67,7 @@ _REPORT_COLUMNS = {
 }
 
 
-def create_tables(db: sqlite_utils.Database) -> None:
+def create_tables(db: Database) -> None:
     """Create the ``findings`` and ``reports`` tables where missing (an older index gains them as it opens)."""
     db["findings"].create(_FINDING_COLUMNS, pk="finding_id", defaults={"state": "detected"}, if_not_exists=True)
     db["findings"].create_index(["series_instance_uid"], if_not_exists=True)

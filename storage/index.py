@@ -1,17 +1,18 @@
-"""The index: patients, studies, series and instances in SQLite (sqlite-utils, WAL).
+"""The index: patients, studies, series and instances in SQLite (sqlite-utils, WAL), or PostgreSQL in a cluster.
 
 The file store is the source of truth; the index is rebuilt from it at startup for any stored file it
 lacks (``storage.recovery``). That is why commits use ``synchronous=NORMAL``: a commit lost to a power cut
 is re-indexed from the fsynced file, never lost.
 
 One connection is shared by the node's threads behind a lock; SQLite serializes writers anyway and the
-statements here are short.
+statements here are short. On PostgreSQL (a ``postgresql://`` URL, ``storage.database``) the index is the
+schema ``harmonode_index`` shared by every process of a cluster; ``transaction`` takes the schema's advisory
+lock, so writers of all processes serialize as SQLite's do.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -20,8 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
+from storage.database import Dialect, open_database
 from storage.meta import (
     CONDITION_KEYWORDS,
     InstanceMeta,
@@ -98,7 +98,7 @@ __all__ = [
 
 
 class Index:
-    """The SQLite index of everything stored, shared by the node's services.
+    """The index of everything stored, shared by the node's services (a SQLite file or a PostgreSQL URL).
 
     An instance is identified by (study, series, SOP Instance UID) and version: the same SOP Instance UID
     arriving in another series or study is indexed there too (and the conflict recorded), so every
@@ -108,11 +108,9 @@ class Index:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0, isolation_level=None)
-        self.db = sqlite_utils.Database(conn)
+        self.db = open_database(path, "index")
         self.lock = threading.RLock()
+        conn = self.db.conn
         with self.lock:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -120,9 +118,18 @@ class Index:
             conn.execute("PRAGMA busy_timeout=30000")
             migrate(self.db)
 
+    @property
+    def dialect(self) -> Dialect:
+        """``"sqlite"`` or ``"postgresql"``: which SQL the index speaks (the C-FIND matcher asks)."""
+        return self.db.dialect
+
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction under the index lock (BEGIN IMMEDIATE … COMMIT, rolled back on error)."""
+    def transaction(self) -> Iterator[Any]:
+        """A write transaction under the index lock (BEGIN IMMEDIATE … COMMIT, rolled back on error).
+
+        Yields the connection (``sqlite3.Connection``, or ``storage.pgsql.PgConnection`` on PostgreSQL, whose
+        BEGIN IMMEDIATE takes the index's advisory lock).
+        """
         with self.lock:
             conn = self.db.conn
             conn.execute("BEGIN IMMEDIATE")
@@ -164,7 +171,7 @@ class Index:
             inserted = self._insert_instance(conn, meta, relpath, size, sha256, version, calling_ae, now)
             self._upsert_series(conn, meta, origin, inserted, now)
 
-    def _conflict(self, conn: sqlite3.Connection, kind: ConflictKind, meta: InstanceMeta, detail: str) -> None:
+    def _conflict(self, conn: Any, kind: ConflictKind, meta: InstanceMeta, detail: str) -> None:
         """Record a conflict once per (kind, study, series, instance); ``detail`` names attributes, no values."""
         conn.execute(
             "INSERT OR IGNORE INTO conflicts (kind, study_instance_uid, series_instance_uid, sop_instance_uid,"
@@ -172,7 +179,7 @@ class Index:
             (str(kind), meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid, detail, time.time()),
         )
 
-    def _upsert_patient(self, conn: sqlite3.Connection, meta: InstanceMeta, key: str, now: float) -> None:
+    def _upsert_patient(self, conn: Any, meta: InstanceMeta, key: str, now: float) -> None:
         row = conn.execute(
             "SELECT patient_name, patient_birth_date, patient_sex FROM patients WHERE patient_key=?", (key,)
         ).fetchone()
@@ -187,7 +194,7 @@ class Index:
         if differ:
             self._conflict(conn, ConflictKind.PATIENT_DEMOGRAPHICS, meta, ",".join(differ))
 
-    def _upsert_study(self, conn: sqlite3.Connection, meta: InstanceMeta, key: str, now: float) -> None:
+    def _upsert_study(self, conn: Any, meta: InstanceMeta, key: str, now: float) -> None:
         row = conn.execute(
             "SELECT patient_key, patient_name, patient_birth_date, patient_sex, modalities FROM studies"
             " WHERE study_instance_uid=?",
@@ -231,7 +238,7 @@ class Index:
 
     def _insert_instance(
         self,
-        conn: sqlite3.Connection,
+        conn: Any,
         meta: InstanceMeta,
         relpath: str,
         size: int,
@@ -269,9 +276,7 @@ class Index:
             self._conflict(conn, ConflictKind.SOP_UID_ELSEWHERE, meta, "sop_instance_uid")
         return bool(inserted)
 
-    def _upsert_series(
-        self, conn: sqlite3.Connection, meta: InstanceMeta, origin: Origin, inserted: bool, now: float
-    ) -> None:
+    def _upsert_series(self, conn: Any, meta: InstanceMeta, origin: Origin, inserted: bool, now: float) -> None:
         row = conn.execute(
             "SELECT study_instance_uid FROM series WHERE series_instance_uid=?", (meta.series_instance_uid,)
         ).fetchone()

@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
+from storage.database import Database, like
 
 if TYPE_CHECKING:  # the index's schema creates this module's table: no import at run time
     from storage.index import Index
 
 
-def create_table(db: sqlite_utils.Database) -> None:
+def create_table(db: Database) -> None:
     """Create the ``parameter_sets`` table where missing (an older index gains it as it opens)."""
     db["parameter_sets"].create(
         {
@@ -86,7 +86,7 @@ def stored_parameters(
     sql, args = "SELECT * FROM parameter_sets WHERE 1=1", []
     if condition_key is not None:
         if condition_key.endswith("*"):
-            sql += " AND condition_key LIKE ? ESCAPE '\\'"
+            sql += " AND " + like(index.db, "condition_key", escape="\\")
             prefix = condition_key[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             args.append(prefix + "%")
         else:

@@ -1,9 +1,17 @@
-"""The durable job queue: a SQLite table, claimed with a lease, retried with backoff, dead-lettered.
+"""The durable job queue: a SQLite table (or PostgreSQL, shared by a cluster), claimed with a lease, retried
+with backoff, dead-lettered.
 
 States: ``ready`` → ``running`` (claimed, lease until ``lease_until``) → ``done`` | back to ``ready`` with
 ``next_attempt_at`` in the future (a failure, exponential backoff) | ``dead`` after ``max_attempts``.
 A worker that dies leaves its job ``running`` with an expired lease; ``claim`` takes such a job again.
-Every job must therefore be safe to run twice.
+Every job must therefore be safe to run twice. ``claim_job`` claims one named job (a message from a broker
+names it) and takes it over from a worker whose process is gone or whose heartbeat is stale
+(``storage.workers``); ``published_at`` records when a job was last handed to a broker, so a reconciler can
+hand again what a broker lost (``due_unpublished``).
+
+On PostgreSQL (``storage.database``) the queue is the schema ``harmonode_queue``; ``claim`` skips rows another
+process is claiming at the same moment (``FOR UPDATE SKIP LOCKED``), so many processes claim at once and each
+job goes to one of them.
 """
 
 from __future__ import annotations
@@ -11,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Mapping
@@ -20,7 +27,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
+from storage.database import like, open_database
+from storage.workers import Workers
 
 
 class JobState(StrEnum):
@@ -145,7 +153,13 @@ class Job:
 
 
 class JobQueue:
-    """A durable queue of jobs in its own SQLite file (WAL, synchronous=FULL: a job is never lost)."""
+    """A durable queue of jobs in its own SQLite file (WAL, synchronous=FULL: a job is never lost) or schema.
+
+    ``path`` is the SQLite file or a ``postgresql://`` URL. ``stale_after_s``: a running job whose worker has
+    not beaten for that long may be taken over by ``claim_job``.
+    """
+
+    stale_after_s: float = 30.0
 
     def __init__(
         self,
@@ -157,11 +171,11 @@ class JobQueue:
         self.settings = settings
         self.policies = dict(policies or {})  # a job kind's own retry policy (delivery: hours, not seconds)
         self.path = str(path)
-        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0, isolation_level=None)
+        self.db = open_database(path, "queue")
+        conn = self.db.conn
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=30000")
-        self.db = sqlite_utils.Database(conn)
         self.lock = threading.RLock()
         self.lease_seconds = settings.lease_seconds
         self.max_attempts = settings.max_attempts
@@ -183,12 +197,17 @@ class JobQueue:
                 "last_error": str,
                 "created_at": float,
                 "updated_at": float,
+                "published_at": float,  # when last handed to a broker (0: never)
             },
             pk="id",
+            defaults={"published_at": 0},
             if_not_exists=True,
         )
+        if "published_at" not in self.db["jobs"].columns_dict:  # a queue from before brokers
+            self.db["jobs"].add_column("published_at", float, not_null_default=0)
         self.db["jobs"].create_index(["state", "kind", "next_attempt_at"], if_not_exists=True)
         self.db["jobs"].create_index(["kind", "key"], if_not_exists=True)
+        self.workers = Workers(self.db, self.lock)
 
     def enqueue(
         self,
@@ -233,18 +252,81 @@ class JobQueue:
         """Atomically claim the oldest due job of one of ``kinds`` (or one whose lease expired)."""
         now = time.time() if now is None else now
         marks = ",".join("?" for _ in kinds)
+        # SQLite runs one writer at a time; PostgreSQL's claimers skip the row another one is taking
+        skip = " FOR UPDATE SKIP LOCKED" if self.db.dialect == "postgresql" else ""
         with self.lock:
             row = self.db.conn.execute(
                 f"UPDATE jobs SET state=?, attempts=attempts+1, lease_until=?, worker=?, updated_at=?"
                 f" WHERE id = (SELECT id FROM jobs WHERE kind IN ({marks}) AND"
                 f"  ((state=? AND next_attempt_at<=?) OR (state=? AND lease_until<?))"
-                f"  ORDER BY next_attempt_at, id LIMIT 1)"
+                f"  ORDER BY next_attempt_at, id LIMIT 1{skip})"
                 f" RETURNING id, kind, key, payload, attempts, max_attempts",
                 (RUNNING, now + self.lease_seconds, self.worker_id, now, *kinds, READY, now, RUNNING, now),
             ).fetchone()
         if row is None:
             return None
         return Job(row[0], row[1], row[2], json.loads(row[3] or "{}"), row[4], row[5])
+
+    def claim_job(self, job_id: int, now: float | None = None) -> Job | None:
+        """Claim exactly this job, if it may be run now; None when it may not.
+
+        It may when it is ``ready`` and due, or ``running`` with an expired lease, or ``running`` by a
+        process of this host that no longer runs, or by a worker whose heartbeat is older than
+        ``stale_after_s``. It may not when it is done, dead, not yet due, unknown, or held by a live worker.
+        The claim is a compare-and-set on the row as read: of several processes claiming one job at once,
+        one gets it.
+        """
+        now = time.time() if now is None else now
+        with self.lock:
+            row = self.db.conn.execute(
+                "SELECT state, next_attempt_at, lease_until, worker, attempts FROM jobs WHERE id=?", (int(job_id),)
+            ).fetchone()
+            if row is None or not self._may_take(row[0], row[1], row[2], row[3] or "", now):
+                return None
+            taken = self.db.conn.execute(
+                "UPDATE jobs SET state=?, attempts=attempts+1, lease_until=?, worker=?, updated_at=?"
+                " WHERE id=? AND state=? AND attempts=? AND worker=?"
+                " RETURNING id, kind, key, payload, attempts, max_attempts",
+                (RUNNING, now + self.lease_seconds, self.worker_id, now, int(job_id), row[0], row[4], row[3]),
+            ).fetchone()
+        if taken is None:
+            return None
+        return Job(taken[0], taken[1], taken[2], json.loads(taken[3] or "{}"), taken[4], taken[5])
+
+    def _may_take(self, state: str, next_attempt_at: float, lease_until: float, worker: str, now: float) -> bool:
+        """Whether a job in this state may be claimed now (``claim_job``)."""
+        if state == READY:
+            return float(next_attempt_at or 0.0) <= now
+        if state != RUNNING:
+            return False
+        if float(lease_until or 0.0) < now:
+            return True
+        if worker.split(":", 1)[0] == socket.gethostname() and not _worker_alive(worker):
+            return True
+        return worker != self.worker_id and self.workers.is_stale(worker, self.stale_after_s, now, lease_until)
+
+    def mark_published(self, job_id: int, now: float | None = None) -> None:
+        """Record that a job was handed to a broker now (``due_unpublished`` then leaves it alone a while)."""
+        now = time.time() if now is None else now
+        with self.lock:
+            self.db.conn.execute("UPDATE jobs SET published_at=? WHERE id=?", (now, int(job_id)))
+
+    def due_unpublished(
+        self, kinds: tuple[str, ...] | list[str], older_than_s: float, now: float | None = None
+    ) -> list[Job]:
+        """Ready, due jobs of ``kinds`` not handed to a broker within the last ``older_than_s`` seconds.
+
+        Oldest due first: what a reconciler hands (again) to the broker, which may have lost it.
+        """
+        now = time.time() if now is None else now
+        marks = ",".join("?" for _ in kinds)
+        with self.lock:
+            rows = self.db.conn.execute(
+                f"SELECT id, kind, key, payload, attempts, max_attempts FROM jobs WHERE kind IN ({marks})"
+                " AND state=? AND next_attempt_at<=? AND published_at<? ORDER BY next_attempt_at, id",
+                (*kinds, READY, now, now - older_than_s),
+            ).fetchall()
+        return [Job(r[0], r[1], r[2], json.loads(r[3] or "{}"), r[4], r[5]) for r in rows]
 
     def complete(self, job: Job) -> None:
         """Mark a claimed job done."""
@@ -284,7 +366,7 @@ class JobQueue:
         host = socket.gethostname()
         with self.lock:
             rows = self.db.conn.execute(
-                "SELECT id, worker FROM jobs WHERE state=? AND worker LIKE ?", (RUNNING, f"{host}:%")
+                f"SELECT id, worker FROM jobs WHERE state=? AND {like(self.db, 'worker')}", (RUNNING, f"{host}:%")
             ).fetchall()
             orphans = [job_id for job_id, worker in rows if not _worker_alive(worker)]
             now = time.time()
@@ -303,7 +385,7 @@ class JobQueue:
             sql += " AND kind=?"
             params.append(kind)
         if key_prefix:
-            sql += " AND key LIKE ?"
+            sql += f" AND {like(self.db, 'key')}"
             params.append(key_prefix + "%")
         with self.lock:
             return self.db.conn.execute(sql, params).rowcount

@@ -5,15 +5,15 @@ attributes per study, keys patients by PatientID *and* issuer (an empty PatientI
 patients), and records conflicts. Version 1 keyed instances by SOP Instance UID alone and patients by
 PatientID alone; ``migrate`` converts such an index in place. A migration cut short (a crash in the middle)
 leaves an index to delete: the file store is the truth, and startup recovery indexes every stored file again.
+The same tables are made on PostgreSQL (``storage.database``); no version 1 index ever existed there.
 """
 
 from __future__ import annotations
 
 import logging
 
-import sqlite_utils
-
 from storage import exports, feedback, findings, parameters
+from storage.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ _INDEXES = (
 )
 
 
-def _create(db: sqlite_utils.Database) -> None:
+def _create(db: Database) -> None:
     db["patients"].create({**_PATIENT_COLUMNS, "updated_at": float}, pk="patient_key", if_not_exists=True)
     db["studies"].create(_STUDY_COLUMNS, pk="study_instance_uid", if_not_exists=True)
     db["series"].create(
@@ -129,7 +129,7 @@ def _create(db: sqlite_utils.Database) -> None:
     parameters.create_table(db)
 
 
-def schema_version(db: sqlite_utils.Database) -> int:
+def schema_version(db: Database) -> int:
     """The version of an existing index (0 for an empty database)."""
     if "meta" not in db.table_names():
         return 0
@@ -137,8 +137,11 @@ def schema_version(db: sqlite_utils.Database) -> int:
     return int(rows[0]["value"]) if rows else 0
 
 
-def _from_v1(db: sqlite_utils.Database) -> None:
-    """Version 1 → 2: instance identity with study and series, patients by ID and issuer, per-study patients."""
+def _from_v1(db: Database) -> None:
+    """Version 1 → 2: instance identity with study and series, patients by ID and issuer, per-study patients.
+
+    SQLite only (sqlite-utils' ``transform``): no version 1 index ever existed on PostgreSQL, which came after.
+    """
     conn = db.conn
     for column, kind in (("patient_key", str), ("issuer_of_patient_id", str)):
         db["patients"].add_column(column, kind)
@@ -166,17 +169,19 @@ def _from_v1(db: sqlite_utils.Database) -> None:
     db["instances"].transform(pk=INSTANCE_PK)
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: Database) -> None:
     """Create the tables of a new index, or bring an older one up to ``SCHEMA_VERSION``.
 
     Raises
     ------
     RuntimeError
-        The index was written by a newer harmonode.
+        The index was written by a newer harmonode, or is a version 1 index on PostgreSQL (never made).
     """
     found = schema_version(db)
     if found > SCHEMA_VERSION:
         raise RuntimeError(f"index schema {found} is newer than this harmonode's {SCHEMA_VERSION}: upgrade harmonode")
+    if found == 1 and getattr(db, "dialect", "sqlite") != "sqlite":
+        raise RuntimeError("a version 1 index on PostgreSQL cannot be: version 1 was SQLite only")
     if found == 1:
         log.warning("index schema 1 found: migrating to %d", SCHEMA_VERSION)
         _from_v1(db)

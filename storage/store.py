@@ -4,6 +4,10 @@ The node, every command that reads or writes a node's data (status, resend, rule
 tests open a data directory through here, so every table exists once its owner has created it: the index
 (patients, studies, series, instances), the queue (jobs), the deliveries and the rule registry create theirs
 here, not on first use.
+
+With a ``database`` URL (``postgresql://…``: a cluster) the index — and every table that lives in it — and the
+queue are schemas of that PostgreSQL database (``storage.database``), shared by every process of the cluster;
+the file store stays in ``data_dir``, then a filesystem the cluster's machines share.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from storage import deliveries, users
+from storage.database import is_postgres_url
 from storage.files import FileStore
 from storage.index import Index
 from storage.queue import DELIVERY_POLICY, JobKind, JobQueue, QueueSettings
@@ -49,8 +54,8 @@ class Store:
         self.close()
 
 
-def open_store(data_dir: str | Path, settings: StoreSettings | None = None) -> Store:
-    """Open (creating where missing) the file store, index and queue under ``data_dir``.
+def open_store(data_dir: str | Path, settings: StoreSettings | None = None, database: str | None = None) -> Store:
+    """Open (creating where missing) the file store, index and queue under ``data_dir`` (or in ``database``).
 
     Parameters
     ----------
@@ -58,6 +63,9 @@ def open_store(data_dir: str | Path, settings: StoreSettings | None = None) -> S
         The node's data directory (``[node] data_dir``).
     settings
         Durability and queue policy; the embedded defaults when omitted.
+    database
+        A ``postgresql://`` URL: the index and queue live there (schemas ``harmonode_index`` and
+        ``harmonode_queue``) instead of ``index.sqlite`` and ``queue.sqlite``. None: the embedded SQLite files.
 
     Returns
     -------
@@ -68,11 +76,13 @@ def open_store(data_dir: str | Path, settings: StoreSettings | None = None) -> S
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     files = FileStore(root, fsync=settings.fsync)
-    index = Index(root / "index.sqlite")
+    if database is not None and not is_postgres_url(database):
+        raise ValueError("a store's database is a postgresql:// URL (None: SQLite files in the data directory)")
+    index = Index(database or root / "index.sqlite")
     with index.lock:
         deliveries.create_table(index.db)
         users.create_tables(index.db)
     # export records to the learning side retry as long as results to PACS do
     policies = {JobKind.SEND: settings.delivery, JobKind.EXPORT: settings.delivery}
-    queue = JobQueue(root / "queue.sqlite", settings.queue, policies)
+    queue = JobQueue(database or root / "queue.sqlite", settings.queue, policies)
     return Store(root, files, index, queue)

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import sqlite_utils
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from storage.database import Database
 from storage.index import Index
 
 TOKEN_PREFIX = "hn_"
@@ -74,7 +74,7 @@ class LockoutPolicy:
     window_s: float = 15 * 60
 
 
-def create_tables(db: sqlite_utils.Database) -> None:
+def create_tables(db: Database) -> None:
     """Create the users, api_tokens and login_failures tables where missing (once per open store)."""
     db["users"].create(
         {"name": str, "role": str, "password_hash": str, "created_at": float, "updated_at": float},
