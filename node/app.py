@@ -55,7 +55,6 @@ from storage.commitments import Commitments
 from storage.queue import GiveUp, Job, RetryLater
 from storage.recovery import RecoveryReport, recover
 from storage.store import open_store
-from storage.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +96,13 @@ class Node:
         enable_raw_sending()  # objects the node sends go out as their stored bytes (process-wide switch)
         self.store = open_store(config.data_path, config.store_settings)
         self.files, self.index, self.queue = self.store.files, self.store.index, self.store.queue
+        self.queue.stale_after_s = config.cluster.stale_after_s
         self.detector = DetectorSlot(config.pipeline.device, models_dir=config.models_path)
         self.residual = ResidualSlot(config.pipeline.device)
         self.permissions = Permissions(config.peers)
         commitment = config.commitment
         self.commitments = Commitments(
-            config.data_path / "commitments.sqlite",
+            config.cluster.database or config.data_path / "commitments.sqlite",
             commitment.report_attempts,
             commitment.backoff_base_s,
             commitment.backoff_max_s,
@@ -303,7 +303,7 @@ class Node:
         thread tells the others this process is alive and which job it holds.
         """
         cluster = self.config.cluster
-        beat = Heartbeat(Workers(self.queue), self.queue.worker_id, resources, cluster)
+        beat = Heartbeat(self.queue, resources, cluster)
         self._spawn("heartbeat", lambda: beat.run(self._stop))
 
         def run_job(job_id: int) -> str:

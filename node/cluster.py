@@ -39,7 +39,6 @@ from kombu import Queue
 
 from node.config import ClusterConfig
 from storage.queue import JobKind, JobQueue
-from storage.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +120,13 @@ class Relay:
         """Release stale claims, publish due jobs without a message, publish again the lost ones."""
         now = time.time() if now is None else now
         report = RelayReport()
-        report.released = self.queue.release_stale(self.settings.stale_after_s, now)
-        for job_id, kind, published_at in self.queue.unpublished(self.kinds, now):
+        report.released = self.queue.release_stale(now)
+        for job_id, kind, published_at in self.queue.to_publish(self.kinds, now):
             report.published += self._publish(job_id, kind, published_at, now)
-        lost = self.queue.published_ready(self.kinds, self.settings.lost_after_s, now)
-        if lost:
-            empty = {q for q in {QUEUE_OF_KIND[k] for _, k, _ in lost} if self.depth(q) == 0}
-            for job_id, kind, published_at in lost:
+        waiting = self.queue.published_waiting(self.kinds, self.settings.lost_after_s, now)
+        if waiting:
+            empty = {q for q in {QUEUE_OF_KIND[k] for _, k, _ in waiting} if self.depth(q) == 0}
+            for job_id, kind, published_at in waiting:
                 if QUEUE_OF_KIND[kind] in empty:
                     log.warning(
                         "job %d (%s): its message was lost (its queue is empty); publishing again", job_id, kind
@@ -136,12 +135,12 @@ class Relay:
         return report
 
     def _publish(self, job_id: int, kind: str, published_at: float, now: float) -> int:
-        if not self.queue.mark_published(job_id, published_at, now):
+        if not self.queue.swap_published(job_id, published_at, now):
             return 0  # another relay published it
         try:
             self.app.send_task(TASK_NAME, args=[job_id], queue=broker_queue(self.settings, QUEUE_OF_KIND[kind]))
         except Exception as exc:  # the broker is down: the row says unpublished again, the next tick retries
-            self.queue.mark_published(job_id, now, published_at)
+            self.queue.swap_published(job_id, now, published_at)
             log.warning("job %d not published (%s: %s); retrying", job_id, type(exc).__name__, exc)
             return 0
         return 1
@@ -169,21 +168,29 @@ class Relay:
 
 
 class Heartbeat:
-    """A consuming process's beat in the ``workers`` table (who is alive, which queues, which job)."""
+    """A consuming process's beat in the ``workers`` table (who is alive, which queues, which job).
 
-    def __init__(self, workers: Workers, worker_id: str, queues: Iterable[str], settings: ClusterConfig) -> None:
-        self.workers = workers
-        self.worker_id = worker_id
+    Each beat also renews the lease of the job the process runs, so a long series is never taken over
+    from a live worker; a silent one's job is (``JobQueue.release_stale``, ``JobQueue.claim_job``).
+    """
+
+    def __init__(self, queue: JobQueue, queues: Iterable[str], settings: ClusterConfig) -> None:
+        self.queue = queue
         self.queues = list(queues)
         self.settings = settings
         self.current: int | None = None
 
     def beat(self) -> None:
         """Write one beat now."""
-        self.workers.beat(self.worker_id, self.queues, socket.gethostname(), os.getpid(), self.current)
+        current = self.current
+        if current is not None:
+            self.queue.extend_lease(current)
+        self.queue.workers.beat(
+            self.queue.worker_id, self.queues, socket.gethostname(), os.getpid(), current_job=current
+        )
 
     def run(self, stop: threading.Event) -> None:
-        """Beat every ``heartbeat_seconds`` until ``stop``; the last beat says the worker left."""
+        """Beat every ``heartbeat_seconds`` until ``stop``."""
         while not stop.is_set():
             try:
                 self.beat()

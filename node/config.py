@@ -258,7 +258,14 @@ class Config:
     @property
     def store_settings(self) -> StoreSettings:
         """How ``storage.store.open_store`` opens this node's data directory."""
-        return StoreSettings(fsync=self.node.fsync, queue=self.queue, delivery=self.delivery)
+        return StoreSettings(
+            fsync=self.node.fsync, queue=self.queue, delivery=self.delivery, database=self.cluster.database
+        )
+
+    @property
+    def has_node_data(self) -> bool:
+        """Whether a node has stored anything here: its database in a cluster, its index file otherwise."""
+        return self.cluster.enabled or (self.data_path / "index.sqlite").exists()
 
     @property
     def result_destinations(self) -> tuple[str, ...]:

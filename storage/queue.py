@@ -328,6 +328,66 @@ class JobQueue:
             ).fetchall()
         return [Job(r[0], r[1], r[2], json.loads(r[3] or "{}"), r[4], r[5]) for r in rows]
 
+    # -- the broker's side (node.cluster's relay): each attempt of a job gets one message --------------
+    def to_publish(self, kinds: tuple[str, ...] | list[str], now: float) -> list[tuple[int, str, float]]:
+        """(id, kind, published_at) of ready, due jobs without a message for their current attempt."""
+        marks = ",".join("?" for _ in kinds)
+        with self.lock:
+            rows = self.db.conn.execute(
+                f"SELECT id, kind, published_at FROM jobs WHERE kind IN ({marks}) AND state=? AND next_attempt_at<=?"
+                " AND published_at < next_attempt_at ORDER BY next_attempt_at, id",
+                (*kinds, READY, now),
+            ).fetchall()
+        return [(int(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    def published_waiting(
+        self, kinds: tuple[str, ...] | list[str], older_than_s: float, now: float
+    ) -> list[tuple[int, str, float]]:
+        """(id, kind, published_at) of ready jobs whose message went out over ``older_than_s`` ago, unclaimed."""
+        marks = ",".join("?" for _ in kinds)
+        with self.lock:
+            rows = self.db.conn.execute(
+                f"SELECT id, kind, published_at FROM jobs WHERE kind IN ({marks}) AND state=? AND next_attempt_at<=?"
+                " AND published_at >= next_attempt_at AND published_at <= ? ORDER BY id",
+                (*kinds, READY, now, now - older_than_s),
+            ).fetchall()
+        return [(int(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    def swap_published(self, job_id: int, expected: float, value: float) -> bool:
+        """Set ``published_at`` to ``value`` if it still is ``expected`` (of two relays, one publishes)."""
+        with self.lock:
+            return bool(
+                self.db.conn.execute(
+                    "UPDATE jobs SET published_at=? WHERE id=? AND published_at=?", (value, int(job_id), expected)
+                ).rowcount
+            )
+
+    def release_stale(self, now: float | None = None) -> int:
+        """Put back to ``ready`` the running jobs of silent workers (``stale_after_s``) or ended leases."""
+        now = time.time() if now is None else now
+        with self.lock:
+            rows = self.db.conn.execute("SELECT id, worker, lease_until FROM jobs WHERE state=?", (RUNNING,)).fetchall()
+            stale = [
+                int(job_id)
+                for job_id, worker, lease in rows
+                if float(lease or 0) < now or self.workers.is_stale(worker or "", self.stale_after_s, now, lease)
+            ]
+            for job_id in stale:
+                self.db.conn.execute(
+                    "UPDATE jobs SET state=?, lease_until=0, next_attempt_at=?, updated_at=? WHERE id=? AND state=?",
+                    (READY, now, now, job_id, RUNNING),
+                )
+        return len(stale)
+
+    def extend_lease(self, job_id: int, now: float | None = None) -> None:
+        """Renew this process's lease on a job it runs (a worker's heartbeat does, so long work keeps it)."""
+        now = time.time() if now is None else now
+        with self.lock:
+            self.db.conn.execute(
+                "UPDATE jobs SET lease_until=? WHERE id=? AND state=? AND worker=?",
+                (now + self.lease_seconds, int(job_id), RUNNING, self.worker_id),
+            )
+
     def complete(self, job: Job) -> None:
         """Mark a claimed job done."""
         with self.lock:
@@ -392,7 +452,7 @@ class JobQueue:
 
     def jobs(self, states: tuple[str, ...] | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         """Jobs, newest first, optionally only in some states."""
-        sql = "SELECT id, kind, key, state, attempts, max_attempts, next_attempt_at, last_error,"
+        sql = "SELECT id, kind, key, state, attempts, max_attempts, next_attempt_at, last_error, worker,"
         sql += " created_at, updated_at FROM jobs"
         params: list[Any] = []
         if states:
@@ -412,6 +472,17 @@ class JobQueue:
             params.extend(kinds)
         with self.lock:
             return int(self.db.conn.execute(sql, params).fetchone()[0])
+
+    def depths(self) -> dict[str, dict[str, int]]:
+        """Jobs waiting and running, per kind: the queue depths ``harmonode status`` shows."""
+        with self.lock:
+            rows = self.db.conn.execute(
+                "SELECT kind, state, COUNT(*) FROM jobs WHERE state IN (?, ?) GROUP BY kind, state", (READY, RUNNING)
+            ).fetchall()
+        out: dict[str, dict[str, int]] = {}
+        for kind, state, n in rows:
+            out.setdefault(str(kind), {str(READY): 0, str(RUNNING): 0})[str(state)] = int(n)
+        return out
 
     def close(self) -> None:
         """Close the connection."""

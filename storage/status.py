@@ -36,7 +36,9 @@ def collect_status(store: Store, identity: Mapping[str, Any]) -> dict[str, Any]:
         ``quarantined`` (number of quarantined files), ``findings`` (every finding with its ``finding_id``, the
         Tracking UID ``harmonode feedback`` takes, its reliability and assessment state), ``feedback`` (the
         latest assessments, applied or refused, and why), ``exports`` (records kept, export jobs per target)
-        and ``generated_at`` (epoch seconds): JSON-able.
+        ``cluster`` (the index's database, the workers seen by their heartbeats with ``alive``, and the jobs
+        waiting and running per kind: the queue depths, from the database) and ``generated_at`` (epoch
+        seconds): JSON-able.
     """
     studies = store.index.status()
     for study in studies["studies"]:
@@ -55,5 +57,10 @@ def collect_status(store: Store, identity: Mapping[str, Any]) -> dict[str, Any]:
         "findings": findings_status(store.index),
         "feedback": [{k: v for k, v in row.items()} for row in feedback_rows(store.index, limit=200)],
         "exports": exports_status(store.index, store.queue),
+        "cluster": {
+            "database": store.index.dialect,
+            "workers": store.queue.workers.seen(stale_after_s=store.queue.stale_after_s),
+            "queues": store.queue.depths(),
+        },
         "generated_at": time.time(),
     }

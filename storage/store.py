@@ -30,6 +30,7 @@ class StoreSettings:
     fsync: bool = True  # never off in production: the success status promises durability
     queue: QueueSettings = field(default_factory=QueueSettings)  # analysis jobs
     delivery: QueueSettings = DELIVERY_POLICY  # send jobs: retried for hours
+    database: str = ""  # a postgresql:// URL: index and queue there ([cluster] database); "": SQLite files
 
 
 @dataclass
@@ -73,6 +74,7 @@ def open_store(data_dir: str | Path, settings: StoreSettings | None = None, data
         Close it (or use it as a context manager) when done.
     """
     settings = settings or StoreSettings()
+    database = database or settings.database or None
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     files = FileStore(root, fsync=settings.fsync)

@@ -20,6 +20,7 @@ ROOT = Path(__file__).parent.parent
 
 def write_config(root: Path, port: int, broker: str, database: str, orthanc_port: int, extra: str = "") -> Path:
     """One cluster config every process of the test reads (the store is the shared ``root/store``)."""
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "cluster.toml"
     path.write_text(
         f"""[node]

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,3 +161,15 @@ def record_many(url: str, study: str, series: str, count: int, start: float) -> 
     for n, meta in enumerate(instances):
         index.record_instance(meta, f"{meta.sop_instance_uid}.dcm", 10, f"{n:064d}", 1)
     index.close()
+
+
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    """A fresh database for a ``with`` block (on ``server()``), dropped after it, with a server started here."""
+    found = server()
+    url = fresh_database(found.base)
+    try:
+        yield url
+    finally:
+        drop_database(url)
+        found.stop()

@@ -70,6 +70,7 @@ class Broker:
 
     def start(self, timeout: float = 60.0) -> Broker:
         """Start the node and wait until it accepts AMQP connections."""
+        self.root.mkdir(parents=True, exist_ok=True)
         log = (self.root / "server.log").open("ab")
         self.process = subprocess.Popen(
             [RABBITMQ_SERVER], env=self._env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True

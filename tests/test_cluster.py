@@ -24,7 +24,7 @@ import pytest
 
 from clusternode import ROOT, Processes, echo, push, results_exactly_once, settled, studies, write_config
 from peers import free_port, running_orthanc, wait_until
-from pg import fresh_database
+from pg import scratch_database
 from rabbit import Broker, broker_or_start
 from storage.store import StoreSettings, open_store
 
@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    with fresh_database() as url:
+    with scratch_database() as url:
         yield url
 
 

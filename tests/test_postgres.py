@@ -16,13 +16,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pg
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
+import pg
 from builders import SeriesSpec, synthetic_instance
 from handlers.query import STUDY_ROOT, find, handle_find
 from handlers.retrieve import retrieve_instances

@@ -190,10 +190,11 @@ def status(
     from storage.store import open_store
 
     cfg = load_or_fail(config)
-    if not (cfg.data_path / "index.sqlite").exists():
+    if not cfg.has_node_data:
         raise fail(f"no node data in {cfg.data_path.resolve()}: start `harmonode serve` or pass --config")
     identity = {"ae_title": cfg.node.ae_title, "host": cfg.node.host, "port": cfg.node.port}
     with open_store(cfg.data_path, cfg.store_settings) as store:
+        store.queue.stale_after_s = cfg.cluster.stale_after_s
         report = collect_status(store, identity)
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else format_status(report))
 
@@ -208,7 +209,7 @@ def resend(
     from storage.store import open_store
 
     cfg = load_or_fail(config)
-    if not (cfg.data_path / "queue.sqlite").exists():
+    if not cfg.has_node_data:
         raise fail(f"no node data in {cfg.data_path.resolve()}: pass --config of the node")
     with open_store(cfg.data_path, cfg.store_settings) as store:
         n = retry_dead_deliveries(store.queue, store.index, destination=destination)

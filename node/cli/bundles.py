@@ -34,7 +34,7 @@ def export_cmd(
     cfg = load_or_fail(config)
     folder = weights or active_weights_dir(cfg.models_path)
     document = None
-    if rules and (cfg.data_path / "index.sqlite").exists():
+    if rules and cfg.has_node_data:
         with open_store(cfg.data_path, cfg.store_settings) as store:
             document = RuleRegistry(store.index.db, store.index.lock).export(only_active=True)
     try:

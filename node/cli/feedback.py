@@ -54,7 +54,7 @@ def feedback_cmd(
         raise fail("--by names who assesses the finding")
     action = FeedbackAction.ACCEPT if accept else FeedbackAction.REJECT if reject else FeedbackAction.MODIFY
     cfg = load_or_fail(config)
-    if not (cfg.data_path / "index.sqlite").exists():
+    if not cfg.has_node_data:
         raise fail(f"no node data in {cfg.data_path.resolve()}: pass --config of the node")
     assessment = Assessment(
         finding_id=finding.strip(),

@@ -15,10 +15,12 @@ import typer
 from node.cli import ConfigOption, fail, load_or_fail
 
 
-def _index_path(index: Path | None, config: Path | None) -> Path:
+def _index_path(index: Path | None, config: Path | None) -> Path | str:
     if index is not None:
         return index
     cfg = load_or_fail(config)
+    if cfg.cluster.enabled:
+        return cfg.cluster.database
     path = cfg.data_path / "index.sqlite"
     if not path.exists():
         raise fail(f"no node data in {cfg.data_path.resolve()}: pass --config of the node, or --index")

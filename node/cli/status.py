@@ -46,6 +46,16 @@ def format_status(report: dict[str, Any]) -> str:
                 f"  {c['kind']:<21} study {c['study_instance_uid']}  series {c['series_instance_uid']}"
                 f"  instance {c['sop_instance_uid']}  ({c['detail']})"
             )
+    cluster = report.get("cluster", {})
+    if cluster.get("workers") or cluster.get("queues"):
+        lines += ["", f"cluster (database: {cluster.get('database', '?')}):"]
+        for w in cluster.get("workers", []):
+            lines.append(
+                f"  worker {w['worker_id']}  {'alive' if w['alive'] else 'silent'}  queues {w['queues']}"
+                + (f"  running job #{w['current_job']}" if w.get("current_job") else "")
+            )
+        for kind, depth in sorted(cluster.get("queues", {}).items()):
+            lines.append(f"  {kind:<15} waiting {depth.get('ready', 0)}, running {depth.get('running', 0)}")
     jobs = report["jobs"]
     if jobs:
         lines += ["", "jobs:"]

@@ -25,9 +25,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 from clusternode import Processes, echo, push, settled, studies, write_config  # noqa: E402
 from peers import free_port, running_orthanc, wait_until  # noqa: E402
-from pg import fresh_database  # noqa: E402
+from pg import scratch_database  # noqa: E402
 from rabbit import broker_or_start  # noqa: E402
-
 from storage.store import StoreSettings, open_store  # noqa: E402
 
 
@@ -57,7 +56,7 @@ def embedded(root: Path, folder: Path, n: int, orthanc_port: int) -> tuple[float
 def cluster(root: Path, folder: Path, n: int, workers: int, broker: str, orthanc_port: int) -> tuple[float, list]:
     """Seconds for the cluster with ``workers`` work processes to analyse and deliver ``n`` studies."""
     port = free_port()
-    with fresh_database() as database:
+    with scratch_database() as database:
         config = write_config(root, port, broker, database, orthanc_port)
         procs = Processes(root, config)
         procs.start(f"listen-{workers}", "listen")
