@@ -19,9 +19,9 @@ Three parts make that hold when processes, hosts and the broker die:
 - **The heartbeat**: each consuming process writes its beat to the ``workers`` table; ``harmonode status``
   reads who is alive and the queue depths from the database, never from the broker.
 
-Queues by resource: ``cpu`` (feedback), ``gpu`` (the series analysis: load, key, rule, harmonization with
-the residual network, detection, results), ``send`` (deliveries and export records). Why the analysis is
-one task on the GPU queue rather than split at the GPU stages is said in the README ("Beyond one machine").
+Queues by resource: ``gpu`` (a series' load, key, rule, harmonization with the residual network and
+detection, up to its findings), ``cpu`` (the results of those findings: ``node.handoff``; feedback),
+``send`` (deliveries and export records).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ TASK_NAME = "harmonode.run_job"
 #: The broker queue each job kind travels on (its resource).
 QUEUE_OF_KIND: dict[str, str] = {
     JobKind.ANALYZE_SERIES: "gpu",
+    JobKind.SERIES_RESULTS: "cpu",
     JobKind.FEEDBACK: "cpu",
     JobKind.SEND: "send",
     JobKind.EXPORT: "send",

@@ -16,6 +16,7 @@ from handlers.feedback import FeedbackDesk, feedback_job
 from handlers.peer import Peer
 from handlers.send import send_job
 from node.config import Config
+from node.handoff import hand_off_to, series_results
 from node.pipeline import DetectorSlot, Worker, analyze_series
 from storage.maps import MapCache
 from storage.queue import Job, JobKind
@@ -23,7 +24,7 @@ from storage.store import Store
 
 #: Which role runs which job kinds.
 ROLE_JOBS: dict[str, tuple[JobKind, ...]] = {
-    "work": (JobKind.ANALYZE_SERIES, JobKind.FEEDBACK),
+    "work": (JobKind.ANALYZE_SERIES, JobKind.SERIES_RESULTS, JobKind.FEEDBACK),
     "dispatch": (JobKind.SEND, JobKind.EXPORT),
 }
 
@@ -77,8 +78,13 @@ def job_bindings(
             residual,
             MapCache(store.root / "cache" / "residual", int(config.pipeline.residual_cache_gb * 1024**3)),
             config.learning.export_settings,
+            # in a cluster the analysis stops at the findings; their results are a task of the CPU queue
+            hand_off_to(store.queue, store.root / "handoff", config.pipeline.write_harmonized_series)
+            if config.cluster.enabled
+            else None,
         )
         bindings.append(JobBinding(JobKind.ANALYZE_SERIES, analyze_series, {"worker": worker}))
+        bindings.append(JobBinding(JobKind.SERIES_RESULTS, series_results, {"worker": worker}))
         desk = FeedbackDesk(
             store.files,
             store.index,

@@ -185,6 +185,7 @@ class Worker:
     residual: DetectorSlot | None = None  # the residual model (None: the histogram stage only)
     maps: MapCache | None = None  # residual maps per series, so a change of strength never re-runs the net
     learning: ExportSettings = field(default_factory=ExportSettings)  # [learning]: seed 004's export records
+    hand_off: Callable[[Analysed], None] | None = None  # set in a cluster: findings go on to a CPU task
 
 
 # -- the stages ----------------------------------------------------------------------------------------
@@ -349,11 +350,27 @@ def _timed(timings: dict[str, float], name: str, stage: Callable[..., T], *args:
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 4)
 
 
-def run_series(worker: Worker, series_uid: str) -> SeriesOutcome:
-    """Run every stage on one series and record the outcome in the index.
+@dataclass
+class Analysed:
+    """What the GPU stages leave for the results: the series as loaded, its key, rule, detection, timings."""
 
-    Safe to run twice: result UIDs are derived from the sources, and delivery is keyed per object and
-    destination.
+    row: dict[str, Any]
+    loaded: LoadedSeries
+    key: ConditionKey
+    match: RuleMatch
+    detection: DetectionOutcome
+    harmonized: Harmonized | None
+    timings: dict[str, float]
+
+
+def run_series(worker: Worker, series_uid: str) -> SeriesOutcome:
+    """Run every stage on one series and record the outcome (safe twice: result UIDs derive from the sources,
+    delivery is keyed per object and destination). ``LookupError``: the series is not in the index."""
+    return finish_series(worker, analyse_series(worker, series_uid))
+
+
+def analyse_series(worker: Worker, series_uid: str) -> Analysed:
+    """load → key → rule → harmonize → residual → detect: the stages up to the findings (the GPU's part).
 
     Raises
     ------
@@ -364,10 +381,9 @@ def run_series(worker: Worker, series_uid: str) -> SeriesOutcome:
     if row is None:
         raise LookupError(f"series {series_uid} is not in the index")
     tags = series_condition_tags(row)
-    modality = row.get("modality") or ""
     t: dict[str, float] = {}
     loaded = _timed(t, "load", load_series, worker.files, worker.index.instances_of_series(series_uid))
-    key = _timed(t, "key", condition_key, tags, modality)
+    key = _timed(t, "key", condition_key, tags, row.get("modality") or "")
     match = _timed(t, "rule", find_rule, RuleRegistry(worker.index.db, worker.index.lock), key)
     detection = DetectionOutcome(refused=loaded.refused)
     harmonized = None
@@ -380,6 +396,14 @@ def run_series(worker: Worker, series_uid: str) -> SeriesOutcome:
         body = body_part_of(tags, row.get("series_description") or "", loaded.volume.modality)
         detection = _timed(t, "detect", detect, worker.detector.get(), harmonized.values, loaded.volume, body)
         detection = identify(detection, series_uid, match.rule_id)
+    return Analysed(row, loaded, key, match, detection, harmonized, t)
+
+
+def finish_series(worker: Worker, analysed: Analysed) -> SeriesOutcome:
+    """results → deliver, then the outcome recorded in the index (the CPU's part after the findings)."""
+    row, loaded, key, match = analysed.row, analysed.loaded, analysed.key, analysed.match
+    detection, harmonized, t = analysed.detection, analysed.harmonized, analysed.timings
+    series_uid = row["series_instance_uid"]
     results: list[StoredResult] = []
     if loaded.datasets or loaded.volume is not None:
         objects = _timed(t, "results", result_objects, loaded, key, match, detection, worker.settings, harmonized)
@@ -454,7 +478,11 @@ def analyze_series(job: Job, worker: Worker) -> None:
         return
     worker.index.update_series(uid, state=SeriesState.PROCESSING, error="")
     try:
-        run_series(worker, uid)
+        analysed = analyse_series(worker, uid)
+        if worker.hand_off is not None:  # a cluster: the results are a task of the CPU queue (node.handoff)
+            worker.hand_off(analysed)
+            return
+        finish_series(worker, analysed)
     except Exception as exc:
         worker.index.update_series(uid, state=SeriesState.FAILED, error=f"{type(exc).__name__}: {exc}")
         raise

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -54,6 +55,8 @@ _TYPES = (
     (re.compile(r"\bBLOB\b", re.IGNORECASE), "BYTEA"),
     (re.compile(r"\bTEXT\b(?!\s+COLLATE)", re.IGNORECASE), 'TEXT COLLATE "C"'),
 )
+
+log = logging.getLogger(__name__)
 
 
 def advisory_key(schema: str) -> int:
@@ -180,28 +183,49 @@ class PgConnection:
     """
 
     def __init__(self, url: str, schema: str, lock_timeout_s: float = 30.0) -> None:
+        self.url = url
         self.schema = schema
         self.lock_key = advisory_key(schema)
+        self.lock_timeout_s = lock_timeout_s
+        self._id_tables: set[str] | None = None
+        self.raw = self._connect()
+
+    def _connect(self) -> psycopg.Connection[Any]:
         # no server-side prepared statements: a column another process adds (a migration) would break a
         # prepared ``SELECT *`` here ("cached plan must not change result type"); SQLite re-prepares itself
-        self.raw = psycopg.connect(url, autocommit=True, prepare_threshold=None)
-        self.raw.adapters.register_loader("numeric", _NumericLoader)
-        self.raw.adapters.register_dumper(bool, _BoolAsIntDumper)
-        self._id_tables: set[str] | None = None
-        quoted = quote_identifier(schema)
-        self.raw.execute(f"SET lock_timeout = '{int(lock_timeout_s * 1000)}ms'")
-        with self.raw.transaction():
-            self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key,))
-            self.raw.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
-        self.raw.execute(f"SET search_path TO {quoted}")
+        raw = psycopg.connect(self.url, autocommit=True, prepare_threshold=None)
+        raw.adapters.register_loader("numeric", _NumericLoader)
+        raw.adapters.register_dumper(bool, _BoolAsIntDumper)
+        quoted = quote_identifier(self.schema)
+        raw.execute(f"SET lock_timeout = '{int(self.lock_timeout_s * 1000)}ms'")
+        with raw.transaction():
+            raw.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key,))
+            raw.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+        raw.execute(f"SET search_path TO {quoted}")
+        return raw
+
+    def _ensure_connected(self) -> None:
+        """Open a new connection when the last one broke (a server restart, a dropped link).
+
+        The statement that met the broken connection failed, and its caller saw that (a C-STORE answered
+        with a failure status, a job retried): it is never run again behind the caller's back, since a
+        statement cut off after the server committed it must not run twice. The next statement connects.
+        """
+        if self.raw.closed or self.raw.broken:
+            log.warning("PostgreSQL connection (schema %s) was lost: connecting again", self.schema)
+            self.raw = self._connect()
+            self._id_tables = None
 
     @property
     def in_transaction(self) -> bool:
         """True between an explicit BEGIN and its COMMIT or ROLLBACK (as ``sqlite3.Connection``'s)."""
+        if self.raw.closed or self.raw.broken:
+            return False  # the next statement connects again, outside any transaction
         return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
     def execute(self, sql: str, params: Params = None) -> PgCursor:
         """Run one statement in SQLite's dialect (module docstring); return its fetched result."""
+        self._ensure_connected()
         if _PRAGMA.match(sql):
             return PgCursor([], None, -1)
         if _BEGIN_IMMEDIATE.match(sql):

@@ -58,6 +58,7 @@ class JobKind(StrEnum):
     SEND = "send"
     FEEDBACK = "feedback"  # read an arrived assessment SR (IHE AIRA) and apply it
     EXPORT = "export"  # deliver one export record (seed 004) to the learning folder or server
+    SERIES_RESULTS = "series-results"  # a cluster's CPU half of an analysis: the results of its findings
 
 
 ANALYZE_SERIES, SEND = JobKind.ANALYZE_SERIES, JobKind.SEND

@@ -63,6 +63,8 @@ def test_two_workers_one_killed_mid_series_every_study_gets_its_results_once(tmp
             os.kill(worker_a.pid, signal.SIGKILL)
             worker_a.wait(timeout=10)
             wait_until(lambda: settled(store, 20), timeout=420, interval=0.5, what="every study analysed and sent")
+            results_jobs = [j for j in store.queue.jobs() if j["kind"] == "series-results"]
+            assert len({j["key"] for j in results_jobs}) == 20, "each analysis hands its results to the CPU queue"
             taken_over = [j for j in store.queue.jobs() if j["kind"] == "analyze-series" and j["key"] in held]
             assert taken_over and all(j["state"] == "done" and j["attempts"] >= 2 for j in taken_over), taken_over
             wait_until(lambda: len(orthanc.receptions()) >= 1, timeout=30, what="Orthanc's log")

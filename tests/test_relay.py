@@ -96,3 +96,27 @@ def test_cluster_config_needs_both_urls_and_takes_the_environment(tmp_path: Path
     assert cfg.cluster.enabled and cfg.store_settings.database == env["HARMONODE_CLUSTER_DATABASE"]
     assert cfg.has_node_data
     assert not load_config(None, env={}).cluster.enabled
+
+
+def test_a_dropped_postgresql_connection_fails_one_statement_and_the_next_reconnects() -> None:
+    import psycopg
+
+    from storage.index import Index
+
+    with pg.scratch_database() as url:
+        index = Index(url)
+        queue = JobQueue(url)
+        try:
+            for conn in (index.db.conn, queue.db.conn):
+                pid = conn.raw.execute("SELECT pg_backend_pid()").fetchone()[0]
+                with psycopg.connect(url, autocommit=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))  # as a server restart does
+            with pytest.raises(psycopg.OperationalError):
+                index.query("SELECT COUNT(*) AS n FROM series")
+            assert index.query("SELECT COUNT(*) AS n FROM series") == [{"n": 0}]
+            with pytest.raises(psycopg.OperationalError):
+                queue.enqueue("send", "a")
+            assert queue.enqueue("send", "a") >= 1 and queue.depths()["send"]["ready"] == 1
+        finally:
+            index.close()
+            queue.close()
