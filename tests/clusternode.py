@@ -64,8 +64,8 @@ port = {orthanc_port}
 class Processes:
     """The node's processes of one test, each with its own log; all killed at the end."""
 
-    def __init__(self, root: Path, config: Path) -> None:
-        self.root, self.config = root, config
+    def __init__(self, root: Path, config: Path, env: dict[str, str] | None = None) -> None:
+        self.root, self.config, self.env = root, config, env or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
@@ -74,7 +74,7 @@ class Processes:
             [sys.executable, "-m", "node.cli", *args, "--config", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
         )
         self.procs[name] = proc
         return proc

@@ -7,7 +7,9 @@ The same N small head CTAs (``--studies``, default 12) are pushed by DCMTK store
 Each run is timed from the first byte pushed until every series is analysed and every result is in Orthanc.
 Prints studies/min of each, the ratios c/b and b/a, and the per-study costs the README's plan for
 10,000 studies a day is computed from (the pipeline's stage timings, medians over the studies).
-Run: ``.venv/bin/python tests/benchmarks/scaleout.py [--studies 12]``.
+``--threads N`` sets OMP_NUM_THREADS (torch's threads) in every node process: on a host whose cores the workers
+share, one thread per worker keeps two workers from fighting over the same cores.
+Run: ``.venv/bin/python tests/benchmarks/scaleout.py [--studies 12] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from rabbit import broker_or_start  # noqa: E402
 from storage.store import StoreSettings, open_store  # noqa: E402
 
 
-def embedded(root: Path, folder: Path, n: int, orthanc_port: int) -> tuple[float, list[dict]]:
+def embedded(root: Path, folder: Path, n: int, orthanc_port: int, env: dict) -> tuple[float, list[dict]]:
     """Seconds for the embedded node to analyse and deliver ``n`` studies; the series' stage timings."""
     port = free_port()
     config = root / "embedded.toml"
@@ -39,7 +41,7 @@ def embedded(root: Path, folder: Path, n: int, orthanc_port: int) -> tuple[float
         f'poll_seconds = 0.1\n[web]\nenabled = false\n[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\n'
         f'host = "127.0.0.1"\nport = {orthanc_port}\n'
     )
-    procs = Processes(root, config)
+    procs = Processes(root, config, env)
     procs.start("embedded", "serve")
     try:
         wait_until(lambda: echo(port), timeout=60, interval=0.2, what="the embedded node")
@@ -53,12 +55,14 @@ def embedded(root: Path, folder: Path, n: int, orthanc_port: int) -> tuple[float
         procs.stop_all()
 
 
-def cluster(root: Path, folder: Path, n: int, workers: int, broker: str, orthanc_port: int) -> tuple[float, list]:
+def cluster(
+    root: Path, folder: Path, n: int, workers: int, broker: str, orthanc_port: int, env: dict
+) -> tuple[float, list]:
     """Seconds for the cluster with ``workers`` work processes to analyse and deliver ``n`` studies."""
     port = free_port()
     with scratch_database() as database:
         config = write_config(root, port, broker, database, orthanc_port)
-        procs = Processes(root, config)
+        procs = Processes(root, config, env)
         procs.start(f"listen-{workers}", "listen")
         try:
             wait_until(lambda: echo(port), timeout=60, interval=0.2, what="the listener")
@@ -84,7 +88,9 @@ def timings(store) -> list[dict]:  # noqa: ANN001
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the node's processes (0: unset)")
     args = parser.parse_args()
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     n = args.studies
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -93,12 +99,12 @@ def main() -> None:
         try:
             rates, stage_costs = {}, []
             with running_orthanc(root / "orthanc-a") as orthanc:
-                seconds, costs = embedded(root, folder, n, orthanc.dicom_port)
+                seconds, costs = embedded(root, folder, n, orthanc.dicom_port, env)
                 rates["embedded"] = n / seconds * 60
                 stage_costs += costs
             for workers in (1, 2):
                 with running_orthanc(root / f"orthanc-{workers}") as orthanc:
-                    seconds, costs = cluster(root / f"c{workers}", folder, n, workers, broker, orthanc.dicom_port)
+                    seconds, costs = cluster(root / f"c{workers}", folder, n, workers, broker, orthanc.dicom_port, env)
                     rates[f"cluster, {workers} worker(s)"] = n / seconds * 60
                     stage_costs += costs
         finally:
