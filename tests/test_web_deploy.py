@@ -73,3 +73,21 @@ def test_systemd_accepts_the_hardened_unit(tmp_path: Path) -> None:
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "Unknown" not in proc.stderr and "unknown" not in proc.stderr
+
+
+def test_cluster_compose_runs_every_role_against_one_database_broker_and_store() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.cluster.yaml").read_text())
+    services = compose["services"]
+    assert {"database", "broker", "pacs", "listener", "worker-cpu", "dispatcher", "worker-gpu0"} <= set(services)
+    roles = {name: s["command"][1] for name, s in services.items() if s.get("command", [""])[0] == "harmonode"}
+    assert sorted(roles.values()) == ["dispatch", "listen", "work", "work"]
+    for name in roles:
+        service = services[name]
+        env = {k: str(v) for k, v in service["environment"].items() if k.startswith("HARMONODE_")}
+        config = load_config(DEPLOY / "node.compose.toml", env=env)
+        assert config.cluster.enabled, name
+        assert config.cluster.broker.split("@")[1].startswith("broker:")
+        assert config.cluster.database.split("@")[1].startswith("database:")
+        assert f"harmonode-store:{config.node.data_dir}" in service["volumes"], name
+    assert services["worker-gpu0"]["command"][-2:] == ["--gpu", "0"] and services["worker-gpu0"]["profiles"] == ["gpu"]
+    assert set(_published(services["listener"])) == {11112, 8080}
