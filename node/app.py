@@ -299,7 +299,7 @@ class Node:
     def consume(self, resources: Sequence[str]) -> None:
         """Run this process's jobs from the broker's ``resources`` queues until stopped (cluster mode only).
 
-        Blocks in a Celery worker (solo pool: the task runs here, with this node's handlers); a heartbeat
+        Blocks in a Celery worker (one pool thread: the task runs here, with this node's handlers); a heartbeat
         thread tells the others this process is alive and which job it holds.
         """
         cluster = self.config.cluster

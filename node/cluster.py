@@ -12,7 +12,7 @@ Three parts make that hold when processes, hosts and the broker die:
   put back to ``ready`` and published again.
 - **The task** ``harmonode.run_job(job_id)``: acknowledged late (``task_acks_late``), rejected back to the
   queue when the worker process dies (``task_reject_on_worker_lost``), one message at a time
-  (``worker_prefetch_multiplier = 1``, solo pool). It claims *that* row (``JobQueue.claim_job``); a message
+  (``worker_prefetch_multiplier = 1``, one pool thread). It claims *that* row (``JobQueue.claim_job``); a message
   for a job that is done, not due, or held by a live worker is acknowledged and does nothing. A job that
   runs twice produces nothing twice: result UIDs derive from the source series and the model, and delivery
   is keyed per result object and destination (``storage.deliveries``).
@@ -55,8 +55,8 @@ QUEUE_OF_KIND: dict[str, str] = {
 #: The broker queues each consuming role takes by default (``harmonode work --queues`` narrows them).
 ROLE_QUEUES: dict[str, tuple[str, ...]] = {"work": ("cpu", "gpu"), "dispatch": ("send",)}
 
-#: The job runner of this process (set by ``consume`` before its worker starts; the solo pool runs tasks
-#: in this very process, so the task finds it here).
+#: The job runner of this process (set by ``consume`` before its worker starts; the pool's one thread runs
+#: tasks in this very process, so the task finds it here).
 _RUNNER: Callable[[int], str] | None = None
 
 
@@ -84,7 +84,7 @@ def celery_app(settings: ClusterConfig) -> Celery:
         task_ignore_result=True,  # the job row holds the outcome
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a broker that restarts is waited for, never given up on
-        broker_heartbeat=10,
+        broker_heartbeat=10,  # served by the consumer's loop while the task runs in the pool's thread
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
@@ -209,8 +209,11 @@ def consume(
 ) -> None:
     """Run a Celery worker in this process on ``resources``' queues until it is told to stop (SIGTERM, ^C).
 
-    The solo pool runs each task in this process, one at a time: a SIGKILL takes the process, its broker
-    channel closes, and RabbitMQ hands the unacknowledged message to another worker.
+    One pool thread runs each task in this process, one at a time: a SIGKILL takes the process, its broker
+    connection closes, and RabbitMQ hands the unacknowledged message to another worker. A thread, not the
+    solo pool: the solo pool runs the task in the consumer's own loop, which then sends no AMQP heartbeat,
+    and RabbitMQ drops the connection of a worker busy longer than two heartbeats (a series on a CPU) and
+    hands its message on while it still runs (measured: a 35 s task with a 5 s heartbeat ran twice).
     """
     global _RUNNER
     _RUNNER = runner
@@ -218,7 +221,7 @@ def consume(
     worker = app.Worker(
         queues=queues,
         concurrency=1,
-        pool="solo",
+        pool="threads",
         hostname=hostname,
         without_gossip=True,
         without_mingle=True,
