@@ -23,10 +23,14 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from models.nets import MiniVGG
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported when features are computed, not by every process that reads records
+    import torch
+
+    from models.nets import MiniVGG
 
 FEATURE_CODEC = "float16+zlib"
 
@@ -87,7 +91,6 @@ def reliability(probability: float, threshold: float, member_probabilities: Sequ
     return round(min(margin(probability, t), agreement(member_probabilities)), 4)
 
 
-@torch.inference_mode()
 def embed(
     models: Sequence[MiniVGG], patches: np.ndarray, device: torch.device | str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -111,13 +114,16 @@ def embed(
     if len(patches) == 0:
         hidden = sum(m.config.hidden for m in models)
         return np.zeros((0, hidden), np.float32), np.zeros((0, len(models)), np.float32)
-    x = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).to(device)
+    import torch
+
     vectors, probabilities = [], []
-    for model in models:
-        # float32 even on CUDA: a handful of patches, and the exported values must not depend on the device
-        features = model.embed(model.features(x))
-        vectors.append(features.float().cpu().numpy())
-        probabilities.append(torch.softmax(model.head(features).float(), dim=1)[:, 1].cpu().numpy())
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).to(device)
+        for model in models:
+            # float32 even on CUDA: a handful of patches, and the exported values must not depend on the device
+            features = model.embed(model.features(x))
+            vectors.append(features.float().cpu().numpy())
+            probabilities.append(torch.softmax(model.head(features).float(), dim=1)[:, 1].cpu().numpy())
     return np.concatenate(vectors, axis=1).astype(np.float32), np.stack(probabilities, axis=1).astype(np.float32)
 
 
