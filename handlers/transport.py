@@ -12,6 +12,8 @@ versions they were checked against):
    gathers a message's fragments in memory without a limit.
 5. Sending stored files as stored (``send_stored_files``, ``StoredInstance``, ``enable_raw_sending``).
 6. Reactors that wait instead of polling (``wait_instead_of_polling``, installed by ``tune_socket``).
+7. Several listener processes on one port (``start_shared_server``): SO_REUSEPORT on the server socket
+   before it is bound, which pynetdicom's ``server_bind`` does not do (it ignores ``allow_reuse_port``).
 
 Long because every pynetdicom patch stays isolated in this one module (issue 24's condition): an upgrade
 re-checks one file against ``tests/test_transport.py``, not a scatter of them.
@@ -568,3 +570,41 @@ def prepare_store_association(event: evt.Event) -> None:
     """EVT_CONN_OPEN handler for associations that carry sub-operations (C-MOVE): socket tuning, raw sending."""
     tune_socket(event)
     send_stored_files(event.assoc)
+
+
+# -- several listener processes on one port (item 7) ------------------------------------------------------
+# ``[node] listeners > 1``: each listener process binds the same host:port with SO_REUSEPORT and the kernel
+# spreads incoming connections over them (by a hash of the connection's addresses and ports). pynetdicom's
+# ``AssociationServer.server_bind`` sets SO_REUSEADDR and binds, ignoring socketserver's
+# ``allow_reuse_port``: the subclass sets the option before that bind. Every process binding the port must
+# set it, so a listener started without it (another program, an old harmonode) makes the bind fail loudly.
+from pynetdicom.transport import ThreadedAssociationServer as _ThreadedAssociationServer  # noqa: E402
+from pynetdicom.utils import make_target as _make_target  # noqa: E402
+
+
+class ReusePortServer(_ThreadedAssociationServer):
+    """pynetdicom's threaded association server, bound with SO_REUSEPORT (one port, several processes)."""
+
+    allow_reuse_port = True
+
+    def server_bind(self) -> None:
+        """Set SO_REUSEPORT, then bind as pynetdicom does (SO_REUSEADDR, the network timeout)."""
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def start_shared_server(
+    ae: Any, address: tuple[str, int], evt_handlers: list[Any], ssl_context: ssl.SSLContext | None = None
+) -> ReusePortServer:
+    """``ae.start_server(address, block=False, ...)`` with a ``ReusePortServer``: a port other processes share.
+
+    The same steps as pynetdicom 3.0's non-blocking ``start_server``: make the server, serve it in a daemon
+    thread, keep it in the AE's servers (``ae.shutdown`` stops it).
+    """
+    server = ae.make_server(
+        address, ssl_context=ssl_context, evt_handlers=evt_handlers, server_class=ReusePortServer
+    )
+    thread = threading.Thread(target=_make_target(server.serve_forever), name="AcceptorServer-shared", daemon=True)
+    thread.start()
+    ae._servers.append(server)
+    return server

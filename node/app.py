@@ -14,6 +14,7 @@ Each loop survives any single failure: an exception becomes a job state and a lo
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 import time
@@ -39,6 +40,7 @@ from handlers.transport import (
     answer_invalid_requests,
     bound_datasets,
     enable_raw_sending,
+    start_shared_server,
     tune_socket,
 )
 from node.cluster import Heartbeat, Relay, celery_app, consume
@@ -211,19 +213,29 @@ class Node:
         ]
         return handlers
 
-    def start_listening(self) -> int:
-        """Start the SCP in background threads; return the port it listens on."""
+    def _start_server(self) -> int:
+        """Start the SCP's server in background threads (a port shared by every listener process when
+        ``[node] listeners`` > 1); return the port."""
         cfg = self.config.node
         ae = self.build_ae()
-        self.server = ae.start_server(
-            (cfg.host, cfg.port),
-            block=False,
-            evt_handlers=self.event_handlers(),
-            ssl_context=ssl_context_from(self.config),
-        )
+        address, context = (cfg.host, cfg.port), ssl_context_from(self.config)
+        if cfg.listeners > 1:
+            self.server = start_shared_server(ae, address, self.event_handlers(), context)
+        else:
+            self.server = ae.start_server(address, block=False, evt_handlers=self.event_handlers(), ssl_context=context)
         self.door.install(self.server)
         self.port = int(self.server.server_address[1])
-        log.info("listening as %s on %s:%d", cfg.ae_title, cfg.host, self.port)
+        log.info("listening as %s on %s:%d (pid %d)", cfg.ae_title, cfg.host, self.port, os.getpid())
+        return self.port
+
+    def start_extra_listener(self) -> int:
+        """Serve the shared port only (``node.listeners``): no recovery, watcher, reporter, jobs or web."""
+        self.roles = ("listen",)
+        return self._start_server()
+
+    def start_listening(self) -> int:
+        """Start the SCP, the series watcher and the commitment reporter in background threads; return the port."""
+        self._start_server()
         watcher = SeriesWatcher(self.index, self.queue, self.config.pipeline)
         self._spawn("series-watcher", lambda: watcher.run(self._stop))
         self._spawn("commitment-reporter", lambda: self.commitment_reporter.run(self._stop))
@@ -383,6 +395,8 @@ class Node:
         """Stop every role and close storage."""
         self._stop.set()
         self.commitment_reporter.wake()
+        if self.server is not None:
+            log.info("pid %d stored %d instance(s) from C-STORE", os.getpid(), self.metrics.instances_stored())
         if self.web is not None:
             self.web.stop()
             self.web = None

@@ -66,6 +66,13 @@ class NodeConfig:
     max_versions: int = 100  # versions kept of one SOP Instance UID in one series; more are refused (0: no limit)
     max_inflated_mb: int = 64  # a deflated dataset that inflates further is refused (0: no limit)
     max_dataset_mb: int = 1024  # a DIMSE message larger than this aborts its association (0: no limit)
+    # Listener processes sharing host:port (SO_REUSEPORT; the kernel spreads connections over them). 1: one
+    # process. The door's caps above then hold per process.
+    listeners: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.listeners <= 64:
+            raise ConfigError(f"[node] listeners is 1 to 64 processes, got {self.listeners}")
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,15 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str):
 def test_missing_file_says_where_an_example_is(tmp_path: Path):
     with pytest.raises(ConfigError, match="node.example.toml"):
         load_config(tmp_path / "nope.toml", env={})
+
+
+@pytest.mark.parametrize("listeners", [0, -1, 65])
+def test_listeners_out_of_range_is_refused(tmp_path: Path, listeners: int):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f"[node]\nlisteners = {listeners}\n")
+    with pytest.raises(ConfigError, match="listeners"):
+        load_config(cfg, env={})
+
+
+def test_listeners_default_to_one_process():
+    assert load_config(None, env={}).node.listeners == 1

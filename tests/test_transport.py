@@ -130,3 +130,44 @@ def _thread_cpu_s(native_id: int | None) -> float:
     """CPU seconds (user + system) one thread of this process has used (Linux)."""
     fields = open(f"/proc/self/task/{native_id}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- several listener processes on one port (item 7) ---------------------------------------------------------
+def test_shared_servers_bind_one_port_with_reuseport_and_both_answer() -> None:
+    # pynetdicom's AssociationServer.server_bind must stay the one place its socket is bound (after our
+    # setsockopt), and make_server must keep taking a server_class.
+    from pynetdicom.transport import AssociationServer
+
+    assert "self.socket.bind(self.server_address)" in inspect.getsource(AssociationServer.server_bind)
+    assert "server_class" in inspect.signature(AE.make_server).parameters
+    port = free_port()
+    servers = []
+    for _ in range(2):  # a second bind on the port fails unless both set SO_REUSEPORT before binding
+        ae = AE(ae_title="SCP")
+        ae.add_supported_context(Verification)
+        servers.append((ae, transport.start_shared_server(ae, ("127.0.0.1", port), [])))
+    try:
+        for _, server in servers:
+            assert server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+            assert server.server_address[1] == port
+        servers[0][0].shutdown()  # the other still serves the port alone
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="SCP")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        for ae, _ in servers:
+            ae.shutdown()
+
+
+def test_a_plain_pynetdicom_server_does_not_share_its_port() -> None:
+    # Why the patch exists: the stock server ignores allow_reuse_port; if it starts honouring it, item 7 may go.
+    port = free_port()
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        assert server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+    finally:
+        ae.shutdown()

@@ -121,11 +121,39 @@ def _run_roles(
         raise fail(
             f"cannot start: {exc} (is the port {config.node.port} free, is {config.node.data_dir} writable?)"
         ) from exc
+    extra = None
+    if "listen" in roles and config.node.listeners > 1:  # after recovery: the others never recover
+        from node.listeners import ExtraListeners, stop_on_sigterm
+
+        stop_on_sigterm()
+        extra = ExtraListeners(config.node.listeners - 1, config_path, node.port or config.node.port, verbose)
+        extra.start()
     consumed = queues or tuple(q for role in roles for q in ROLE_QUEUES.get(role, ()))
-    if config.cluster.enabled and consumed:
-        node.consume(consumed)  # a Celery worker in this process until SIGTERM or ^C
-    else:
-        node.wait()
+    try:
+        if config.cluster.enabled and consumed:
+            node.consume(consumed)  # a Celery worker in this process until SIGTERM or ^C
+        else:
+            node.wait()
+    finally:
+        if extra is not None:  # the node itself has stopped (SIGTERM or ^C: ``Node.wait``)
+            extra.stop()
+
+
+def _run_extra_listener(config_path: Path | None, parent_pid: int, verbose: bool) -> None:
+    """One of ``[node] listeners``: serve the parent's port until SIGTERM or the parent's death."""
+    from node.app import Node
+    from node.listeners import die_with_parent, stop_on_sigterm
+
+    setup_logging(verbose)
+    die_with_parent(parent_pid)
+    stop_on_sigterm()
+    config = load_or_fail(config_path)
+    try:
+        node = Node(config)
+        node.start_extra_listener()
+    except OSError as exc:
+        raise fail(f"extra listener cannot start: {exc}") from exc
+    node.wait()
 
 
 @app.command()
@@ -134,9 +162,19 @@ def serve(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
     _run_roles(config, ("listen", "work", "dispatch", "web"), verbose)
 
 
+ExtraListenerOption = Annotated[
+    int, typer.Option("--extra-listener-of", hidden=True, help="Internal: one of [node] listeners, of this parent.")
+]
+
+
 @app.command()
-def listen(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
+def listen(
+    config: ConfigOption = None, verbose: VerboseOption = False, extra_listener_of: ExtraListenerOption = 0
+) -> None:
     """Run only the listener: C-ECHO/C-STORE/query SCPs, series completion and the console."""
+    if extra_listener_of:
+        _run_extra_listener(config, extra_listener_of, verbose)
+        return
     _run_roles(config, ("listen", "web"), verbose)
 
 

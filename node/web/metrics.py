@@ -71,6 +71,10 @@ class NodeMetrics:
         children[0].inc()
         children[1].inc(nbytes)
 
+    def instances_stored(self) -> int:
+        """Instances this process stored from C-STORE since it started, all calling AEs together."""
+        return int(sum(child._value.get() for child, _ in self._per_ae.values()))  # noqa: SLF001
+
     def refused(self, status: int) -> None:
         """Count one refused C-STORE by its DICOM status."""
         self.store_refusals.labels(f"0x{status:04X}").inc()

@@ -5,8 +5,11 @@
 (c) DCMTK ``storescp -pdu 131072 +B`` (bit-preserving, no fsync: a non-durable upper bound).
 Prints inst/s and MB/s of each, the ratios a/b and a/c (median of the runs and each run's, the receivers
 measured interleaved: harmonode, Orthanc, storescp, harmonode, ...), the load average, and harmonode's peak RSS
-while receiving 2,000 slices. ``--associations 4`` splits the files between 4 concurrent storescu.
-Run: ``./dev bench`` or ``.venv/bin/python tests/benchmarks/ingest.py [--slices 500] [--runs 3] [--associations 4]``.
+while receiving 2,000 slices. ``--associations 4`` splits the files between 4 concurrent storescu;
+``--listeners 1,2`` measures harmonode with ``[node] listeners = 1`` and ``= 2`` in each run, interleaved (the
+RSS then sums every listener process's peak).
+Run: ``./dev bench`` or ``.venv/bin/python tests/benchmarks/ingest.py [--slices 500] [--runs 3] [--associations 4]
+[--listeners 1,2]``.
 """
 
 from __future__ import annotations
@@ -109,11 +112,34 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def harmonode_run(paths: list[Path], work: Path) -> tuple[float, float]:
+def listening_sockets(port: int) -> int:
+    """Sockets listening on ``port`` (one per listener process with SO_REUSEPORT)."""
+    n = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        n += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+    return n
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (the extra listeners, started by one of its threads: every task is read)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += map(int, (task / "children").read_text().split())
+        except OSError:
+            continue
+    return [pid, *kids]
+
+
+def harmonode_run(paths: list[Path], work: Path, listeners: int = 1) -> tuple[float, float]:
+    """Seconds to receive ``paths`` and the peak RSS (MB) of the node, summed over its listener processes."""
     port = free_port()
     data = work / f"hn-{time.monotonic_ns()}"
     cfg = work / "bench.toml"
-    cfg.write_text(f'[node]\nport = {port}\ndata_dir = "{data}"\n[pipeline]\nquiet_seconds = 3600\n')
+    cfg.write_text(
+        f'[node]\nport = {port}\ndata_dir = "{data}"\nlisteners = {listeners}\n[pipeline]\nquiet_seconds = 3600\n'
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
         cwd=ROOT,
@@ -122,8 +148,9 @@ def harmonode_run(paths: list[Path], work: Path) -> tuple[float, float]:
     )
     try:
         wait_until(lambda: echo_up(port, "HARMONODE"), timeout=60, what="harmonode")
+        wait_until(lambda: listening_sockets(port) >= listeners, timeout=60, what="every listener process")
         seconds = send(paths, port, "HARMONODE")
-        return seconds, peak_rss_mb(proc.pid)
+        return seconds, sum(peak_rss_mb(p) for p in process_tree(proc.pid))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -159,10 +186,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rss-slices", type=int, default=2000)
     ap.add_argument("--associations", type=int, default=1, help="concurrent storescu, the files split between them")
+    ap.add_argument(
+        "--listeners",
+        default="1",
+        help="[node] listeners of harmonode; several, comma-separated (1,2), are measured interleaved in each run",
+    )
     ap.add_argument("--no-storescp", action="store_true", help="skip the storescp bound")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ASSOCIATIONS = args.associations
+    listeners = [int(n) for n in args.listeners.split(",")]
+    names = [f"harmonode-l{n}" for n in listeners]
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="hn-bench-") as tmp:
         work = Path(tmp)
@@ -170,50 +204,69 @@ def main() -> None:
         src.mkdir()
         paths = write_slices(src, args.slices)
         mb = sum(p.stat().st_size for p in paths) / 1e6
-        times: dict[str, list[float]] = {"harmonode": [], "orthanc": [], "storescp": []}
+        times: dict[str, list[float]] = {**{name: [] for name in names}, "orthanc": [], "storescp": []}
         for _ in range(args.runs):
-            times["harmonode"].append(harmonode_run(paths, work)[0])
+            for name, n in zip(names, listeners, strict=True):
+                times[name].append(harmonode_run(paths, work, n)[0])
             times["orthanc"].append(orthanc_run(paths, work))
             if not args.no_storescp:
                 times["storescp"].append(storescp_run(paths, work))
             loads.append(os.getloadavg()[0])
         if args.no_storescp:
             times.pop("storescp")
-        rss = float("nan")
+        rss: dict[str, float] = {}
         if args.rss_slices:  # 0: skip the RSS run
             big = work / "rss"
             big.mkdir()
             rss_paths = write_slices(big, args.rss_slices, seed=1)
-            _, rss = harmonode_run(rss_paths, work)
+            for name, n in zip(names, listeners, strict=True):
+                rss[name] = round(harmonode_run(rss_paths, work, n)[1], 1)
+    report(args, times, names, mb, rss, loads)
+
+
+def report(
+    args: argparse.Namespace,
+    times: dict[str, list[float]],
+    names: list[str],
+    mb: float,
+    rss: dict[str, float],
+    loads: list[float],
+) -> None:
+    """Print the medians, the ratios to Orthanc (median of the runs' ratios, and each run's)."""
     med = {k: statistics.median(v) for k, v in times.items()}
-    per_run = [round(o / h, 2) for h, o in zip(times["harmonode"], times["orthanc"], strict=True)]
+    per_run = {n: [round(o / h, 2) for h, o in zip(times[n], times["orthanc"], strict=True)] for n in names}
     result = {
         "slices": args.slices,
         "associations": args.associations,
         "megabytes": round(mb, 1),
         **{f"{k}_inst_per_s": round(args.slices / v, 1) for k, v in med.items()},
         **{f"{k}_mb_per_s": round(mb / v, 1) for k, v in med.items()},
-        "ratio_harmonode_over_orthanc": round(statistics.median(per_run), 2),
-        "ratio_harmonode_over_orthanc_per_run": per_run,
-        f"harmonode_peak_rss_mb_{args.rss_slices}_slices": round(rss, 1),
+        **{f"{k}_seconds_per_run": [round(x, 2) for x in v] for k, v in times.items()},
+        **{f"ratio_{n}_over_orthanc": round(statistics.median(r), 2) for n, r in per_run.items()},
+        **{f"ratio_{n}_over_orthanc_per_run": r for n, r in per_run.items()},
+        f"peak_rss_mb_{args.rss_slices}_slices_all_processes": rss,
         "load_average_1min": [round(x, 1) for x in loads],
     }
     if "storescp" in med:
-        result["ratio_harmonode_over_storescp"] = round(med["storescp"] / med["harmonode"], 2)
+        for n in names:
+            result[f"ratio_{n}_over_storescp"] = round(med["storescp"] / med[n], 2)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(
         f"{args.slices} slices, {mb:.0f} MB, median of {args.runs} interleaved runs, DCMTK storescu,"
-        f" {args.associations} association(s)"
+        f" {args.associations} association(s); harmonode-lN: [node] listeners = N"
     )
     for k in med:
-        print(f"  {k:<10} {result[f'{k}_inst_per_s']:>7} inst/s {result[f'{k}_mb_per_s']:>7} MB/s")
-    print(f"  a/b harmonode/Orthanc (both durable): {result['ratio_harmonode_over_orthanc']} (runs: {per_run})")
-    if "storescp" in med:
-        print(f"  a/c harmonode/storescp (non-durable bound): {result['ratio_harmonode_over_storescp']}")
+        print(f"  {k:<13} {result[f'{k}_inst_per_s']:>7} inst/s {result[f'{k}_mb_per_s']:>7} MB/s  runs (s): "
+              f"{result[f'{k}_seconds_per_run']}")  # fmt: skip
+    for n in names:
+        print(f"  {n}/Orthanc (both durable): {result[f'ratio_{n}_over_orthanc']} (runs: {per_run[n]})")
+        if "storescp" in med:
+            print(f"  {n}/storescp (non-durable bound): {result[f'ratio_{n}_over_storescp']}")
     print(f"  load average (1 min) before and after each run: {result['load_average_1min']}")
-    print(f"  harmonode peak RSS while receiving {args.rss_slices} slices: {rss:.0f} MB")
+    for n, value in rss.items():
+        print(f"  {n} peak RSS while receiving {args.rss_slices} slices (all its processes): {value:.0f} MB")
 
 
 if __name__ == "__main__":
