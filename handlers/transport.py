@@ -322,11 +322,6 @@ def wait_instead_of_polling(assoc: Association, raw: socket.socket) -> None:
     dul = assoc.dul
     if getattr(dul, "_harmonode_idle_wait", None) is not None or not hasattr(os, "eventfd"):
         return
-    if not assoc.is_acceptor:
-        # A requestor's send_c_store pauses its reactor and waits for it to reach the pause point: a
-        # waiting reactor would hold every sub-operation up by the cap (and could take the response the
-        # sender waits for). Requestors keep pynetdicom's polling.
-        return
     _install_clocks()
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     closed = threading.Event()
@@ -378,7 +373,10 @@ def wait_instead_of_polling(assoc: Association, raw: socket.socket) -> None:
     dul.send_pdu = types.MethodType(send_pdu, dul)  # type: ignore[method-assign]
     dul.stop_dul = types.MethodType(stop_dul, dul)  # type: ignore[method-assign]
     dul._harmonode_idle_wait = dul_wait  # type: ignore[attr-defined]
-    assoc._harmonode_idle_wait = association_wait  # type: ignore[attr-defined]
+    if assoc.is_acceptor:
+        # A requestor's send_* pauses its reactor and waits for it to reach the pause point: a waiting
+        # association reactor would hold every sub-operation up by the cap. Its DUL waits; it polls.
+        assoc._harmonode_idle_wait = association_wait  # type: ignore[attr-defined]
     weakref.finalize(dul, finish)
 
 
