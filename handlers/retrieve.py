@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (
 from handlers.peer import Peer
 from handlers.permissions import NOT_AUTHORIZED, Permissions, Service
 from handlers.query import PATIENT_ROOT, STUDY_ROOT, UNIQUE_KEYS, BadIdentifier, query_level, where_clause
-from handlers.transport import StoredInstance, prepare_store_association, send_stored_files
+from handlers.transport import StoredInstance, prepare_store_association, send_stored_files, thin_pending_responses
 from storage.files import FileStore
 from storage.index import Index
 
@@ -167,6 +167,7 @@ def handle_move(
         yield from _failure(UNABLE_TO_PROCESS)
         return
     log.info("C-MOVE from %s: %d instance(s) to %s", caller, len(rows), dest.name)
+    thin_pending_responses(event.assoc)
     kwargs = {"contexts": _store_contexts(rows), "evt_handlers": [(evt.EVT_CONN_OPEN, prepare_store_association)]}
     yield dest.host, dest.port, kwargs
     yield len(rows)
@@ -206,6 +207,7 @@ def handle_get(
         yield from _failure(UNABLE_TO_PROCESS)
         return
     send_stored_files(event.assoc)  # once per association (several C-GETs)
+    thin_pending_responses(event.assoc)
     log.info("C-GET from %s: %d instance(s)", caller, len(rows))
     yield len(rows)
     yield from _sub_operations(event, rows, files)

@@ -14,6 +14,8 @@ versions they were checked against):
 6. Reactors that wait instead of polling (``wait_instead_of_polling``, installed by ``tune_socket``).
 7. Several listener processes on one port (``start_shared_server``): SO_REUSEPORT on the server socket
    before it is bound, which pynetdicom's ``server_bind`` does not do (it ignores ``allow_reuse_port``).
+8. P-DATA sent from the thread that sends the message (``send_data_directly``, installed by ``tune_socket``).
+9. Fewer pending C-MOVE / C-GET responses (``thin_pending_responses``): at most one per interval.
 
 Long because every pynetdicom patch stays isolated in this one module (issue 24's condition): an upgrade
 re-checks one file against ``tests/test_transport.py``, not a scatter of them.
@@ -66,6 +68,9 @@ from pynetdicom import _config, evt
 from pynetdicom import association as _association_module
 from pynetdicom import dul as _dul_module
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +137,145 @@ def tune_socket(
         dul._run_loop_delay = DUL_POLL_SECONDS
     if not isinstance(raw, ssl.SSLSocket):  # TLS may hold decrypted bytes select() cannot see: it polls
         wait_instead_of_polling(event.assoc, raw)
+        send_data_directly(event.assoc)  # an SSL object must not be written and read by two threads at once
+
+
+# -- P-DATA from the sending thread ------------------------------------------------------------------------
+_ESTABLISHED_STATE = "Sta6"
+
+
+def send_data_directly(assoc: Association) -> None:
+    """Let the thread that sends a DIMSE message write its P-DATA PDUs to the socket itself.
+
+    pynetdicom queues every PDU for the DUL thread, which sends one per turn of its loop: a 0.5 MB instance
+    in 16 KiB PDUs is 32 hand-offs between threads (and GIL switches) before its response can come. Here a
+    P-DATA primitive is encoded and sent at once by the caller, under a lock the DUL's own sends take too,
+    while the association is established (``Sta6``) and no P-DATA the DUL still has to send is queued (so
+    PDUs never overtake each other); any other primitive, and P-DATA in any other state, take the queue as
+    before. ``EVT_PDU_SENT`` is triggered as the DUL triggers it. Plain sockets only (see ``tune_socket``).
+    """
+    dul = assoc.dul
+    if getattr(dul, "_harmonode_direct", False):
+        return
+    lock = threading.Lock()
+    queued = [0]  # P-DATA primitives in the DUL's queue, not yet sent
+    original_send_pdu, original_send = dul.send_pdu, dul._send
+
+    def send_pdu(self: Any, primitive: Any) -> None:
+        if isinstance(primitive, P_DATA):
+            with lock:
+                sock = self.socket
+                if not queued[0] and sock is not None and self.state_machine.current_state == _ESTABLISHED_STATE:
+                    pdu = P_DATA_TF(primitive)
+                    sock.send(pdu.encode())  # a failure puts Evt17 in the DUL's event queue, as for its own sends
+                    evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
+                    return
+                queued[0] += 1
+        original_send_pdu(primitive)
+
+    def send(self: Any, pdu: Any) -> None:
+        with lock:
+            original_send(pdu)
+            if queued[0] and isinstance(pdu, P_DATA_TF):
+                queued[0] -= 1
+
+    dul.send_pdu = types.MethodType(send_pdu, dul)  # type: ignore[method-assign]
+    dul._send = types.MethodType(send, dul)  # type: ignore[method-assign]
+    dul._harmonode_direct = True  # type: ignore[attr-defined]
+    # A response now arrives fast enough to meet pynetdicom's reactor on its way out of its pause, where it
+    # takes the response as a request ("unexpected C-STORE service message"): pause it for sure.
+    assoc._reactor_checkpoint = _ParkingCheckpoint(assoc)  # type: ignore[assignment]
+
+
+PARK_WAIT_CAP_S = 0.02  # the longest ``clear`` waits for the reactor to park (it may be serving a request)
+PARK_GRACE_S = 0.005  # a reactor released by another thread's ``set`` stays parked this long for its next send
+
+
+class _ParkingCheckpoint:
+    """``Association._reactor_checkpoint`` (a ``threading.Event``) whose ``clear`` waits until the reactor is
+    parked in ``wait``.
+
+    pynetdicom's ``send_*`` methods clear the checkpoint and then wait for ``_is_paused``, which the reactor
+    sets just *before* it looks at the checkpoint: a reactor that has passed the look but not yet reset the
+    flag still takes the next decoded message off the queue, the response the sender waits for. Cleared from
+    another thread, this one returns once the reactor is blocked in ``wait`` (or after ``PARK_WAIT_CAP_S``,
+    when the reactor is busy serving a request and pauses no more than pynetdicom's own pause). Set from
+    another thread, it lets the reactor go only after ``PARK_GRACE_S`` without a new ``clear``: a sender of
+    many messages in a row (C-MOVE sub-operations) finds it parked instead of waiting for its 1 ms poll.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        self._assoc = assoc
+        self._cond = threading.Condition()
+        self._flag = True
+        self._parked = False
+        self._grace_until = 0.0
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag = True
+            if threading.current_thread() is not self._assoc:
+                self._grace_until = time.monotonic() + PARK_GRACE_S
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._flag = False
+            if threading.current_thread() is self._assoc or not self._assoc.is_alive():
+                return
+            deadline = time.monotonic() + PARK_WAIT_CAP_S
+            while not self._parked and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._parked = True
+            self._cond.notify_all()
+            while not getattr(self._assoc, "_kill", False):
+                now = time.monotonic()
+                if self._flag and now >= self._grace_until:
+                    break
+                if deadline is not None and now >= deadline:
+                    break
+                waits = [t - now for t in (deadline, self._grace_until if self._flag else None) if t is not None]
+                self._cond.wait(min(waits) if waits else None)
+            self._parked = False
+            return self._flag
+
+
+# -- fewer pending retrieve responses ---------------------------------------------------------------------
+PENDING_INTERVAL_S = 0.1  # the most often a C-MOVE or C-GET SCP tells its caller how far it has got
+_PENDING = 0xFF00
+
+
+def thin_pending_responses(assoc: Association, interval_s: float = PENDING_INTERVAL_S) -> None:
+    """Send a pending C-MOVE / C-GET response at most once per ``interval_s`` (the first one at once).
+
+    PS3.4 C.4.2.3 / C.4.3.3: the SCP *may* send pending responses while the sub-operations run; the final
+    response carries the counts and the failed SOP Instance UID list. pynetdicom sends one after every
+    sub-operation, each a command set to encode and send between two C-STOREs. Here the ones that follow the
+    last sent one within ``interval_s`` are dropped; every other message goes as before. Idempotent.
+    """
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None or getattr(dimse, "_harmonode_thinned", False):
+        return
+    original = dimse.send_msg
+    last_sent = [float("-inf")]
+
+    def send_msg(self: Any, primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_MOVE | C_GET) and primitive.Status == _PENDING:
+            now = time.monotonic()
+            if now - last_sent[0] < interval_s:
+                return
+            last_sent[0] = now
+        original(primitive, context_id)
+
+    dimse.send_msg = types.MethodType(send_msg, dimse)  # type: ignore[method-assign]
+    dimse._harmonode_thinned = True  # type: ignore[attr-defined]
 
 
 # -- reactors that wait ------------------------------------------------------------------------------------
@@ -179,11 +323,6 @@ def wait_instead_of_polling(assoc: Association, raw: socket.socket) -> None:
     """
     dul = assoc.dul
     if getattr(dul, "_harmonode_idle_wait", None) is not None or not hasattr(os, "eventfd"):
-        return
-    if not assoc.is_acceptor:
-        # A requestor's send_c_store pauses its reactor and waits for it to reach the pause point: a
-        # waiting reactor would hold every sub-operation up by the cap (and could take the response the
-        # sender waits for). Requestors keep pynetdicom's polling.
         return
     _install_clocks()
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -236,7 +375,10 @@ def wait_instead_of_polling(assoc: Association, raw: socket.socket) -> None:
     dul.send_pdu = types.MethodType(send_pdu, dul)  # type: ignore[method-assign]
     dul.stop_dul = types.MethodType(stop_dul, dul)  # type: ignore[method-assign]
     dul._harmonode_idle_wait = dul_wait  # type: ignore[attr-defined]
-    assoc._harmonode_idle_wait = association_wait  # type: ignore[attr-defined]
+    if assoc.is_acceptor:
+        # A requestor's send_* pauses its reactor and waits for it to reach the pause point: a waiting
+        # association reactor would hold every sub-operation up by the cap. Its DUL waits; it polls.
+        assoc._harmonode_idle_wait = association_wait  # type: ignore[attr-defined]
     weakref.finalize(dul, finish)
 
 

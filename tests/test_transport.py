@@ -171,3 +171,90 @@ def test_a_plain_pynetdicom_server_does_not_share_its_port() -> None:
         assert server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
     finally:
         ae.shutdown()
+
+
+def test_direct_send_relies_on_the_dul_send_path_and_the_p_data_action() -> None:
+    # send_data_directly replaces DUL.send_pdu/_send: P-DATA is queued, DT-1 pops it and _send encodes it.
+    import pynetdicom.fsm
+    from pynetdicom.dimse import DIMSEServiceProvider as Dimse
+
+    assert "self.to_provider_queue.put(primitive)" in inspect.getsource(DULServiceProvider.send_pdu)
+    assert "dul._send(P_DATA_TF(primitive))" in inspect.getsource(pynetdicom.fsm.DT_1)
+    send = inspect.getsource(DULServiceProvider._send)
+    assert "self.socket.send(pdu.encode())" in send and "EVT_PDU_SENT" in send
+    assert "self.dul.send_pdu(pdata)" in inspect.getsource(Dimse.send_msg)
+    assert "Evt17" in inspect.getsource(AssociationSocket.send)  # a failed send reaches the DUL's state machine
+
+
+def test_parking_checkpoint_relies_on_the_reactor_pause() -> None:
+    # _ParkingCheckpoint stands for Association._reactor_checkpoint (an Event) in the reactor's pause.
+    reactor = inspect.getsource(Association._run_reactor)
+    assert "self._is_paused = True\n            self._reactor_checkpoint.wait()" in reactor
+    store = inspect.getsource(Association.send_c_store)
+    assert store.index("self._reactor_checkpoint.clear()") < store.index("while not self._is_paused")
+    assert "self._reactor_checkpoint.set()" in store
+    assert "self._reactor_checkpoint: threading.Event" in inspect.getsource(Association.__init__)
+
+
+def test_thinning_relies_on_pending_responses_through_send_msg() -> None:
+    # thin_pending_responses drops C_MOVE/C_GET primitives with Status 0xFF00 passed to dimse.send_msg.
+    from pynetdicom.service_class import QueryRetrieveServiceClass as QR
+
+    for scp, primitive in ((QR._move_scp, "rsp = C_MOVE()"), (QR._get_scp, "rsp = C_GET()")):
+        source = inspect.getsource(scp)
+        assert primitive in source and "self.dimse.send_msg(rsp, cx_id)" in source
+        assert "rsp.NumberOfRemainingSuboperations = store_results[0]" in source
+
+
+def test_direct_send_many_stores_without_a_lost_response() -> None:
+    """500 C-STOREs from a tuned requestor to a tuned acceptor: every response reaches its sender."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    handlers = [(evt.EVT_CONN_OPEN, transport.tune_socket), (evt.EVT_C_STORE, lambda event: 0x0000)]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate(
+            "127.0.0.1", port, ae_title="SCP", evt_handlers=[(evt.EVT_CONN_OPEN, transport.tune_socket)]
+        )
+        assert assoc.is_established and assoc.dul._harmonode_direct
+        assert isinstance(assoc._reactor_checkpoint, transport._ParkingCheckpoint)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.BitsAllocated, ds.PixelData = CTImageStorage, 16, b"\0" * 40000  # a few PDUs each
+        statuses = []
+        for _ in range(500):
+            ds.SOPInstanceUID = generate_uid()
+            statuses.append(assoc.send_c_store(ds).Status)
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0x0000] * 500
+
+
+def test_thinned_pending_responses_keep_the_first_and_drop_the_rest_within_the_interval() -> None:
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse_primitives import C_FIND, C_MOVE
+
+    sent: list = []
+    dimse = SimpleNamespace(send_msg=lambda primitive, cx: sent.append(primitive))
+    assoc = SimpleNamespace(dimse=dimse)
+    transport.thin_pending_responses(assoc, interval_s=60)  # type: ignore[arg-type]
+    transport.thin_pending_responses(assoc, interval_s=60)  # type: ignore[arg-type] # idempotent
+    for status in (0xFF00, 0xFF00, 0xFF00, 0x0000):
+        rsp = C_MOVE()
+        rsp.MessageIDBeingRespondedTo, rsp.Status = 1, status
+        dimse.send_msg(rsp, 1)
+    find = C_FIND()
+    find.MessageIDBeingRespondedTo, find.Status = 1, 0xFF00
+    dimse.send_msg(find, 1)
+    dimse.send_msg(find, 1)  # C-FIND matches are never dropped
+    assert [int(p.Status) for p in sent] == [0xFF00, 0x0000, 0xFF00, 0xFF00]
