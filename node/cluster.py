@@ -55,6 +55,9 @@ QUEUE_OF_KIND: dict[str, str] = {
 #: The broker queues each consuming role takes by default (``harmonode work --queues`` narrows them).
 ROLE_QUEUES: dict[str, tuple[str, ...]] = {"work": ("cpu", "gpu"), "dispatch": ("send",)}
 
+#: How often the relay asks the broker how many messages a queue holds (a lost message waits this long more).
+DEPTH_EVERY_S = 5.0
+
 #: The job runner of this process (set by ``consume`` before its worker starts; the pool's one thread runs
 #: tasks in this very process, so the task finds it here).
 _RUNNER: Callable[[int], str] | None = None
@@ -116,6 +119,7 @@ class Relay:
         self.queue = queue
         self.settings = settings
         self.kinds = tuple(QUEUE_OF_KIND)
+        self._depths: dict[str, tuple[float, int | None]] = {}  # resource -> (when asked, depth)
 
     def tick(self, now: float | None = None) -> RelayReport:
         """Release stale claims, publish due jobs without a message, publish again the lost ones."""
@@ -146,8 +150,21 @@ class Relay:
             return 0
         return 1
 
-    def depth(self, resource: str) -> int | None:
-        """Messages waiting in a resource's broker queue (0 when it does not exist, None when unknown)."""
+    def depth(self, resource: str, now: float | None = None) -> int | None:
+        """Messages waiting in a resource's broker queue (0 when it does not exist, None when unknown).
+
+        Asked of the broker at most every ``DEPTH_EVERY_S`` per queue: in a long backlog every tick has jobs
+        waiting, and each question is a connection of its own.
+        """
+        now = time.monotonic() if now is None else now
+        asked = self._depths.get(resource)
+        if asked is not None and now - asked[0] < DEPTH_EVERY_S:
+            return asked[1]
+        depth = self._ask_depth(resource)
+        self._depths[resource] = (now, depth)
+        return depth
+
+    def _ask_depth(self, resource: str) -> int | None:
         try:
             with self.app.connection_for_write() as conn:
                 ok = conn.default_channel.queue_declare(queue=broker_queue(self.settings, resource), passive=True)
