@@ -171,7 +171,8 @@ ExtraListenerOption = Annotated[
 def listen(
     config: ConfigOption = None, verbose: VerboseOption = False, extra_listener_of: ExtraListenerOption = 0
 ) -> None:
-    """Run only the listener: C-ECHO/C-STORE/query SCPs, series completion and the console."""
+    """Run only the listener: C-ECHO/C-STORE/query SCPs, series completion and the console (in a cluster: the
+    receiving host; `work` and `dispatch` run where the config's broker and database reach)."""
     if extra_listener_of:
         _run_extra_listener(config, extra_listener_of, verbose)
         return
@@ -182,8 +183,8 @@ QueuesOption = Annotated[
     str,
     typer.Option(
         "--queues",
-        help="Cluster mode: the broker queues this worker takes, comma-separated: cpu (feedback), gpu (series"
-        " analysis). Default: both.",
+        help="Cluster mode: the broker queues this worker takes, comma-separated: gpu (a series up to its"
+        " findings), cpu (the results of those findings, feedback). Default: both.",
     ),
 ]
 GpuOption = Annotated[
@@ -222,7 +223,8 @@ def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts and monitoring.")] = False,
 ) -> None:
-    """Show studies, series (state, instances, condition, rule, findings) and jobs."""
+    """Show studies, series (state, instances, condition, rule, findings) and jobs; in a cluster also the workers
+    seen (alive or silent) and the jobs waiting and running per kind, read from the database."""
     from node.cli.status import format_status
     from storage.status import collect_status
     from storage.store import open_store
