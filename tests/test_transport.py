@@ -258,3 +258,124 @@ def test_thinned_pending_responses_keep_the_first_and_drop_the_rest_within_the_i
     dimse.send_msg(find, 1)
     dimse.send_msg(find, 1)  # C-FIND matches are never dropped
     assert [int(p.Status) for p in sent] == [0xFF00, 0x0000, 0xFF00, 0xFF00]
+
+
+def _stored_file(tmp_path, size: int):  # noqa: ANN001, ANN202 - a small fixture-like helper
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom.sop_class import CTImageStorage
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.ImplementationClassUID = generate_uid()
+    ds.PatientName = "WHOLE^SEND"
+    ds.BitsAllocated, ds.PixelData = 16, bytes(range(256)) * (size // 256)
+    path = tmp_path / f"{size}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds
+
+
+def test_read_stored_finds_the_dataset_where_pydicom_does(tmp_path) -> None:  # noqa: ANN001
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom.dsutils import split_dataset
+
+    path, _ = _stored_file(tmp_path, 4096)
+    data, offset = transport.read_stored(path, ExplicitVRLittleEndian)
+    assert data == path.read_bytes() and offset == split_dataset(path)[1]
+    assert transport.read_stored(path, ImplicitVRLittleEndian) is None  # file meta says otherwise: not whole
+    headless = tmp_path / "headless.dcm"
+    headless.write_bytes(data[132:])
+    assert transport.read_stored(headless, ExplicitVRLittleEndian) is None
+
+
+def test_whole_message_is_byte_for_byte_what_pynetdicom_sends(tmp_path) -> None:  # noqa: ANN001
+    # p_data_stream stands for DIMSEMessage.encode_msg of a C-STORE-RQ whose data set is read from a file.
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+    from pynetdicom.pdu import P_DATA_TF
+
+    for size, max_pdu in ((40000, 16384), (40000, 0), (0, 16384), (100000, 4096), (16378 * 3, 16384)):
+        path, ds = _stored_file(tmp_path, size)
+        data, offset = transport.read_stored(path, ExplicitVRLittleEndian)
+        req = C_STORE()
+        req.MessageID, req.Priority = 7, 2
+        req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        req.MoveOriginatorApplicationEntityTitle, req.MoveOriginatorMessageID = "MOVER", 3
+        req._dataset_path = (path, offset)
+        message = C_STORE_RQ()
+        message.primitive_to_message(req)
+        theirs = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(5, max_pdu))
+        ours = transport.p_data_stream(5, encode(message.command_set, True, True), memoryview(data)[offset:], max_pdu)
+        assert ours == theirs, (size, max_pdu)
+
+
+def test_whole_send_relies_on_send_c_store_steps_and_quiet_pdu_logging() -> None:
+    # _store_whole repeats Association.send_c_store's steps for a file path; _send_store_request repeats
+    # DIMSEServiceProvider.send_msg; P-DATA PDUs sent whole skip EVT_PDU_SENT, whose standard handler is silent.
+    from pynetdicom import _handlers
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    store = inspect.getsource(Association.send_c_store)
+    for step in (
+        "req.MoveOriginatorApplicationEntityTitle = originator_aet",
+        "req._dataset_path = (fpath, offset)",
+        'context = self._get_valid_context(\n            sop_class, tsyntax, "scu", allow_conversion=allow_conversion',
+        "self.dimse.send_msg(req, cast(int, context.context_id))",
+        "cx_id, rsp = self.dimse.get_msg(block=True)",
+        "self._handle_no_response()",
+        "status = self._check_received_status(rsp)",
+    ):
+        assert step in store, step
+    send_msg = inspect.getsource(DIMSEServiceProvider.send_msg)
+    assert "dimse_msg.primitive_to_message(primitive)" in send_msg and "EVT_DIMSE_SENT" in send_msg
+    assert 'self._data_set_path = getattr(primitive, "_dataset_path", None)' in inspect.getsource(
+        C_STORE_RQ.primitive_to_message
+    )
+    assert inspect.getsource(_handlers._send_data_tf).rstrip().endswith("return []")
+    assert "standard_pdu_sent_handler" in inspect.getsource(Association._bind_defaults)
+
+
+def test_stored_files_go_whole_and_arrive_as_stored(tmp_path) -> None:  # noqa: ANN001
+    """A tuned requestor sends StoredInstances in one write each; the acceptor receives the stored bytes."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.sop_class import CTImageStorage
+
+    received: list[bytes] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.request.DataSet.getvalue())
+        return 0x0000
+
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    handlers = [(evt.EVT_CONN_OPEN, transport.tune_socket), (evt.EVT_C_STORE, on_store)]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    whole: list[int] = []
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate(
+            "127.0.0.1", port, ae_title="SCP", evt_handlers=[(evt.EVT_CONN_OPEN, transport.prepare_store_association)]
+        )
+        assert assoc.is_established
+        original = assoc.dul._harmonode_send_whole
+        assoc.dul._harmonode_send_whole = lambda stream: whole.append(len(stream)) or original(stream)
+        files = [_stored_file(tmp_path, size) for size in (0, 40000, 300000)]
+        statuses = []
+        for path, ds in files:
+            instance = transport.StoredInstance(path, CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+            statuses.append(assoc.send_c_store(instance, msg_id=len(statuses) + 1).Status)
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0x0000] * 3 and len(whole) == 3
+    for (path, _), got in zip(files, received, strict=True):
+        data, offset = transport.read_stored(path, ExplicitVRLittleEndian)
+        assert got == data[offset:]
