@@ -19,7 +19,10 @@ versions they were checked against):
 10. A stored file's C-STORE request written in one go (``send_stored_files``, ``p_data_stream``): the
     command set and the file's bytes after its file meta, as P-DATA PDUs the peer's maximum length allows,
     in one ``sendall`` from the sending thread; the file meta is read from the file's bytes, not parsed by
-    pydicom. Plain sockets with direct P-DATA (item 8) only; anything else takes pynetdicom's own path.
+    pydicom, and the command set encoded directly when no handler wants the DIMSE message. Plain sockets
+    with direct P-DATA (item 8) only; anything else takes pynetdicom's own path.
+11. pynetdicom's standard logging handlers unbound from associations that send stored files when its
+    logger would drop what they log (``skip_unlogged_messages``).
 
 Long because every pynetdicom patch stays isolated in this one module (issue 24's condition): an upgrade
 re-checks one file against ``tests/test_transport.py``, not a scatter of them.
@@ -72,7 +75,12 @@ from pydicom.dataset import Dataset
 from pynetdicom import _config, evt
 from pynetdicom import association as _association_module
 from pynetdicom import dul as _dul_module
-from pynetdicom._handlers import standard_pdu_sent_handler
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
@@ -808,6 +816,32 @@ def p_data_stream(context_id: int, command: bytes, dataset: bytes | memoryview, 
     return b"".join(parts)
 
 
+def _element(element: int, value: bytes, pad: bytes) -> bytes:
+    """A group 0000 element, implicit VR little endian, its value padded to an even length."""
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HHL", 0, element, len(value)) + value
+
+
+def store_command(req: C_STORE) -> bytes:
+    """The command set of a C-STORE request (PS3.7 9.3.1.1), encoded as pynetdicom encodes it (implicit VR
+    little endian, group length first, elements in tag order, an unset optional element left out)."""
+    body = [
+        _element(0x0002, str(req.AffectedSOPClassUID).encode("ascii"), b"\0"),
+        struct.pack("<HHLH", 0, 0x0100, 2, 0x0001),  # Command Field: C-STORE-RQ
+        struct.pack("<HHLH", 0, 0x0110, 2, req.MessageID),
+        struct.pack("<HHLH", 0, 0x0700, 2, req.Priority),
+        struct.pack("<HHLH", 0, 0x0800, 2, 0x0001),  # Command Data Set Type: a data set follows
+        _element(0x1000, str(req.AffectedSOPInstanceUID).encode("ascii"), b"\0"),
+    ]
+    if req.MoveOriginatorApplicationEntityTitle is not None:
+        body.append(_element(0x1030, req.MoveOriginatorApplicationEntityTitle.encode("ascii"), b" "))
+    if req.MoveOriginatorMessageID is not None:
+        body.append(struct.pack("<HHLH", 0, 0x1031, 2, req.MoveOriginatorMessageID))
+    encoded = b"".join(body)
+    return struct.pack("<HHLL", 0, 0x0000, 4, len(encoded)) + encoded
+
+
 def _store_whole(
     assoc: Association,
     instance: StoredInstance,
@@ -851,14 +885,18 @@ def _store_whole(
 
 def _send_store_request(assoc: Association, req: C_STORE, context_id: int, dataset: memoryview) -> None:
     """``DIMSEServiceProvider.send_msg`` for a C-STORE request, its PDUs in one write when the DUL allows."""
+    max_pdu = assoc.dimse.maximum_pdu_size
+    # Only pynetdicom's own logging handler (which logs nothing for P-DATA) may want each PDU sent.
+    whole = all(handler is standard_pdu_sent_handler for handler, _ in assoc.get_handlers(evt.EVT_PDU_SENT))
+    if whole and not assoc.get_handlers(evt.EVT_DIMSE_SENT):  # no one to see the message: not built
+        if assoc.dul._harmonode_send_whole(p_data_stream(context_id, store_command(req), dataset, max_pdu)):
+            return
+        whole = False
     message = C_STORE_RQ()
     message.primitive_to_message(req)
     message.context_id = context_id
     evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
-    max_pdu = assoc.dimse.maximum_pdu_size
-    # Only pynetdicom's own logging handler (which logs nothing for P-DATA) may want each PDU sent.
-    quiet = all(handler is standard_pdu_sent_handler for handler, _ in assoc.get_handlers(evt.EVT_PDU_SENT))
-    if quiet:
+    if whole:
         command = encode(message.command_set, True, True)
         if assoc.dul._harmonode_send_whole(p_data_stream(context_id, command, dataset, max_pdu)):
             return
@@ -866,10 +904,35 @@ def _send_store_request(assoc: Association, req: C_STORE, context_id: int, datas
         assoc.dul.send_pdu(pdata)
 
 
+_STANDARD_LOGGING = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
+def skip_unlogged_messages(assoc: Association) -> None:
+    """Unbind pynetdicom's standard logging handlers from ``assoc`` when its logger drops what they log.
+
+    They log each message and PDU at INFO and DEBUG only, but format it first: two strings and a decoded
+    command set per C-STORE sub-operation. Kept when the ``pynetdicom`` logger is enabled for INFO.
+    """
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        return
+    for event, handler in _STANDARD_LOGGING:
+        if any(bound is handler for bound, _ in assoc.get_handlers(event)):
+            assoc.unbind(event, handler)
+
+
 def send_stored_files(assoc: Association) -> None:
-    """Let ``assoc.send_c_store`` take ``StoredInstance`` markers (idempotent: once per association)."""
+    """Let ``assoc.send_c_store`` take ``StoredInstance`` markers (idempotent: once per association).
+
+    Its messages are left unlogged where pynetdicom's logger would drop them (``skip_unlogged_messages``).
+    """
     if getattr(assoc, "_harmonode_raw_send", False):
         return
+    skip_unlogged_messages(assoc)
     assoc.send_c_store = types.MethodType(_send_stored(assoc.send_c_store), assoc)  # type: ignore[method-assign]
     assoc._harmonode_raw_send = True  # type: ignore[attr-defined]
 

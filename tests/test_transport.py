@@ -313,6 +313,15 @@ def test_whole_message_is_byte_for_byte_what_pynetdicom_sends(tmp_path) -> None:
         theirs = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(5, max_pdu))
         ours = transport.p_data_stream(5, encode(message.command_set, True, True), memoryview(data)[offset:], max_pdu)
         assert ours == theirs, (size, max_pdu)
+    for aet, originator_id in (("MOVER", 3), ("ODD", 65535), ("", 1), (None, None), ("SIXTEEN_CHARS_AE", None)):
+        req = C_STORE()
+        req.MessageID, req.Priority = 65535, 1
+        req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = ds.SOPClassUID, "1.2.3.45"
+        req.MoveOriginatorApplicationEntityTitle, req.MoveOriginatorMessageID = aet, originator_id
+        req._dataset_path = (path, offset)
+        message = C_STORE_RQ()
+        message.primitive_to_message(req)
+        assert transport.store_command(req) == encode(message.command_set, True, True), (aet, originator_id)
 
 
 def test_whole_send_relies_on_send_c_store_steps_and_quiet_pdu_logging() -> None:
@@ -379,3 +388,30 @@ def test_stored_files_go_whole_and_arrive_as_stored(tmp_path) -> None:  # noqa: 
     for (path, _), got in zip(files, received, strict=True):
         data, offset = transport.read_stored(path, ExplicitVRLittleEndian)
         assert got == data[offset:]
+
+
+def test_standard_logging_is_unbound_only_when_its_logger_drops_it() -> None:
+    # skip_unlogged_messages relies on the standard handlers being bound by default and logging below WARNING.
+    import logging
+    from types import SimpleNamespace
+
+    from pynetdicom import _handlers
+
+    source = inspect.getsource(_handlers)
+    assert "LOGGER.warning" not in source and "LOGGER.error" not in source and "LOGGER.critical" not in source
+    bound = {event: [(handler, None)] for event, handler in transport._STANDARD_LOGGING}
+    unbound: list = []
+    assoc = SimpleNamespace(get_handlers=lambda event: bound[event], unbind=lambda e, h: unbound.append(e))
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        transport.skip_unlogged_messages(assoc)  # type: ignore[arg-type]
+        assert unbound == []
+        logger.setLevel(logging.WARNING)
+        transport.skip_unlogged_messages(assoc)  # type: ignore[arg-type]
+        assert unbound == [event for event, _ in transport._STANDARD_LOGGING]
+    finally:
+        logger.setLevel(level)
+    defaults = inspect.getsource(Association._bind_defaults)
+    assert all(handler.__name__ in defaults for _, handler in transport._STANDARD_LOGGING)
