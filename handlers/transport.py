@@ -918,7 +918,7 @@ def skip_unlogged_messages(assoc: Association) -> None:
     They log each message and PDU at INFO and DEBUG only, but format it first: two strings and a decoded
     command set per C-STORE sub-operation. Kept when the ``pynetdicom`` logger is enabled for INFO.
     """
-    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO) or not hasattr(assoc, "get_handlers"):
         return
     for event, handler in _STANDARD_LOGGING:
         if any(bound is handler for bound, _ in assoc.get_handlers(event)):
