@@ -21,8 +21,10 @@ versions they were checked against):
     in one ``sendall`` from the sending thread; the file meta is read from the file's bytes, not parsed by
     pydicom, and the command set encoded directly when no handler wants the DIMSE message. Plain sockets
     with direct P-DATA (item 8) only; anything else takes pynetdicom's own path.
-11. pynetdicom's standard logging handlers unbound from associations that send stored files when its
-    logger would drop what they log (``skip_unlogged_messages``).
+11. pynetdicom's standard logging handlers unbound from every tuned association when its logger would drop
+    what they log (``skip_unlogged_messages``, installed by ``tune_socket`` and ``send_stored_files``).
+12. A C-STORE response's command set encoded directly and written in one go (``answer_stores_directly``,
+    installed by ``tune_socket`` on plain sockets), when no handler wants the DIMSE message.
 
 Long because every pynetdicom patch stays isolated in this one module (issue 24's condition): an upgrade
 re-checks one file against ``tests/test_transport.py``, not a scatter of them.
@@ -154,6 +156,8 @@ def tune_socket(
     if not isinstance(raw, ssl.SSLSocket):  # TLS may hold decrypted bytes select() cannot see: it polls
         wait_instead_of_polling(event.assoc, raw)
         send_data_directly(event.assoc)  # an SSL object must not be written and read by two threads at once
+        answer_stores_directly(event.assoc)
+    skip_unlogged_messages(event.assoc)
 
 
 # -- P-DATA from the sending thread ------------------------------------------------------------------------
@@ -797,15 +801,20 @@ def read_stored(path: Path, transfer_syntax_uid: str) -> tuple[bytes, int] | Non
     return data, pos
 
 
-def p_data_stream(context_id: int, command: bytes, dataset: bytes | memoryview, max_pdu_length: int) -> bytes:
+def p_data_stream(
+    context_id: int, command: bytes, dataset: bytes | memoryview | None, max_pdu_length: int
+) -> bytes:
     """A DIMSE message's P-DATA-TF PDUs, encoded, one PDV each: what pynetdicom's ``encode_msg`` would send.
 
-    The command set's fragments carry control bits 01 and, the last, 11; the data set's 00 and 10 (PS3.8
-    E.2). Each PDU's length (``max_pdu_length``, the peer's maximum; 0 for none) is the PDV item with its
-    4-byte length field.
+    The command set's fragments carry control bits 01 and, the last, 11; the data set's (when there is
+    one) 00 and 10 (PS3.8 E.2). Each PDU's length (``max_pdu_length``, the peer's maximum; 0 for none) is
+    the PDV item with its 4-byte length field.
     """
     parts: list[bytes | memoryview] = []
-    for data, more, last in ((memoryview(command), 0x01, 0x03), (memoryview(dataset), 0x00, 0x02)):
+    pieces = [(memoryview(command), 0x01, 0x03)]
+    if dataset is not None:
+        pieces.append((memoryview(dataset), 0x00, 0x02))
+    for data, more, last in pieces:
         step = len(data) if max_pdu_length == 0 else max_pdu_length - 6
         count = max(1, -(-len(data) // step)) if step else 1
         for i in range(count):
@@ -823,23 +832,81 @@ def _element(element: int, value: bytes, pad: bytes) -> bytes:
     return struct.pack("<HHL", 0, element, len(value)) + value
 
 
+def _us(element: int, value: int) -> bytes:
+    return struct.pack("<HHLH", 0, element, 2, value)
+
+
+def _command_set(body: list[bytes]) -> bytes:
+    """Group length first, then the elements (in tag order), as pynetdicom encodes a command set."""
+    encoded = b"".join(body)
+    return struct.pack("<HHLL", 0, 0x0000, 4, len(encoded)) + encoded
+
+
 def store_command(req: C_STORE) -> bytes:
     """The command set of a C-STORE request (PS3.7 9.3.1.1), encoded as pynetdicom encodes it (implicit VR
-    little endian, group length first, elements in tag order, an unset optional element left out)."""
+    little endian, an unset optional element left out)."""
     body = [
         _element(0x0002, str(req.AffectedSOPClassUID).encode("ascii"), b"\0"),
-        struct.pack("<HHLH", 0, 0x0100, 2, 0x0001),  # Command Field: C-STORE-RQ
-        struct.pack("<HHLH", 0, 0x0110, 2, req.MessageID),
-        struct.pack("<HHLH", 0, 0x0700, 2, req.Priority),
-        struct.pack("<HHLH", 0, 0x0800, 2, 0x0001),  # Command Data Set Type: a data set follows
+        _us(0x0100, 0x0001),  # Command Field: C-STORE-RQ
+        _us(0x0110, req.MessageID),
+        _us(0x0700, req.Priority),
+        _us(0x0800, 0x0001),  # Command Data Set Type: a data set follows
         _element(0x1000, str(req.AffectedSOPInstanceUID).encode("ascii"), b"\0"),
     ]
     if req.MoveOriginatorApplicationEntityTitle is not None:
         body.append(_element(0x1030, req.MoveOriginatorApplicationEntityTitle.encode("ascii"), b" "))
     if req.MoveOriginatorMessageID is not None:
-        body.append(struct.pack("<HHLH", 0, 0x1031, 2, req.MoveOriginatorMessageID))
-    encoded = b"".join(body)
-    return struct.pack("<HHLL", 0, 0x0000, 4, len(encoded)) + encoded
+        body.append(_us(0x1031, req.MoveOriginatorMessageID))
+    return _command_set(body)
+
+
+def store_response_command(rsp: C_STORE) -> bytes | None:
+    """The command set of a C-STORE response (PS3.7 9.3.1.2) as pynetdicom encodes it; None for a response
+    that carries an Offending Element or an Error Comment (pynetdicom encodes those)."""
+    if rsp.OffendingElement is not None or rsp.ErrorComment is not None or rsp.Status is None:
+        return None
+    body = []
+    if rsp.AffectedSOPClassUID is not None:
+        body.append(_element(0x0002, str(rsp.AffectedSOPClassUID).encode("ascii"), b"\0"))
+    body += [
+        _us(0x0100, 0x8001),  # Command Field: C-STORE-RSP
+        _us(0x0120, rsp.MessageIDBeingRespondedTo),
+        _us(0x0800, 0x0101),  # Command Data Set Type: none
+        _us(0x0900, rsp.Status),
+    ]
+    if rsp.AffectedSOPInstanceUID is not None:
+        body.append(_element(0x1000, str(rsp.AffectedSOPInstanceUID).encode("ascii"), b"\0"))
+    return _command_set(body)
+
+
+def answer_stores_directly(assoc: Association) -> None:
+    """Send a C-STORE response's command set, encoded directly, in one write (installed by ``tune_socket``).
+
+    Taken when no handler wants the DIMSE message (``skip_unlogged_messages`` unbinds pynetdicom's logging
+    one) and the DUL's direct path can write now (``send_data_directly``); any other message, or a
+    response with an Error Comment or Offending Element, goes through pynetdicom's ``send_msg``.
+    """
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None or getattr(dimse, "_harmonode_store_answers", False):
+        return
+    original = dimse.send_msg
+
+    def send_msg(self: Any, primitive: Any, context_id: int) -> None:
+        send_whole = getattr(assoc.dul, "_harmonode_send_whole", None)
+        if (
+            send_whole is not None
+            and isinstance(primitive, C_STORE)
+            and primitive.MessageIDBeingRespondedTo is not None
+            and not assoc.get_handlers(evt.EVT_DIMSE_SENT)
+            and all(h is standard_pdu_sent_handler for h, _ in assoc.get_handlers(evt.EVT_PDU_SENT))
+        ):
+            command = store_response_command(primitive)
+            if command is not None and send_whole(p_data_stream(context_id, command, None, self.maximum_pdu_size)):
+                return
+        original(primitive, context_id)
+
+    dimse.send_msg = types.MethodType(send_msg, dimse)  # type: ignore[method-assign]
+    dimse._harmonode_store_answers = True  # type: ignore[attr-defined]
 
 
 def _store_whole(

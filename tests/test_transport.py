@@ -415,3 +415,28 @@ def test_standard_logging_is_unbound_only_when_its_logger_drops_it() -> None:
         logger.setLevel(level)
     defaults = inspect.getsource(Association._bind_defaults)
     assert all(handler.__name__ in defaults for _, handler in transport._STANDARD_LOGGING)
+
+
+def test_store_response_command_is_what_pynetdicom_encodes() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import CTImageStorage
+
+    for status, uids in ((0x0000, True), (0xA700, True), (0xB007, False), (0xC213, True)):
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo, rsp.Status = 65535 if uids else 1, status
+        if uids:
+            rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = CTImageStorage, "1.2.3.456"
+        message = C_STORE_RSP()
+        message.primitive_to_message(rsp)
+        assert transport.store_response_command(rsp) == encode(message.command_set, True, True), status
+        assert transport.p_data_stream(3, transport.store_response_command(rsp), None, 16384) == b"".join(
+            transport.P_DATA_TF(p).encode() for p in message.encode_msg(3, 16384)
+        )
+    rsp.ErrorComment = "why"
+    assert transport.store_response_command(rsp) is None  # pynetdicom encodes it
+    # The C-STORE SCP answers through dimse.send_msg, which answer_stores_directly wraps.
+    from pynetdicom.service_class import StorageServiceClass
+
+    assert "self.dimse.send_msg(rsp, cx_id)" in inspect.getsource(StorageServiceClass.SCP)
