@@ -361,10 +361,17 @@ def test_stored_files_go_whole_and_arrive_as_stored(tmp_path) -> None:  # noqa: 
         received.append(event.request.DataSet.getvalue())
         return 0x0000
 
+    answers: list[int] = []  # the acceptor's responses written whole (answer_stores_directly)
+
+    def on_open(event: evt.Event) -> None:
+        transport.tune_socket(event)
+        send_whole = event.assoc.dul._harmonode_send_whole
+        event.assoc.dul._harmonode_send_whole = lambda stream: answers.append(len(stream)) or send_whole(stream)
+
     ae = AE(ae_title="SCP")
     ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
     port = free_port()
-    handlers = [(evt.EVT_CONN_OPEN, transport.tune_socket), (evt.EVT_C_STORE, on_store)]
+    handlers = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, on_store)]
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     whole: list[int] = []
     try:
@@ -384,7 +391,7 @@ def test_stored_files_go_whole_and_arrive_as_stored(tmp_path) -> None:  # noqa: 
         assoc.release()
     finally:
         server.shutdown()
-    assert statuses == [0x0000] * 3 and len(whole) == 3
+    assert statuses == [0x0000] * 3 and len(whole) == 3 and len(answers) == 3
     for (path, _), got in zip(files, received, strict=True):
         data, offset = transport.read_stored(path, ExplicitVRLittleEndian)
         assert got == data[offset:]
