@@ -753,7 +753,7 @@ def _send_stored(original: Callable[..., Dataset]) -> Callable[..., Dataset]:
     return send_c_store
 
 
-MAX_WHOLE_BYTES = 64 * 1024 * 1024  # a larger file is sent as pynetdicom sends it, a PDU's worth read at a time
+MAX_WHOLE_BYTES = 16 * 1024 * 1024  # larger files go as pynetdicom sends them, a PDU at a time (memory: twice this)
 _LONG_LENGTH_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
