@@ -279,7 +279,7 @@ def _stored_file(tmp_path, size: int):  # noqa: ANN001, ANN202 - a small fixture
     return path, ds
 
 
-def test_read_stored_finds_the_dataset_where_pydicom_does(tmp_path) -> None:  # noqa: ANN001
+def test_read_stored_finds_the_dataset_where_pydicom_does(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom.dsutils import split_dataset
 
@@ -290,6 +290,8 @@ def test_read_stored_finds_the_dataset_where_pydicom_does(tmp_path) -> None:  # 
     headless = tmp_path / "headless.dcm"
     headless.write_bytes(data[132:])
     assert transport.read_stored(headless, ExplicitVRLittleEndian) is None
+    monkeypatch.setattr(transport, "MAX_WHOLE_BYTES", len(data) - 1)
+    assert transport.read_stored(path, ExplicitVRLittleEndian) is None  # too large to go whole
 
 
 def test_whole_message_is_byte_for_byte_what_pynetdicom_sends(tmp_path) -> None:  # noqa: ANN001
