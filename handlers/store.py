@@ -12,13 +12,14 @@ identity; the association and the node keep serving.
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import evt
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
     ComprehensiveSRStorage,
@@ -226,6 +227,47 @@ def store_encoded(
     return SUCCESS, "stored" if stored.version == 1 else f"stored as version {stored.version}"
 
 
+_UID_CHARACTERS = frozenset(b"0123456789.")
+
+
+def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    """A group 0002 element, explicit VR little endian (short length form), its value padded to even."""
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+
+
+def _uid(value: object) -> bytes | None:
+    encoded = str(value).encode("ascii", "replace")
+    return encoded if 0 < len(encoded) <= 64 and set(encoded) <= _UID_CHARACTERS else None
+
+
+def received_part10(event: evt.Event) -> bytes:
+    """``event.encoded_dataset(include_meta=True)``: preamble, file meta and the dataset as received.
+
+    The file meta is the one pynetdicom's ``create_file_meta`` makes (the request's SOP class and instance,
+    the context's transfer syntax, pynetdicom's implementation UID and version), encoded here directly
+    rather than through a pydicom dataset; a value that is not a plain UID goes through pynetdicom.
+    """
+    req = event.request
+    uids = [_uid(v) for v in (req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, event.context.transfer_syntax)]
+    implementation = _uid(PYNETDICOM_IMPLEMENTATION_UID)
+    if None in uids or implementation is None or not hasattr(req.DataSet, "getbuffer"):
+        return event.encoded_dataset(include_meta=True)
+    sop_class, sop_instance, syntax = uids
+    body = b"".join((
+        struct.pack("<HH2sHL", 2, 0x0001, b"OB", 0, 2) + b"\x00\x01",  # File Meta Information Version
+        _meta_element(0x0002, b"UI", sop_class, b"\0"),
+        _meta_element(0x0003, b"UI", sop_instance, b"\0"),
+        _meta_element(0x0010, b"UI", syntax, b"\0"),
+        _meta_element(0x0012, b"UI", implementation, b"\0"),
+        _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" "),
+    ))  # fmt: skip
+    group_length = struct.pack("<HH2sHL", 2, 0x0000, b"UL", 4, len(body))
+    with req.DataSet.getbuffer() as dataset:
+        return b"".join((b"\x00" * 128, b"DICM", group_length, body, dataset))
+
+
 def handle_store(
     event: evt.Event,
     files: FileStore,
@@ -236,7 +278,7 @@ def handle_store(
     """EVT_C_STORE handler bound with the file store, the index, the store's limits and the permissions."""
     calling_ae = event.assoc.requestor.ae_title
     try:
-        encoded = event.encoded_dataset(include_meta=True)
+        encoded = received_part10(event)
     except Exception as exc:  # malformed file meta from the peer
         log.warning("C-STORE from %s: file meta cannot be encoded (%s)", calling_ae, type(exc).__name__)
         files.quarantine(None, f"file meta cannot be encoded: {type(exc).__name__}", {"calling_ae": calling_ae})

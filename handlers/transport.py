@@ -16,6 +16,15 @@ versions they were checked against):
    before it is bound, which pynetdicom's ``server_bind`` does not do (it ignores ``allow_reuse_port``).
 8. P-DATA sent from the thread that sends the message (``send_data_directly``, installed by ``tune_socket``).
 9. Fewer pending C-MOVE / C-GET responses (``thin_pending_responses``): at most one per interval.
+10. A stored file's C-STORE request written in one go (``send_stored_files``, ``p_data_stream``): the
+    command set and the file's bytes after its file meta, as P-DATA PDUs the peer's maximum length allows,
+    in one ``sendall`` from the sending thread; the file meta is read from the file's bytes, not parsed by
+    pydicom, and the command set encoded directly when no handler wants the DIMSE message. Plain sockets
+    with direct P-DATA (item 8) only; anything else takes pynetdicom's own path.
+11. pynetdicom's standard logging handlers unbound from every tuned association when its logger would drop
+    what they log (``skip_unlogged_messages``, installed by ``tune_socket`` and ``send_stored_files``).
+12. A C-STORE response's command set encoded directly and written in one go (``answer_stores_directly``,
+    installed by ``tune_socket`` on plain sockets), when no handler wants the DIMSE message.
 
 Long because every pynetdicom patch stays isolated in this one module (issue 24's condition): an upgrade
 re-checks one file against ``tests/test_transport.py``, not a scatter of them.
@@ -53,6 +62,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 import types
@@ -67,8 +77,16 @@ from pydicom.dataset import Dataset
 from pynetdicom import _config, evt
 from pynetdicom import association as _association_module
 from pynetdicom import dul as _dul_module
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -138,6 +156,8 @@ def tune_socket(
     if not isinstance(raw, ssl.SSLSocket):  # TLS may hold decrypted bytes select() cannot see: it polls
         wait_instead_of_polling(event.assoc, raw)
         send_data_directly(event.assoc)  # an SSL object must not be written and read by two threads at once
+        answer_stores_directly(event.assoc)
+    skip_unlogged_messages(event.assoc)
 
 
 # -- P-DATA from the sending thread ------------------------------------------------------------------------
@@ -179,9 +199,25 @@ def send_data_directly(assoc: Association) -> None:
             if queued[0] and isinstance(pdu, P_DATA_TF):
                 queued[0] -= 1
 
+    def send_whole(stream: bytes) -> bool:
+        """Write a message's encoded P-DATA PDUs at once; False (nothing sent) where ``send_pdu`` would queue."""
+        with lock:
+            assoc_sock = dul.socket
+            raw = getattr(assoc_sock, "socket", None)
+            if queued[0] or raw is None or dul.state_machine.current_state != _ESTABLISHED_STATE:
+                return False
+            try:
+                raw.sendall(stream)
+            except OSError:
+                assoc_sock.event_queue.put("Evt17")  # what AssociationSocket.send does when a send fails
+                return True
+            evt.trigger(dul.assoc, evt.EVT_DATA_SENT, {"data": stream})
+            return True
+
     dul.send_pdu = types.MethodType(send_pdu, dul)  # type: ignore[method-assign]
     dul._send = types.MethodType(send, dul)  # type: ignore[method-assign]
     dul._harmonode_direct = True  # type: ignore[attr-defined]
+    dul._harmonode_send_whole = send_whole  # type: ignore[attr-defined]
     # A response now arrives fast enough to meet pynetdicom's reactor on its way out of its pause, where it
     # takes the response as a request ("unexpected C-STORE service message"): pause it for sure.
     assoc._reactor_checkpoint = _ParkingCheckpoint(assoc)  # type: ignore[assignment]
@@ -683,27 +719,287 @@ class StoredInstance(Dataset):
 def _send_stored(original: Callable[..., Dataset]) -> Callable[..., Dataset]:
     """Wrap an association's ``send_c_store`` so a ``StoredInstance`` goes as its file's encoded bytes."""
 
-    def send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+    def send_c_store(
+        self: Association,
+        dataset: Any,
+        msg_id: int = 1,
+        priority: int = 2,
+        originator_aet: str | None = None,
+        originator_id: int | None = None,
+    ) -> Dataset:
         if not isinstance(dataset, StoredInstance):
-            return original(dataset, *args, **kwargs)
+            return original(dataset, msg_id, priority, originator_aet, originator_id)
         path = dataset.stored_path
-        exact = any(
-            cx.as_scu and cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == dataset.stored_syntax
-            for cx in self.accepted_contexts
+        context = next(
+            (
+                cx
+                for cx in self.accepted_contexts
+                if cx.as_scu
+                and cx.abstract_syntax == dataset.SOPClassUID
+                and cx.transfer_syntax[0] == dataset.stored_syntax
+            ),
+            None,
         )
-        if not exact:  # the peer accepted another transfer syntax: decode once and let pynetdicom convert
+        if context is None:  # the peer accepted another transfer syntax: decode once and let pynetdicom convert
             log.debug("no exact presentation context for %s: sending converted", dataset.SOPInstanceUID)
-            return original(dcmread(path), *args, **kwargs)
+            return original(dcmread(path), msg_id, priority, originator_aet, originator_id)
         enable_raw_sending()  # the exact context exists: the file's dataset goes as encoded
-        return original(path, *args, **kwargs)
+        if getattr(self.dul, "_harmonode_send_whole", None) is not None and self.is_established:
+            status = _store_whole(self, dataset, context.context_id, msg_id, priority, originator_aet, originator_id)
+            if status is not None:
+                return status
+        return original(path, msg_id, priority, originator_aet, originator_id)
 
     return send_c_store
 
 
+MAX_WHOLE_BYTES = 16 * 1024 * 1024  # larger files go as pynetdicom sends them, a PDU at a time (memory: twice this)
+_LONG_LENGTH_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_P_DATA_HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV item length, context ID, control
+
+
+def read_stored(path: Path, transfer_syntax_uid: str) -> tuple[bytes, int] | None:
+    """A stored Part 10 file's bytes and where its dataset starts (after the file meta).
+
+    None when the file cannot go whole: larger than ``MAX_WHOLE_BYTES``, without a preamble and ``DICM``,
+    a file meta that is not explicit VR little endian group 0002, or a file meta transfer syntax other than
+    ``transfer_syntax_uid``. The offset is where pydicom's ``split_dataset`` would put it: after the last
+    group 0002 element.
+    """
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_WHOLE_BYTES:
+                return None
+            data = f.read()
+    except OSError:
+        return None
+    if data[128:132] != b"DICM":
+        return None
+    pos, syntax = 132, None
+    while pos + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 2:
+            break
+        vr = data[pos + 4 : pos + 6]
+        if vr in _LONG_LENGTH_VRS:
+            if pos + 12 > len(data):
+                return None
+            (length,) = struct.unpack_from("<L", data, pos + 8)
+            header = 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            header = 8
+        if length == 0xFFFFFFFF or pos + header + length > len(data):
+            return None
+        if element == 0x0010:
+            syntax = data[pos + header : pos + header + length].rstrip(b"\0 ").decode("ascii", "replace")
+        pos += header + length
+    if syntax != transfer_syntax_uid:
+        return None
+    return data, pos
+
+
+def p_data_stream(
+    context_id: int, command: bytes, dataset: bytes | memoryview | None, max_pdu_length: int
+) -> bytes:
+    """A DIMSE message's P-DATA-TF PDUs, encoded, one PDV each: what pynetdicom's ``encode_msg`` would send.
+
+    The command set's fragments carry control bits 01 and, the last, 11; the data set's (when there is
+    one) 00 and 10 (PS3.8 E.2). Each PDU's length (``max_pdu_length``, the peer's maximum; 0 for none) is
+    the PDV item with its 4-byte length field.
+    """
+    parts: list[bytes | memoryview] = []
+    pieces = [(memoryview(command), 0x01, 0x03)]
+    if dataset is not None:
+        pieces.append((memoryview(dataset), 0x00, 0x02))
+    for data, more, last in pieces:
+        step = len(data) if max_pdu_length == 0 else max_pdu_length - 6
+        count = max(1, -(-len(data) // step)) if step else 1
+        for i in range(count):
+            fragment = data[i * step : (i + 1) * step]
+            control = last if i == count - 1 else more
+            parts.append(_P_DATA_HEADER.pack(4, 0, len(fragment) + 6, len(fragment) + 2, context_id, control))
+            parts.append(fragment)
+    return b"".join(parts)
+
+
+def _element(element: int, value: bytes, pad: bytes) -> bytes:
+    """A group 0000 element, implicit VR little endian, its value padded to an even length."""
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HHL", 0, element, len(value)) + value
+
+
+def _us(element: int, value: int) -> bytes:
+    return struct.pack("<HHLH", 0, element, 2, value)
+
+
+def _command_set(body: list[bytes]) -> bytes:
+    """Group length first, then the elements (in tag order), as pynetdicom encodes a command set."""
+    encoded = b"".join(body)
+    return struct.pack("<HHLL", 0, 0x0000, 4, len(encoded)) + encoded
+
+
+def store_command(req: C_STORE) -> bytes:
+    """The command set of a C-STORE request (PS3.7 9.3.1.1), encoded as pynetdicom encodes it (implicit VR
+    little endian, an unset optional element left out)."""
+    body = [
+        _element(0x0002, str(req.AffectedSOPClassUID).encode("ascii"), b"\0"),
+        _us(0x0100, 0x0001),  # Command Field: C-STORE-RQ
+        _us(0x0110, req.MessageID),
+        _us(0x0700, req.Priority),
+        _us(0x0800, 0x0001),  # Command Data Set Type: a data set follows
+        _element(0x1000, str(req.AffectedSOPInstanceUID).encode("ascii"), b"\0"),
+    ]
+    if req.MoveOriginatorApplicationEntityTitle is not None:
+        body.append(_element(0x1030, req.MoveOriginatorApplicationEntityTitle.encode("ascii"), b" "))
+    if req.MoveOriginatorMessageID is not None:
+        body.append(_us(0x1031, req.MoveOriginatorMessageID))
+    return _command_set(body)
+
+
+def store_response_command(rsp: C_STORE) -> bytes | None:
+    """The command set of a C-STORE response (PS3.7 9.3.1.2) as pynetdicom encodes it; None for a response
+    that carries an Offending Element or an Error Comment (pynetdicom encodes those)."""
+    if rsp.OffendingElement is not None or rsp.ErrorComment is not None or rsp.Status is None:
+        return None
+    body = []
+    if rsp.AffectedSOPClassUID is not None:
+        body.append(_element(0x0002, str(rsp.AffectedSOPClassUID).encode("ascii"), b"\0"))
+    body += [
+        _us(0x0100, 0x8001),  # Command Field: C-STORE-RSP
+        _us(0x0120, rsp.MessageIDBeingRespondedTo),
+        _us(0x0800, 0x0101),  # Command Data Set Type: none
+        _us(0x0900, rsp.Status),
+    ]
+    if rsp.AffectedSOPInstanceUID is not None:
+        body.append(_element(0x1000, str(rsp.AffectedSOPInstanceUID).encode("ascii"), b"\0"))
+    return _command_set(body)
+
+
+def answer_stores_directly(assoc: Association) -> None:
+    """Send a C-STORE response's command set, encoded directly, in one write (installed by ``tune_socket``).
+
+    Taken when no handler wants the DIMSE message (``skip_unlogged_messages`` unbinds pynetdicom's logging
+    one) and the DUL's direct path can write now (``send_data_directly``); any other message, or a
+    response with an Error Comment or Offending Element, goes through pynetdicom's ``send_msg``.
+    """
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None or getattr(dimse, "_harmonode_store_answers", False):
+        return
+    original = dimse.send_msg
+
+    def send_msg(self: Any, primitive: Any, context_id: int) -> None:
+        send_whole = getattr(assoc.dul, "_harmonode_send_whole", None)
+        if (
+            send_whole is not None
+            and isinstance(primitive, C_STORE)
+            and primitive.MessageIDBeingRespondedTo is not None
+            and not assoc.get_handlers(evt.EVT_DIMSE_SENT)
+            and all(h is standard_pdu_sent_handler for h, _ in assoc.get_handlers(evt.EVT_PDU_SENT))
+        ):
+            command = store_response_command(primitive)
+            if command is not None and send_whole(p_data_stream(context_id, command, None, self.maximum_pdu_size)):
+                return
+        original(primitive, context_id)
+
+    dimse.send_msg = types.MethodType(send_msg, dimse)  # type: ignore[method-assign]
+    dimse._harmonode_store_answers = True  # type: ignore[attr-defined]
+
+
+def _store_whole(
+    assoc: Association,
+    instance: StoredInstance,
+    context_id: int,
+    msg_id: int,
+    priority: int,
+    originator_aet: str | None,
+    originator_id: int | None,
+) -> Dataset | None:
+    """``Association.send_c_store`` for a stored file, its request written in one go; None: not sent, use
+    pynetdicom's own (the file cannot go whole).
+
+    The steps are pynetdicom 3.0's: build the request, pause the reactor, send, wait for the response,
+    release the reactor, no response handled as it handles it, the status checked as it checks it.
+    """
+    stored = read_stored(instance.stored_path, instance.stored_syntax)
+    if stored is None:
+        return None
+    data, offset = stored
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.Priority = priority
+    req.MoveOriginatorApplicationEntityTitle = originator_aet
+    req.MoveOriginatorMessageID = originator_id
+    req.AffectedSOPClassUID = instance.SOPClassUID
+    req.AffectedSOPInstanceUID = instance.SOPInstanceUID
+    req._dataset_path = (instance.stored_path, offset)  # what pynetdicom's send reads, should it have to
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        _send_store_request(assoc, req, context_id, memoryview(data)[offset:])
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if rsp is None:
+        assoc._handle_no_response()
+        return Dataset()
+    return assoc._check_received_status(rsp)
+
+
+def _send_store_request(assoc: Association, req: C_STORE, context_id: int, dataset: memoryview) -> None:
+    """``DIMSEServiceProvider.send_msg`` for a C-STORE request, its PDUs in one write when the DUL allows."""
+    max_pdu = assoc.dimse.maximum_pdu_size
+    # Only pynetdicom's own logging handler (which logs nothing for P-DATA) may want each PDU sent.
+    whole = all(handler is standard_pdu_sent_handler for handler, _ in assoc.get_handlers(evt.EVT_PDU_SENT))
+    if whole and not assoc.get_handlers(evt.EVT_DIMSE_SENT):  # no one to see the message: not built
+        if assoc.dul._harmonode_send_whole(p_data_stream(context_id, store_command(req), dataset, max_pdu)):
+            return
+        whole = False
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    message.context_id = context_id
+    evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
+    if whole:
+        command = encode(message.command_set, True, True)
+        if assoc.dul._harmonode_send_whole(p_data_stream(context_id, command, dataset, max_pdu)):
+            return
+    for pdata in message.encode_msg(context_id, max_pdu):
+        assoc.dul.send_pdu(pdata)
+
+
+_STANDARD_LOGGING = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
+def skip_unlogged_messages(assoc: Association) -> None:
+    """Unbind pynetdicom's standard logging handlers from ``assoc`` when its logger drops what they log.
+
+    They log each message and PDU at INFO and DEBUG only, but format it first: two strings and a decoded
+    command set per C-STORE sub-operation. Kept when the ``pynetdicom`` logger is enabled for INFO.
+    """
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO) or not hasattr(assoc, "get_handlers"):
+        return
+    for event, handler in _STANDARD_LOGGING:
+        if any(bound is handler for bound, _ in assoc.get_handlers(event)):
+            assoc.unbind(event, handler)
+
+
 def send_stored_files(assoc: Association) -> None:
-    """Let ``assoc.send_c_store`` take ``StoredInstance`` markers (idempotent: once per association)."""
+    """Let ``assoc.send_c_store`` take ``StoredInstance`` markers (idempotent: once per association).
+
+    Its messages are left unlogged where pynetdicom's logger would drop them (``skip_unlogged_messages``).
+    """
     if getattr(assoc, "_harmonode_raw_send", False):
         return
+    skip_unlogged_messages(assoc)
     assoc.send_c_store = types.MethodType(_send_stored(assoc.send_c_store), assoc)  # type: ignore[method-assign]
     assoc._harmonode_raw_send = True  # type: ignore[attr-defined]
 

@@ -9,7 +9,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from peers import run_tool
@@ -98,3 +98,27 @@ def test_duplicate_identical_is_noop_and_different_is_new_version(node):
     rows = node.index.query("SELECT version FROM instances WHERE sop_instance_uid=?", (ds.SOPInstanceUID,))
     assert sorted(r["version"] for r in rows) == [1, 2]
     assert node.index.series(ds.SeriesInstanceUID)["instance_count"] == 2
+
+
+@pytest.mark.parametrize(
+    ("sop_instance", "syntax"),
+    [("1.2.3.4", "1.2.840.10008.1.2.1"), ("1.2.3.45", "1.2.840.10008.1.2"), ("1.2.3 ", "1.2.840.10008.1.2.1")],
+)
+def test_received_part10_is_what_pynetdicom_encodes(sop_instance: str, syntax: str) -> None:
+    # handlers.store.received_part10 stands for Event.encoded_dataset(include_meta=True).
+    from io import BytesIO
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event
+    from pynetdicom.presentation import build_context
+
+    from handlers.store import received_part10
+
+    req = C_STORE()
+    req.MessageID, req.AffectedSOPClassUID = 1, "1.2.840.10008.5.1.4.1.1.2"
+    req.AffectedSOPInstanceUID = sop_instance
+    req.DataSet = BytesIO(b"\x08\x00\x16\x00UI\x1a\x001.2.840.10008.5.1.4.1.1.2\x00" + bytes(range(256)) * 40)
+    context = build_context(req.AffectedSOPClassUID, syntax)
+    event = Event(SimpleNamespace(), evt.EVT_C_STORE, {"request": req, "context": context})
+    assert received_part10(event) == event.encoded_dataset(include_meta=True)

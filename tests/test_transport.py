@@ -258,3 +258,194 @@ def test_thinned_pending_responses_keep_the_first_and_drop_the_rest_within_the_i
     dimse.send_msg(find, 1)
     dimse.send_msg(find, 1)  # C-FIND matches are never dropped
     assert [int(p.Status) for p in sent] == [0xFF00, 0x0000, 0xFF00, 0xFF00]
+
+
+def _stored_file(tmp_path, size: int):  # noqa: ANN001, ANN202 - a small fixture-like helper
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom.sop_class import CTImageStorage
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.ImplementationClassUID = generate_uid()
+    ds.PatientName = "WHOLE^SEND"
+    ds.BitsAllocated, ds.PixelData = 16, bytes(range(256)) * (size // 256)
+    path = tmp_path / f"{size}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds
+
+
+def test_read_stored_finds_the_dataset_where_pydicom_does(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom.dsutils import split_dataset
+
+    path, _ = _stored_file(tmp_path, 4096)
+    data, offset = transport.read_stored(path, ExplicitVRLittleEndian)
+    assert data == path.read_bytes() and offset == split_dataset(path)[1]
+    assert transport.read_stored(path, ImplicitVRLittleEndian) is None  # file meta says otherwise: not whole
+    headless = tmp_path / "headless.dcm"
+    headless.write_bytes(data[132:])
+    assert transport.read_stored(headless, ExplicitVRLittleEndian) is None
+    monkeypatch.setattr(transport, "MAX_WHOLE_BYTES", len(data) - 1)
+    assert transport.read_stored(path, ExplicitVRLittleEndian) is None  # too large to go whole
+
+
+def test_whole_message_is_byte_for_byte_what_pynetdicom_sends(tmp_path) -> None:  # noqa: ANN001
+    # p_data_stream stands for DIMSEMessage.encode_msg of a C-STORE-RQ whose data set is read from a file.
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+    from pynetdicom.pdu import P_DATA_TF
+
+    for size, max_pdu in ((40000, 16384), (40000, 0), (0, 16384), (100000, 4096), (16378 * 3, 16384)):
+        path, ds = _stored_file(tmp_path, size)
+        data, offset = transport.read_stored(path, ExplicitVRLittleEndian)
+        req = C_STORE()
+        req.MessageID, req.Priority = 7, 2
+        req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        req.MoveOriginatorApplicationEntityTitle, req.MoveOriginatorMessageID = "MOVER", 3
+        req._dataset_path = (path, offset)
+        message = C_STORE_RQ()
+        message.primitive_to_message(req)
+        theirs = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(5, max_pdu))
+        ours = transport.p_data_stream(5, encode(message.command_set, True, True), memoryview(data)[offset:], max_pdu)
+        assert ours == theirs, (size, max_pdu)
+    for aet, originator_id in (("MOVER", 3), ("ODD", 65535), ("", 1), (None, None), ("SIXTEEN_CHARS_AE", None)):
+        req = C_STORE()
+        req.MessageID, req.Priority = 65535, 1
+        req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = ds.SOPClassUID, "1.2.3.45"
+        req.MoveOriginatorApplicationEntityTitle, req.MoveOriginatorMessageID = aet, originator_id
+        req._dataset_path = (path, offset)
+        message = C_STORE_RQ()
+        message.primitive_to_message(req)
+        assert transport.store_command(req) == encode(message.command_set, True, True), (aet, originator_id)
+
+
+def test_whole_send_relies_on_send_c_store_steps_and_quiet_pdu_logging() -> None:
+    # _store_whole repeats Association.send_c_store's steps for a file path; _send_store_request repeats
+    # DIMSEServiceProvider.send_msg; P-DATA PDUs sent whole skip EVT_PDU_SENT, whose standard handler is silent.
+    from pynetdicom import _handlers
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    store = inspect.getsource(Association.send_c_store)
+    for step in (
+        "req.MoveOriginatorApplicationEntityTitle = originator_aet",
+        "req._dataset_path = (fpath, offset)",
+        'context = self._get_valid_context(\n            sop_class, tsyntax, "scu", allow_conversion=allow_conversion',
+        "self.dimse.send_msg(req, cast(int, context.context_id))",
+        "cx_id, rsp = self.dimse.get_msg(block=True)",
+        "self._handle_no_response()",
+        "status = self._check_received_status(rsp)",
+    ):
+        assert step in store, step
+    send_msg = inspect.getsource(DIMSEServiceProvider.send_msg)
+    assert "dimse_msg.primitive_to_message(primitive)" in send_msg and "EVT_DIMSE_SENT" in send_msg
+    assert 'self._data_set_path = getattr(primitive, "_dataset_path", None)' in inspect.getsource(
+        C_STORE_RQ.primitive_to_message
+    )
+    assert inspect.getsource(_handlers._send_data_tf).rstrip().endswith("return []")
+    assert "standard_pdu_sent_handler" in inspect.getsource(Association._bind_defaults)
+
+
+def test_stored_files_go_whole_and_arrive_as_stored(tmp_path) -> None:  # noqa: ANN001
+    """A tuned requestor sends StoredInstances in one write each; the acceptor receives the stored bytes."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.sop_class import CTImageStorage
+
+    received: list[bytes] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.request.DataSet.getvalue())
+        return 0x0000
+
+    answers: list[int] = []  # the acceptor's responses written whole (answer_stores_directly)
+
+    def on_open(event: evt.Event) -> None:
+        transport.tune_socket(event)
+        send_whole = event.assoc.dul._harmonode_send_whole
+        event.assoc.dul._harmonode_send_whole = lambda stream: answers.append(len(stream)) or send_whole(stream)
+
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    handlers = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, on_store)]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    whole: list[int] = []
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate(
+            "127.0.0.1", port, ae_title="SCP", evt_handlers=[(evt.EVT_CONN_OPEN, transport.prepare_store_association)]
+        )
+        assert assoc.is_established
+        original = assoc.dul._harmonode_send_whole
+        assoc.dul._harmonode_send_whole = lambda stream: whole.append(len(stream)) or original(stream)
+        files = [_stored_file(tmp_path, size) for size in (0, 40000, 300000)]
+        statuses = []
+        for path, ds in files:
+            instance = transport.StoredInstance(path, CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+            statuses.append(assoc.send_c_store(instance, msg_id=len(statuses) + 1).Status)
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0x0000] * 3 and len(whole) == 3 and len(answers) == 3
+    for (path, _), got in zip(files, received, strict=True):
+        data, offset = transport.read_stored(path, ExplicitVRLittleEndian)
+        assert got == data[offset:]
+
+
+def test_standard_logging_is_unbound_only_when_its_logger_drops_it() -> None:
+    # skip_unlogged_messages relies on the standard handlers being bound by default and logging below WARNING.
+    import logging
+    from types import SimpleNamespace
+
+    from pynetdicom import _handlers
+
+    source = inspect.getsource(_handlers)
+    assert "LOGGER.warning" not in source and "LOGGER.error" not in source and "LOGGER.critical" not in source
+    bound = {event: [(handler, None)] for event, handler in transport._STANDARD_LOGGING}
+    unbound: list = []
+    assoc = SimpleNamespace(get_handlers=lambda event: bound[event], unbind=lambda e, h: unbound.append(e))
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        transport.skip_unlogged_messages(assoc)  # type: ignore[arg-type]
+        assert unbound == []
+        logger.setLevel(logging.WARNING)
+        transport.skip_unlogged_messages(assoc)  # type: ignore[arg-type]
+        assert unbound == [event for event, _ in transport._STANDARD_LOGGING]
+    finally:
+        logger.setLevel(level)
+    defaults = inspect.getsource(Association._bind_defaults)
+    assert all(handler.__name__ in defaults for _, handler in transport._STANDARD_LOGGING)
+
+
+def test_store_response_command_is_what_pynetdicom_encodes() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import CTImageStorage
+
+    for status, uids in ((0x0000, True), (0xA700, True), (0xB007, False), (0xC213, True)):
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo, rsp.Status = 65535 if uids else 1, status
+        if uids:
+            rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = CTImageStorage, "1.2.3.456"
+        message = C_STORE_RSP()
+        message.primitive_to_message(rsp)
+        assert transport.store_response_command(rsp) == encode(message.command_set, True, True), status
+        assert transport.p_data_stream(3, transport.store_response_command(rsp), None, 16384) == b"".join(
+            transport.P_DATA_TF(p).encode() for p in message.encode_msg(3, 16384)
+        )
+    rsp.ErrorComment = "why"
+    assert transport.store_response_command(rsp) is None  # pynetdicom encodes it
+    # The C-STORE SCP answers through dimse.send_msg, which answer_stores_directly wraps.
+    from pynetdicom.service_class import StorageServiceClass
+
+    assert "self.dimse.send_msg(rsp, cx_id)" in inspect.getsource(StorageServiceClass.SCP)
