@@ -10,10 +10,14 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from peers import peer_env, run_tool, system_tool
+from peers import free_port, peer_env, run_tool, system_tool, wait_until
 from simulator.studies import simulate_study, write_study
+from storage.store import Store, StoreSettings, open_store
 
 ROOT = Path(__file__).parent.parent
 
@@ -148,3 +152,43 @@ def results_exactly_once(orthanc, store, study_uids: list[str]) -> None:  # noqa
             "/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}}
         )
         assert len(found) == 1, f"study {study_uid}: {len(found)} SR in Orthanc"
+
+
+@dataclass
+class Cluster:
+    """A running cluster of the tests: its processes, its config, the store read from the test, the workers."""
+
+    procs: Processes
+    config: Path
+    store: Store
+    workers: list[subprocess.Popen[bytes]]
+    port: int
+
+
+@contextmanager
+def running_cluster(
+    root: Path, broker: str, database: str, orthanc_port: int, workers: int = 1, env: dict[str, str] | None = None
+) -> Iterator[Cluster]:
+    """``listen``, ``workers`` × ``work`` and ``dispatch`` as processes of one config; every log printed on failure.
+
+    The listener answers C-ECHO before the workers start; the test reads the cluster's database through a
+    store of its own (closed, and every process stopped, at the end).
+    """
+    port = free_port()
+    config = write_config(root, port, broker, database, orthanc_port)
+    procs = Processes(root, config, env)
+    store = None
+    try:
+        procs.start("listen", "listen")
+        wait_until(lambda: echo(port), timeout=60, interval=0.2, what="the listener to answer C-ECHO")
+        started = [procs.start(f"work-{chr(97 + i)}", "work") for i in range(workers)]
+        procs.start("dispatch", "dispatch")
+        store = open_store(root / "store", StoreSettings(database=database))
+        yield Cluster(procs, config, store, started, port)
+    except BaseException:
+        print(procs.logs())
+        raise
+    finally:
+        procs.stop_all()
+        if store is not None:
+            store.close()

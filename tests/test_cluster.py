@@ -22,11 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from clusternode import ROOT, Processes, echo, push, results_exactly_once, settled, studies, write_config
-from peers import free_port, running_orthanc, wait_until
+from clusternode import ROOT, push, results_exactly_once, running_cluster, settled, studies
+from peers import running_orthanc, wait_until
 from pg import scratch_database
 from rabbit import Broker, broker_or_start
-from storage.store import StoreSettings, open_store
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
@@ -40,19 +39,13 @@ def pg_url() -> Iterator[str]:
 def test_two_workers_one_killed_mid_series_every_study_gets_its_results_once(tmp_path: Path, pg_url: str) -> None:
     broker, own = broker_or_start(tmp_path / "rabbit")
     study_uids, folder = studies(tmp_path, 20, first_seed=300)
-    port = free_port()
-    with running_orthanc(tmp_path / "orthanc", count_receptions=True) as orthanc:
-        config = write_config(tmp_path, port, broker, pg_url, orthanc.dicom_port)
-        procs = Processes(tmp_path, config)
-        store = None
-        try:
-            procs.start("listen", "listen")
-            wait_until(lambda: echo(port), timeout=60, interval=0.2, what="the listener to answer C-ECHO")
-            worker_a = procs.start("work-a", "work")
-            procs.start("work-b", "work")
-            procs.start("dispatch", "dispatch")
-            store = open_store(tmp_path / "store", StoreSettings(database=pg_url))
-            push(port, folder)
+    try:
+        with (
+            running_orthanc(tmp_path / "orthanc", count_receptions=True) as orthanc,
+            running_cluster(tmp_path, broker, pg_url, orthanc.dicom_port, workers=2) as cluster,
+        ):
+            store, worker_a = cluster.store, cluster.workers[0]
+            push(cluster.port, folder)
 
             def a_is_mid_series() -> bool:
                 rows = store.queue.jobs(("running",))
@@ -71,7 +64,7 @@ def test_two_workers_one_killed_mid_series_every_study_gets_its_results_once(tmp
             results_exactly_once(orthanc, store, study_uids)
             status = json.loads(
                 subprocess.run(
-                    [sys.executable, "-m", "node.cli", "status", "--json", "--config", str(config)],
+                    [sys.executable, "-m", "node.cli", "status", "--json", "--config", str(cluster.config)],
                     capture_output=True,
                     text=True,
                     env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -80,32 +73,21 @@ def test_two_workers_one_killed_mid_series_every_study_gets_its_results_once(tmp
             )
             alive = {w["pid"]: w["alive"] for w in status["cluster"]["workers"]}
             assert alive.get(worker_a.pid) is False and any(alive.values()), status["cluster"]
-        except BaseException:
-            print(procs.logs())
-            raise
-        finally:
-            procs.stop_all()
-            if store is not None:
-                store.close()
-            if own is not None:
-                own.stop()
+    finally:
+        if own is not None:
+            own.stop()
 
 
 def test_a_broker_restarted_without_its_disk_loses_no_job(tmp_path: Path, pg_url: str) -> None:
     broker = Broker(tmp_path / "rabbit").start()
     study_uids, folder = studies(tmp_path, 6, first_seed=400)
-    port = free_port()
-    with running_orthanc(tmp_path / "orthanc", count_receptions=True) as orthanc:
-        config = write_config(tmp_path, port, broker.url, pg_url, orthanc.dicom_port)
-        procs = Processes(tmp_path, config)
-        store = None
-        try:
-            procs.start("listen", "listen")
-            wait_until(lambda: echo(port), timeout=60, interval=0.2, what="the listener to answer C-ECHO")
-            procs.start("work", "work")
-            procs.start("dispatch", "dispatch")
-            store = open_store(tmp_path / "store", StoreSettings(database=pg_url))
-            push(port, folder)
+    try:
+        with (
+            running_orthanc(tmp_path / "orthanc", count_receptions=True) as orthanc,
+            running_cluster(tmp_path, broker.url, pg_url, orthanc.dicom_port) as cluster,
+        ):
+            store = cluster.store
+            push(cluster.port, folder)
 
             def backlog() -> bool:
                 jobs = store.queue.jobs(("ready",))
@@ -120,14 +102,8 @@ def test_a_broker_restarted_without_its_disk_loses_no_job(tmp_path: Path, pg_url
             wait_until(lambda: settled(store, 6), timeout=420, interval=0.5, what="every study analysed and sent")
             done = {j["id"]: j["state"] for j in store.queue.jobs() if j["id"] in waiting}
             assert set(done.values()) == {"done"}, done
-            relayed = "".join(procs.log(n) for n in procs.procs)
+            relayed = "".join(cluster.procs.log(n) for n in cluster.procs.procs)
             assert "its message was lost" in relayed, "the relay never published a lost job again"
             results_exactly_once(orthanc, store, study_uids)
-        except BaseException:
-            print(procs.logs())
-            raise
-        finally:
-            procs.stop_all()
-            if store is not None:
-                store.close()
-            broker.stop()
+    finally:
+        broker.stop()

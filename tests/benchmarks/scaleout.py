@@ -25,11 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from clusternode import Processes, echo, push, settled, studies, write_config  # noqa: E402
+from clusternode import Processes, echo, push, running_cluster, settled, studies  # noqa: E402
 from peers import free_port, running_orthanc, wait_until  # noqa: E402
 from pg import scratch_database  # noqa: E402
 from rabbit import broker_or_start  # noqa: E402
-from storage.store import StoreSettings, open_store  # noqa: E402
+from storage.store import open_store  # noqa: E402
 
 
 def embedded(root: Path, folder: Path, n: int, orthanc_port: int, env: dict) -> tuple[float, list[dict]]:
@@ -59,24 +59,12 @@ def cluster(
     root: Path, folder: Path, n: int, workers: int, broker: str, orthanc_port: int, env: dict
 ) -> tuple[float, list]:
     """Seconds for the cluster with ``workers`` work processes to analyse and deliver ``n`` studies."""
-    port = free_port()
-    with scratch_database() as database:
-        config = write_config(root, port, broker, database, orthanc_port)
-        procs = Processes(root, config, env)
-        procs.start(f"listen-{workers}", "listen")
-        try:
-            wait_until(lambda: echo(port), timeout=60, interval=0.2, what="the listener")
-            for i in range(workers):
-                procs.start(f"work-{workers}-{i}", "work")
-            procs.start(f"dispatch-{workers}", "dispatch")
-            time.sleep(8)  # the workers connect to the broker (the embedded node is timed warm too)
-            t0 = time.monotonic()
-            push(port, folder)
-            with open_store(root / "store", StoreSettings(database=database)) as store:
-                wait_until(lambda: settled(store, n), timeout=1800, interval=0.5, what=f"the {workers}-worker run")
-                return time.monotonic() - t0, timings(store)
-        finally:
-            procs.stop_all()
+    with scratch_database() as database, running_cluster(root, broker, database, orthanc_port, workers, env) as c:
+        time.sleep(8)  # the workers connect to the broker (the embedded node is timed warm too)
+        t0 = time.monotonic()
+        push(c.port, folder)
+        wait_until(lambda: settled(c.store, n), timeout=1800, interval=0.5, what=f"the {workers}-worker run")
+        return time.monotonic() - t0, timings(c.store)
 
 
 def timings(store) -> list[dict]:  # noqa: ANN001
