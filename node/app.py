@@ -274,7 +274,8 @@ class Node:
             state = self.queue.fail(job, f"{type(exc).__name__}: {exc}")
             log.exception("job %d (%s) failed (%s)", job.id, job.kind, state)
         else:
-            self.queue.complete(job)
+            if not self.queue.complete(job):
+                log.warning("job %d (%s) finished here after another worker took it over", job.id, job.kind)
 
     def start(self, roles: tuple[str, ...] = ROLES) -> None:
         """Recover, then start the roles asked for."""

@@ -389,11 +389,14 @@ class JobQueue:
                 (now + self.lease_seconds, int(job_id), RUNNING, self.worker_id),
             )
 
-    def complete(self, job: Job) -> None:
-        """Mark a claimed job done."""
+    def complete(self, job: Job) -> bool:
+        """Mark a claimed job done; False when another worker has claimed it since (its run goes on)."""
         with self.lock:
-            self.db.conn.execute(
-                "UPDATE jobs SET state=?, last_error='', updated_at=? WHERE id=?", (DONE, time.time(), job.id)
+            return bool(
+                self.db.conn.execute(
+                    "UPDATE jobs SET state=?, last_error='', updated_at=? WHERE id=? AND NOT (state=? AND worker!=?)",
+                    (DONE, time.time(), job.id, RUNNING, self.worker_id),
+                ).rowcount
             )
 
     def policy(self, kind: str) -> QueueSettings:
@@ -403,18 +406,20 @@ class JobQueue:
     def fail(self, job: Job, error: str, retry: bool = True, now: float | None = None) -> str:
         """Record a failure: back to ``ready`` after its kind's backoff, or ``dead`` when attempts are spent.
 
-        Returns the new state.
+        Returns the new state, or ``taken over`` when this process no longer holds the job (its lease was
+        released or another worker claimed it): the row is then left as it is.
         """
         now = time.time() if now is None else now
         dead = not retry or job.attempts >= job.max_attempts
         delay = self.policy(job.kind).delay(job.attempts)
         state = DEAD if dead else READY
         with self.lock:
-            self.db.conn.execute(
-                "UPDATE jobs SET state=?, last_error=?, next_attempt_at=?, lease_until=0, updated_at=? WHERE id=?",
-                (state, error[:2000], now + (0 if dead else delay), now, job.id),
-            )
-        return state
+            held = self.db.conn.execute(
+                "UPDATE jobs SET state=?, last_error=?, next_attempt_at=?, lease_until=0, updated_at=?"
+                " WHERE id=? AND state=? AND worker=?",
+                (state, error[:2000], now + (0 if dead else delay), now, job.id, RUNNING, self.worker_id),
+            ).rowcount
+        return str(state) if held else "taken over"
 
     def release_orphans(self) -> int:
         """Put back to ``ready`` the jobs that a dead process of this host had claimed; return how many.

@@ -5,6 +5,7 @@ The relay against a real broker is tested in ``tests/test_cluster.py``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +121,22 @@ def test_a_dropped_postgresql_connection_fails_one_statement_and_the_next_reconn
         finally:
             index.close()
             queue.close()
+
+
+def test_a_worker_that_lost_its_job_does_not_overwrite_the_one_that_took_it(queue: JobQueue) -> None:
+    job_id = queue.enqueue("analyze-series", "slow")
+    mine = queue.claim_job(job_id)
+    assert mine is not None
+    other = JobQueue.__new__(JobQueue)  # a second process's view of the same queue: its own worker id
+    other.__dict__.update(queue.__dict__)
+    other.worker_id = "another-host:4242:1"
+    later = time.time() + queue.lease_seconds + 1
+    assert queue.release_stale(now=later) == 1  # this worker's lease ran out (a long pause)
+    theirs = other.claim_job(job_id, now=later)
+    assert theirs is not None and theirs.attempts == 2
+    assert queue.fail(mine, "late error") == "taken over"  # the row stays the other worker's
+    assert queue.complete(mine) is False
+    row = {j["id"]: j for j in queue.jobs()}[job_id]
+    assert row["state"] == RUNNING and row["worker"] == other.worker_id and row["last_error"] == ""
+    assert other.complete(theirs) is True
+    assert {j["id"]: j for j in queue.jobs()}[job_id]["state"] == "done"
