@@ -143,6 +143,11 @@ def results_exactly_once(orthanc, store, study_uids: list[str]) -> None:  # noqa
             " WHERE s.origin = 'result'"
         )
     }
+    # Orthanc's log of receptions is written by Orthanc: give its last lines a moment to reach the file
+    try:
+        wait_until(lambda: made <= set(orthanc.receptions()), timeout=30, interval=0.2, what="Orthanc's log")
+    except AssertionError:
+        pass  # the assertions below say what is missing
     received = collections.Counter(orthanc.receptions())
     twice = {uid: n for uid, n in received.items() if n > 1}
     assert twice == {}, f"received more than once: {twice}"

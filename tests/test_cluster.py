@@ -89,12 +89,12 @@ def test_a_broker_restarted_without_its_disk_loses_no_job(tmp_path: Path, pg_url
             store = cluster.store
             push(cluster.port, folder)
 
-            def backlog() -> bool:
-                jobs = store.queue.jobs(("ready",))
-                return sum(j["kind"] == "analyze-series" for j in jobs) >= 2
+            def in_the_broker() -> list[tuple[int, str, float]]:
+                """Analysis jobs whose message went out and waits in the broker (not those not yet published)."""
+                return store.queue.published_waiting(("analyze-series",), 0.0, time.time())
 
-            wait_until(backlog, timeout=120, interval=0.05, what="analysis jobs waiting in the broker")
-            waiting = {j["id"] for j in store.queue.jobs(("ready",)) if j["kind"] == "analyze-series"}
+            wait_until(lambda: len(in_the_broker()) >= 2, timeout=120, interval=0.05, what="messages in the broker")
+            waiting = {job_id for job_id, _, _ in in_the_broker()}
             broker.stop()
             broker.wipe()
             time.sleep(1.0)
