@@ -35,6 +35,7 @@ from node.pipeline import (
     Worker,
     finish_series,
     load_series,
+    settle_series,
 )
 from rules.keys import ConditionKey
 from rules.registry import MatchKind, RuleMatch, RuleRegistry
@@ -155,15 +156,14 @@ def series_results(job: Job, worker: Worker) -> None:
     if series is None or series["state"] == SeriesState.RECEIVING:
         log.info("job %d: series %s is gone or reopened; its results wait for the next analysis", job.id, uid)
         return
-    try:
+
+    def stages() -> bool:
         analysed = analysed_from(job.payload, worker, RuleRegistry(worker.index.db, worker.index.lock))
         if analysed is None:
-            return
+            return False
         finish_series(worker, analysed)
-    except Exception as exc:
-        worker.index.update_series(uid, state=SeriesState.FAILED, error=f"{type(exc).__name__}: {exc}")
-        raise
-    if worker.index.series(uid)["state"] == SeriesState.PROCESSING:
-        worker.index.update_series(uid, state=SeriesState.DONE)
+        return True
+
+    settle_series(worker.index, uid, stages)
     if job.payload.get("values_file"):
         Path(job.payload["values_file"]).unlink(missing_ok=True)

@@ -408,20 +408,8 @@ def finish_series(worker: Worker, analysed: Analysed) -> SeriesOutcome:
     if loaded.datasets or loaded.volume is not None:
         objects = _timed(t, "results", result_objects, loaded, key, match, detection, worker.settings, harmonized)
         results = _timed(t, "results", store_results, worker.files, worker.index, objects)
-        _timed(
-            t,
-            "results",
-            record_findings,
-            worker.index,
-            worker.queue,
-            worker.learning,
-            row,
-            detection.findings,
-            detection.features,
-            results,
-            detection.model_version,
-            str(key),
-        )
+        found = (detection.findings, detection.features, results, detection.model_version, str(key))
+        _timed(t, "results", record_findings, worker.index, worker.queue, worker.learning, row, *found)
         if worker.destinations:
             _timed(t, "deliver", enqueue_deliveries, worker.queue, worker.destinations, results, worker.index)
     else:
@@ -477,17 +465,28 @@ def analyze_series(job: Job, worker: Worker) -> None:
         log.info("job %d: series %s reopened by a late instance; it will complete again", job.id, uid)
         return
     worker.index.update_series(uid, state=SeriesState.PROCESSING, error="")
-    try:
+
+    def stages() -> bool:
         analysed = analyse_series(worker, uid)
         if worker.hand_off is not None:  # a cluster: the results are a task of the CPU queue (node.handoff)
             worker.hand_off(analysed)
-            return
+            return False
         finish_series(worker, analysed)
+        return True
+
+    settle_series(worker.index, uid, stages)
+
+
+def settle_series(index: Index, uid: str, stages: Callable[[], bool]) -> None:
+    """Run a job's stages on a series: ``failed`` (and re-raised) when they raise; ``done`` when they say they
+    finished it and the series is still ``processing`` (a late instance may have reopened it meanwhile)."""
+    try:
+        finished = stages()
     except Exception as exc:
-        worker.index.update_series(uid, state=SeriesState.FAILED, error=f"{type(exc).__name__}: {exc}")
+        index.update_series(uid, state=SeriesState.FAILED, error=f"{type(exc).__name__}: {exc}")
         raise
-    if worker.index.series(uid)["state"] == SeriesState.PROCESSING:
-        worker.index.update_series(uid, state=SeriesState.DONE)
+    if finished and index.series(uid)["state"] == SeriesState.PROCESSING:
+        index.update_series(uid, state=SeriesState.DONE)
 
 
 def _is_image_series(index: Index, series_uid: str) -> bool:
