@@ -265,3 +265,26 @@ def tls_files(directory: Path) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )  # fmt: skip
     return key, crt
+
+
+def write_noise_series(out: Path, n: int, size: int, seed: int) -> list[Path]:
+    """``n`` CT slices of one new series (pydicom's CT_small with ``size``² noise pixels), written to ``out``."""
+    from pydicom.data import get_testdata_file
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    del ds[0xFFFCFFFC]
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SeriesInstanceUID = generate_uid()
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [0, 0, float(i)]
+        ds.Rows = ds.Columns = size
+        ds.PixelData = rng.integers(0, 2000, (size, size), dtype=np.int16).tobytes()
+        path = out / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -16,12 +16,10 @@ import time
 from io import BytesIO
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from builders import write_noise_series
 from peers import free_port, peer_env, system_tool, wait_until
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -36,24 +34,7 @@ def dataset_body(raw: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def series_files(tmp_path_factory) -> list[Path]:
-    out = tmp_path_factory.mktemp("series")
-    ds = dcmread(get_testdata_file("CT_small.dcm"))
-    del ds[0xFFFCFFFC]
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SeriesInstanceUID = generate_uid()
-    rng = np.random.default_rng(1)
-    paths = []
-    for i in range(N_SLICES):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [0, 0, float(i)]
-        ds.PixelData = rng.integers(0, 2000, (128, 128), dtype=np.int16).tobytes()
-        ds.Rows = ds.Columns = 128
-        p = out / f"{i:04d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
+    return write_noise_series(tmp_path_factory.mktemp("series"), N_SLICES, 128, seed=1)
 
 
 def start_node(data_dir: Path, port: int) -> subprocess.Popen[bytes]:

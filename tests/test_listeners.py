@@ -18,13 +18,11 @@ import threading
 from io import BytesIO
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from test_crash import acknowledged, dataset_body
 
+from builders import write_noise_series
 from peers import free_port, peer_env, system_tool, wait_until
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -36,23 +34,7 @@ LANES = 4
 
 @pytest.fixture(scope="module")
 def slices(tmp_path_factory) -> list[Path]:
-    out = tmp_path_factory.mktemp("slices")
-    ds = dcmread(get_testdata_file("CT_small.dcm"))
-    del ds[0xFFFCFFFC]
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SeriesInstanceUID = generate_uid()
-    rng = np.random.default_rng(24)
-    paths = []
-    for i in range(N_SLICES):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        ds.Rows = ds.Columns = 256
-        ds.PixelData = rng.integers(0, 2000, (256, 256), dtype=np.int16).tobytes()
-        p = out / f"{i:04d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
+    return write_noise_series(tmp_path_factory.mktemp("slices"), N_SLICES, 256, seed=24)
 
 
 def start_node(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
