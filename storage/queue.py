@@ -332,25 +332,24 @@ class JobQueue:
     # -- the broker's side (node.cluster's relay): each attempt of a job gets one message --------------
     def to_publish(self, kinds: tuple[str, ...] | list[str], now: float) -> list[tuple[int, str, float]]:
         """(id, kind, published_at) of ready, due jobs without a message for their current attempt."""
-        marks = ",".join("?" for _ in kinds)
-        with self.lock:
-            rows = self.db.conn.execute(
-                f"SELECT id, kind, published_at FROM jobs WHERE kind IN ({marks}) AND state=? AND next_attempt_at<=?"
-                " AND published_at < next_attempt_at ORDER BY next_attempt_at, id",
-                (*kinds, READY, now),
-            ).fetchall()
-        return [(int(r[0]), str(r[1]), float(r[2])) for r in rows]
+        return self._ready_due(kinds, "published_at < next_attempt_at ORDER BY next_attempt_at, id", (), now)
 
     def published_waiting(
         self, kinds: tuple[str, ...] | list[str], older_than_s: float, now: float
     ) -> list[tuple[int, str, float]]:
         """(id, kind, published_at) of ready jobs whose message went out over ``older_than_s`` ago, unclaimed."""
+        where = "published_at >= next_attempt_at AND published_at <= ? ORDER BY id"
+        return self._ready_due(kinds, where, (now - older_than_s,), now)
+
+    def _ready_due(
+        self, kinds: tuple[str, ...] | list[str], where: str, params: tuple[Any, ...], now: float
+    ) -> list[tuple[int, str, float]]:
         marks = ",".join("?" for _ in kinds)
         with self.lock:
             rows = self.db.conn.execute(
                 f"SELECT id, kind, published_at FROM jobs WHERE kind IN ({marks}) AND state=? AND next_attempt_at<=?"
-                " AND published_at >= next_attempt_at AND published_at <= ? ORDER BY id",
-                (*kinds, READY, now, now - older_than_s),
+                f" AND {where}",
+                (*kinds, READY, now, *params),
             ).fetchall()
         return [(int(r[0]), str(r[1]), float(r[2])) for r in rows]
 
