@@ -8,6 +8,7 @@ Also the worker of the two-process claim test (``claim_until_empty``), importabl
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import shutil
@@ -37,7 +38,7 @@ class Server:
         """Stop a server the tests started (one found running is left alone)."""
         if self.started is None:
             return
-        subprocess.run([*self.stop_as, "pg_ctl", "-D", str(self.started), "-m", "immediate", "stop"],
+        subprocess.run([*self.stop_as, _postgres_tool("pg_ctl"), "-D", str(self.started), "-m", "immediate", "stop"],
                        capture_output=True, timeout=60)  # fmt: skip
         shutil.rmtree(self.started.parent, ignore_errors=True)
 
@@ -57,11 +58,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _postgres_tool(name: str) -> str:
+    """A PostgreSQL server program: on PATH, or where Debian's postgresql package puts it."""
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), "")
+    if not found:
+        raise RuntimeError(f"nothing answers on 127.0.0.1:5432 and {name} is missing: apt-get install postgresql")
+    return found
+
+
 def _start_own() -> Server:
     """initdb into a temp dir and pg_ctl start on a free port (as the postgres OS user when run as root)."""
-    for tool in ("initdb", "pg_ctl"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"nothing answers on 127.0.0.1:5432 and {tool} is not on PATH")
+    tools = {tool: _postgres_tool(tool) for tool in ("initdb", "pg_ctl")}
     top = Path(tempfile.mkdtemp(prefix="harmonode-pg-"))
     data, sock = top / "data", top / "sock"
     sock.mkdir()
@@ -72,8 +79,8 @@ def _start_own() -> Server:
         shutil.chown(sock, "postgres")
     port = _free_port()
     steps = [
-        [*prefix, "initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-        [*prefix, "pg_ctl", "-D", str(data), "-w", "-l", str(top / "log"), "-o",
+        [*prefix, tools["initdb"], "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        [*prefix, tools["pg_ctl"], "-D", str(data), "-w", "-l", str(top / "log"), "-o",
          f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
     ]  # fmt: skip
     for step in steps:
