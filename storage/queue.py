@@ -7,7 +7,7 @@ A worker that dies leaves its job ``running`` with an expired lease; ``claim`` t
 Every job must therefore be safe to run twice. ``claim_job`` claims one named job (a message from a broker
 names it) and takes it over from a worker whose process is gone or whose heartbeat is stale
 (``storage.workers``); ``published_at`` records when a job was last handed to a broker, so a reconciler can
-hand again what a broker lost (``due_unpublished``).
+hand again what a broker lost (``to_publish``, ``published_waiting``, ``swap_published``).
 
 On PostgreSQL (``storage.database``) the queue is the schema ``harmonode_queue``; ``claim`` skips rows another
 process is claiming at the same moment (``FOR UPDATE SKIP LOCKED``), so many processes claim at once and each
@@ -306,39 +306,17 @@ class JobQueue:
             return True
         return worker != self.worker_id and self.workers.is_stale(worker, self.stale_after_s, now, lease_until)
 
-    def mark_published(self, job_id: int, now: float | None = None) -> None:
-        """Record that a job was handed to a broker now (``due_unpublished`` then leaves it alone a while)."""
-        now = time.time() if now is None else now
-        with self.lock:
-            self.db.conn.execute("UPDATE jobs SET published_at=? WHERE id=?", (now, int(job_id)))
-
-    def due_unpublished(
-        self, kinds: tuple[str, ...] | list[str], older_than_s: float, now: float | None = None
-    ) -> list[Job]:
-        """Ready, due jobs of ``kinds`` not handed to a broker within the last ``older_than_s`` seconds.
-
-        Oldest due first: what a reconciler hands (again) to the broker, which may have lost it.
-        """
-        now = time.time() if now is None else now
-        marks = ",".join("?" for _ in kinds)
-        with self.lock:
-            rows = self.db.conn.execute(
-                f"SELECT id, kind, key, payload, attempts, max_attempts FROM jobs WHERE kind IN ({marks})"
-                " AND state=? AND next_attempt_at<=? AND published_at<? ORDER BY next_attempt_at, id",
-                (*kinds, READY, now, now - older_than_s),
-            ).fetchall()
-        return [Job(r[0], r[1], r[2], json.loads(r[3] or "{}"), r[4], r[5]) for r in rows]
-
     # -- the broker's side (node.cluster's relay): each attempt of a job gets one message --------------
     def to_publish(self, kinds: tuple[str, ...] | list[str], now: float) -> list[tuple[int, str, float]]:
         """(id, kind, published_at) of ready, due jobs without a message for their current attempt."""
-        return self._ready_due(kinds, "published_at < next_attempt_at ORDER BY next_attempt_at, id", (), now)
+        where = "(published_at < next_attempt_at OR published_at = 0) ORDER BY next_attempt_at, id"  # 0: never
+        return self._ready_due(kinds, where, (), now)
 
     def published_waiting(
         self, kinds: tuple[str, ...] | list[str], older_than_s: float, now: float
     ) -> list[tuple[int, str, float]]:
         """(id, kind, published_at) of ready jobs whose message went out over ``older_than_s`` ago, unclaimed."""
-        where = "published_at >= next_attempt_at AND published_at <= ? ORDER BY id"
+        where = "published_at >= next_attempt_at AND published_at > 0 AND published_at <= ? ORDER BY id"
         return self._ready_due(kinds, where, (now - older_than_s,), now)
 
     def _ready_due(

@@ -333,16 +333,17 @@ def test_claim_job_takes_an_expired_lease_but_not_a_live_one(target: str) -> Non
     other.close()
 
 
-def test_published_and_due_unpublished(target: str) -> None:
+def test_published_and_waiting(target: str) -> None:
     q = JobQueue(target)
     now = time.time()
     a, b, c = q.enqueue("k", "a"), q.enqueue("k", "b"), q.enqueue("other", "c")
-    assert [j.id for j in q.due_unpublished(["k"], 30, now + 1)] == [a, b]
-    q.mark_published(a, now)
-    assert [j.id for j in q.due_unpublished(["k"], 30, now + 1)] == [b]
-    assert [j.id for j in q.due_unpublished(["k", "other"], 30, now + 31)] == [a, b, c]
-    q.claim_job(b)
-    assert [j.id for j in q.due_unpublished(("k",), 30, now + 31)] == [a]
+    assert [j for j, _, _ in q.to_publish(["k"], now + 1)] == [a, b]
+    assert q.swap_published(a, 0.0, now + 1)
+    assert [j for j, _, _ in q.to_publish(["k"], now + 1)] == [b]
+    assert [j for j, _, _ in q.to_publish(["k", "other"], now + 31)] == [b, c]
+    assert [j for j, _, _ in q.published_waiting(["k"], 30, now + 31)] == [a]
+    q.claim_job(a)
+    assert q.published_waiting(("k",), 30, now + 31) == []
     q.close()
 
 
@@ -359,7 +360,7 @@ def test_an_old_queue_gains_published_at(tmp_path: Path) -> None:
     conn.close()
     q = JobQueue(path)
     assert "published_at" in q.db["jobs"].columns_dict
-    assert [j.id for j in q.due_unpublished(["k"], 30)] == [1]
+    assert [j for j, _, _ in q.to_publish(["k"], time.time())] == [1]
     q.close()
 
 
