@@ -12,8 +12,8 @@ versions they were checked against):
    gathers a message's fragments in memory without a limit.
 5. Sending stored files as stored (``send_stored_files``, ``StoredInstance``, ``enable_raw_sending``).
 6. Reactors that wait instead of polling (``wait_instead_of_polling``, installed by ``tune_socket``).
-7. Several listener processes on one port (``start_shared_server``): SO_REUSEPORT on the server socket
-   before it is bound, which pynetdicom's ``server_bind`` does not do (it ignores ``allow_reuse_port``).
+7. Connections handed to extra listener processes (``hand_over_connections`` in the parent,
+   ``HandedOverServer`` in each extra listener): the parent accepts, the least busy process serves.
 8. P-DATA sent from the thread that sends the message (``send_data_directly``, installed by ``tune_socket``).
 9. Fewer pending C-MOVE / C-GET responses (``thin_pending_responses``): at most one per interval.
 10. A stored file's C-STORE request written in one go (``send_stored_files``, ``p_data_stream``): the
@@ -579,6 +579,12 @@ class Door:
         log.warning("connection from %s closed at the door: %s", host, why)
         return False
 
+    def open_count(self) -> int:
+        """Connections open through this door now (negotiating or established)."""
+        with self._lock:
+            self._prune()
+            return len(self._open)
+
     def release(self, request: Any) -> None:
         """Count a connection out (``shutdown_request`` may run twice for one socket)."""
         with self._lock:
@@ -621,7 +627,8 @@ class Door:
 
         server.verify_request = types.MethodType(verify_request, server)
         server.shutdown_request = types.MethodType(shutdown_request, server)
-        server.get_request = types.MethodType(get_request, server)
+        if not isinstance(server, HandedOverServer):  # its connections come from the parent, not accept()
+            server.get_request = types.MethodType(get_request, server)
 
 
 # -- requests pynetdicom cannot serve ------------------------------------------------------------------
@@ -1010,39 +1017,124 @@ def prepare_store_association(event: evt.Event) -> None:
     send_stored_files(event.assoc)
 
 
-# -- several listener processes on one port (item 7) ------------------------------------------------------
-# ``[node] listeners > 1``: each listener process binds the same host:port with SO_REUSEPORT and the kernel
-# spreads incoming connections over them (by a hash of the connection's addresses and ports). pynetdicom's
-# ``AssociationServer.server_bind`` sets SO_REUSEADDR and binds, ignoring socketserver's
-# ``allow_reuse_port``: the subclass sets the option before that bind. Every process binding the port must
-# set it, so a listener started without it (another program, an old harmonode) makes the bind fail loudly.
+# -- connections handed to extra listener processes (item 7) -----------------------------------------------
+# ``[node] listeners > 1``: the parent alone listens. Its door admits a connection, then the parent either
+# serves it or passes the connected socket to the extra listener that serves the fewest (SCM_RIGHTS over a
+# Unix socket pair per extra listener, ``node.listeners.ConnectionDispatcher``); nothing has been read from
+# it yet, so the extra listener's association starts from the first byte, TLS handshake included. An extra
+# listener's server (``HandedOverServer``) takes its connections from that Unix socket instead of
+# ``accept``: pynetdicom's ``AssociationServer`` binds and listens in its constructor and accepts in
+# ``get_request``, so the subclass replaces those two steps and says, one byte each, when it is ready and
+# when a connection it was handed has ended (the parent counts what each one serves).
+# Why not SO_REUSEPORT: the kernel spreads connections by a hash of their ports, so four scanners on two
+# listeners land 3 + 1 or 4 + 0 five times in eight, and one process then serves most of the work.
 from pynetdicom.transport import ThreadedAssociationServer as _ThreadedAssociationServer  # noqa: E402
 from pynetdicom.utils import make_target as _make_target  # noqa: E402
 
+HANDOFF_READY = b"r"  # extra listener -> parent: serving
+HANDOFF_ENDED = b"x"  # extra listener -> parent: a connection it was handed has ended
+HANDOFF_PASSED = b"c"  # parent -> extra listener: this byte carries a connected socket
 
-class ReusePortServer(_ThreadedAssociationServer):
-    """pynetdicom's threaded association server, bound with SO_REUSEPORT (one port, several processes)."""
 
-    allow_reuse_port = True
+class HandedOverServer(_ThreadedAssociationServer):
+    """An extra listener's association server: connections arrive over ``handoff`` from the parent process.
+
+    Built by ``start_handed_over_server`` (pynetdicom's ``AE.make_server`` with this class); the door's
+    ``install`` keeps this class's ``get_request``. A connection counts as ended for the parent when its
+    association's connection closes (``EVT_CONN_CLOSE``), or when it is closed before it became one (refused
+    at this process's door).
+    """
+
+    handoff: socket.socket  # set on the subclass ``start_handed_over_server`` makes
 
     def server_bind(self) -> None:
-        """Set SO_REUSEPORT, then bind as pynetdicom does (SO_REUSEADDR, the network timeout)."""
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        """Use the Unix socket from the parent instead of binding the port (the parent holds it)."""
+        self.socket.close()
+        self.socket = self.handoff
+        self._unopened: set[int] = set()  # connections handed over that have no association yet
+
+    def server_activate(self) -> None:
+        """Nothing to listen on: the parent accepts."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """The next connection the parent passed (TLS wrapped, handshake left to ``tune_socket``)."""
+        message, fds, _, _ = socket.recv_fds(self.socket, 1, 1)
+        if not message:  # the parent closed its end: it is stopping, and so is this process
+            self._BaseServer__shutdown_request = True  # serve_forever's own stop flag
+            raise OSError("the parent closed the handoff socket")
+        client = socket.socket(fileno=fds[0])
+        address = client.getpeername()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+            client._harmonode_handshaken = False
+        self._unopened.add(id(client))
+        return client, address
+
+    def connection_opened(self, event: evt.Event) -> None:
+        """EVT_CONN_OPEN: the connection became an association's (its close is reported by the next)."""
+        self._unopened.discard(id(getattr(event.assoc.dul.socket, "socket", None)))
+
+    def connection_closed(self, event: evt.Event) -> None:
+        """EVT_CONN_CLOSE: tell the parent one fewer connection is served here."""
+        self._report_ended()
+
+    def shutdown_request(self, request: Any) -> None:
+        """Close a connection as pynetdicom does; one that never became an association is reported ended."""
+        super().shutdown_request(request)
+        if id(request) in self._unopened:
+            self._unopened.discard(id(request))
+            self._report_ended()
+
+    def _report_ended(self) -> None:
+        try:
+            self.handoff.send(HANDOFF_ENDED)
+        except OSError:
+            pass
 
 
-def start_shared_server(
-    ae: Any, address: tuple[str, int], evt_handlers: list[Any], ssl_context: ssl.SSLContext | None = None
-) -> ReusePortServer:
-    """``ae.start_server(address, block=False, ...)`` with a ``ReusePortServer``: a port other processes share.
+def start_handed_over_server(
+    ae: Any,
+    address: tuple[str, int],
+    evt_handlers: list[Any],
+    handoff: socket.socket,
+    ssl_context: ssl.SSLContext | None = None,
+) -> HandedOverServer:
+    """``ae.start_server(address, block=False, ...)`` for an extra listener: connections come over ``handoff``.
 
     The same steps as pynetdicom 3.0's non-blocking ``start_server``: make the server, serve it in a daemon
-    thread, keep it in the AE's servers (``ae.shutdown`` stops it).
+    thread, keep it in the AE's servers (``ae.shutdown`` stops it); then tell the parent it is ready.
+    ``address`` is the parent's (the port this process serves, for its log and status).
     """
-    server = ae.make_server(
-        address, ssl_context=ssl_context, evt_handlers=evt_handlers, server_class=ReusePortServer
-    )
-    thread = threading.Thread(target=_make_target(server.serve_forever), name="AcceptorServer-shared", daemon=True)
+    server_class = type("HandedOverServer", (HandedOverServer,), {"handoff": handoff})
+    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers, server_class=server_class)
+    server.server_address = address
+    server.bind(evt.EVT_CONN_OPEN, server.connection_opened)
+    server.bind(evt.EVT_CONN_CLOSE, server.connection_closed)
+    thread = threading.Thread(target=_make_target(server.serve_forever), name="AcceptorServer-handoff", daemon=True)
     thread.start()
     ae._servers.append(server)
+    handoff.send(HANDOFF_READY)
     return server
+
+
+def hand_over_connections(server: Any, door: Door, pass_connection: Callable[[socket.socket], bool]) -> None:
+    """Patch the parent's server: an admitted connection goes to ``pass_connection`` before it is served here.
+
+    ``pass_connection`` returns True when it passed the socket to an extra listener: the parent then only
+    counts it out of its door and closes its own copy (no shutdown: the connection lives on in the other
+    process). False: served here, as pynetdicom's ``process_request`` does.
+    """
+    original = server.process_request
+
+    def process_request(self: Any, request: socket.socket, client_address: Any) -> None:
+        try:
+            passed = pass_connection(request)
+        except OSError:
+            passed = False
+        if not passed:
+            original(request, client_address)
+            return
+        door.release(request)
+        request.close()
+
+    server.process_request = types.MethodType(process_request, server)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
@@ -40,12 +41,14 @@ from handlers.transport import (
     answer_invalid_requests,
     bound_datasets,
     enable_raw_sending,
-    start_shared_server,
+    hand_over_connections,
+    start_handed_over_server,
     tune_socket,
 )
 from node.cluster import Heartbeat, Relay, celery_app, consume
 from node.config import Config
 from node.jobs import ROLE_JOBS, JobBinding, job_bindings
+from node.listeners import ConnectionDispatcher
 from node.pipeline import DetectorSlot, ResidualSlot
 from node.series import SeriesWatcher
 from node.web.auditing import NodeAudit, audited_find, audited_retrieve
@@ -213,14 +216,17 @@ class Node:
         ]
         return handlers
 
-    def _start_server(self) -> int:
-        """Start the SCP's server in background threads (a port shared by every listener process when
-        ``[node] listeners`` > 1); return the port."""
+    def _start_server(self, handoff: socket.socket | None = None) -> int:
+        """Start the SCP's server in background threads; return the port.
+
+        ``handoff``: this is an extra listener of ``[node] listeners``, its connections come from the parent
+        over this Unix socket (``handlers.transport``, item 7).
+        """
         cfg = self.config.node
         ae = self.build_ae()
         address, context = (cfg.host, cfg.port), ssl_context_from(self.config)
-        if cfg.listeners > 1:
-            self.server = start_shared_server(ae, address, self.event_handlers(), context)
+        if handoff is not None:
+            self.server = start_handed_over_server(ae, address, self.event_handlers(), handoff, context)
         else:
             self.server = ae.start_server(address, block=False, evt_handlers=self.event_handlers(), ssl_context=context)
         self.door.install(self.server)
@@ -228,10 +234,17 @@ class Node:
         log.info("listening as %s on %s:%d (pid %d)", cfg.ae_title, cfg.host, self.port, os.getpid())
         return self.port
 
-    def start_extra_listener(self) -> int:
-        """Serve the shared port only (``node.listeners``): no recovery, watcher, reporter, jobs or web."""
+    def start_extra_listener(self, handoff: socket.socket) -> int:
+        """Serve the connections the parent passes over ``handoff`` (``node.listeners``): no recovery, watcher,
+        reporter, jobs or web."""
         self.roles = ("listen",)
-        return self._start_server()
+        return self._start_server(handoff)
+
+    def hand_over_connections(self) -> ConnectionDispatcher:
+        """From now on, pass each admitted connection to the least busy extra listener (``[node] listeners``)."""
+        dispatcher = ConnectionDispatcher(self.door.open_count)
+        hand_over_connections(self.server, self.door, dispatcher.pass_connection)
+        return dispatcher
 
     def start_listening(self) -> int:
         """Start the SCP, the series watcher and the commitment reporter in background threads; return the port."""

@@ -66,8 +66,8 @@ class NodeConfig:
     max_versions: int = 100  # versions kept of one SOP Instance UID in one series; more are refused (0: no limit)
     max_inflated_mb: int = 64  # a deflated dataset that inflates further is refused (0: no limit)
     max_dataset_mb: int = 1024  # a DIMSE message larger than this aborts its association (0: no limit)
-    # Listener processes sharing host:port (SO_REUSEPORT; the kernel spreads connections over them). 1: one
-    # process. The door's caps above then hold per process.
+    # Listener processes serving host:port (the first accepts and hands each connection to the process serving
+    # the fewest). 1: one process. The door's caps above then hold per process.
     listeners: int = 1
 
     def __post_init__(self) -> None:

@@ -1,28 +1,32 @@
-"""Extra listener processes: ``[node] listeners = N`` serves one port from N processes (SO_REUSEPORT).
+"""Extra listener processes: ``[node] listeners = N`` serves one port from N processes.
 
 One Python process runs its associations' pynetdicom threads under one interpreter lock; on a small machine
 the second core then idles while four scanners push. With ``listeners = N``, ``harmonode serve`` and
 ``harmonode listen`` (the *parent*) start N-1 more processes, ``harmonode listen --extra-listener-of PID``,
-with the same config, each binding the same host:port with SO_REUSEPORT (``handlers.transport``); the kernel
-spreads incoming connections over the N sockets by a hash of their addresses and ports.
+with the same config. The parent alone listens on the port: its door admits each connection, then the
+``ConnectionDispatcher`` passes the connected socket to the process serving the fewest connections (the
+parent included; ties go to an extra listener), over a Unix socket pair per extra listener
+(``handlers.transport``, item 7). Each process then serves its connections to the end.
 
 What only the parent does, and why:
 
 - startup recovery, before any extra listener starts: recovery settles and removes what is in ``tmp/``,
   where every process keeps its own slots (random names, each process's pool in its own memory), so it must
   never run beside a process that is writing;
-- the series watcher (it reads the shared index: instances any listener stored complete their series), the
-  storage commitment reporter (it reads the shared transactions: a request received by an extra listener is
-  reported on a new association, within a second), the jobs (work, dispatch) and the web console.
+- accepting connections, the series watcher (it reads the shared index: instances any listener stored
+  complete their series), the storage commitment reporter (it reads the shared transactions: a request
+  received by an extra listener is reported on a new association, within a second), the jobs (work,
+  dispatch) and the web console.
 
-An extra listener only accepts associations and serves them: C-ECHO, C-STORE into the shared file store and
+An extra listener only serves the associations it is handed: C-ECHO, C-STORE into the shared file store and
 index (SQLite in WAL mode; every write is one ``BEGIN IMMEDIATE`` transaction, which waits up to
 ``busy_timeout`` for another process's), C-FIND, C-MOVE, C-GET, N-ACTION. The door's caps hold per process.
 
 Supervision: an extra listener that exits is started again (logged, with a growing pause while it keeps
-dying at once); SIGTERM to the parent stops them (SIGTERM each, then SIGKILL after a grace period) and then
-itself. An extra listener dies with its parent (``PR_SET_PDEATHSIG``), so a parent killed outright never
-leaves one writing while the next parent recovers.
+dying at once); until it says it is ready, the parent serves what would have gone to it. SIGTERM to the
+parent stops them (SIGTERM each, then SIGKILL after a grace period) and then itself. An extra listener dies
+with its parent (``PR_SET_PDEATHSIG``), so a parent killed outright never leaves one writing while the next
+parent recovers.
 """
 
 from __future__ import annotations
@@ -31,17 +35,106 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from handlers import transport
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 RESTART_PAUSE_S = (0.5, 30.0)  # first pause before a restart, and the longest (doubling while it dies at once)
 _STABLE_S = 10.0  # an extra listener that lived this long restarts without a pause
+HANDOFF_FD_ENV = "HARMONODE_HANDOFF_FD"  # an extra listener's end of its Unix socket pair with the parent
+
+
+class _Target:
+    """One extra listener as the dispatcher sees it: its socket, whether it is ready, what it serves."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.ready = False
+        self.serving = 0
+
+
+class ConnectionDispatcher:
+    """Which process serves a new connection: the one serving the fewest, the parent included.
+
+    Parameters
+    ----------
+    local_count
+        Connections the parent has open now, the one being placed included (``Door.open_count``).
+    """
+
+    def __init__(self, local_count: Callable[[], int]) -> None:
+        self.local_count = local_count
+        self._lock = threading.Lock()
+        self._targets: dict[int, _Target] = {}
+        self.passed = 0
+
+    def connect(self, slot: int) -> socket.socket:
+        """A new Unix socket pair for extra listener ``slot``: keep one end here, return the child's end."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with self._lock:
+            old = self._targets.pop(slot, None)
+            self._targets[slot] = _Target(mine)
+        if old is not None:
+            old.sock.close()
+        return theirs
+
+    def disconnect(self, slot: int) -> None:
+        """Extra listener ``slot`` exited: nothing more goes to it."""
+        with self._lock:
+            target = self._targets.pop(slot, None)
+        if target is not None:
+            target.sock.close()
+
+    def close(self) -> None:
+        """Close every extra listener's socket (they stop taking connections)."""
+        for slot in list(self._targets):
+            self.disconnect(slot)
+
+    def _read_news(self, target: _Target) -> None:
+        """Take in what an extra listener said since the last look (ready; connections ended)."""
+        while True:
+            try:
+                news = target.sock.recv(4096, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                target.ready = False
+                return
+            if not news:  # it exited
+                target.ready = False
+                return
+            target.ready = target.ready or transport.HANDOFF_READY in news
+            target.serving = max(0, target.serving - news.count(transport.HANDOFF_ENDED))
+
+    def pass_connection(self, request: socket.socket) -> bool:
+        """Pass ``request`` to the least busy ready extra listener unless the parent serves fewer; True if passed."""
+        with self._lock:
+            for target in self._targets.values():
+                self._read_news(target)
+            ready = [t for t in self._targets.values() if t.ready]
+            if not ready:
+                return False
+            best = min(ready, key=lambda t: t.serving)
+            if best.serving > self.local_count() - 1:  # the parent serves fewer (not counting this one)
+                return False
+            try:
+                socket.send_fds(best.sock, [transport.HANDOFF_PASSED], [request.fileno()])
+            except OSError as exc:
+                log.warning("an extra listener could not take a connection (%s): served here", exc)
+                best.ready = False
+                return False
+            best.serving += 1
+            self.passed += 1
+            return True
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -75,6 +168,8 @@ class ExtraListeners:
         The parent's config file (None: the embedded defaults), passed on as ``--config``.
     port
         The port the parent bound (a config's port 0 becomes the port the parent was given).
+    dispatcher
+        The parent's connection dispatcher: each extra listener gets its socket pair from it.
     verbose
         Pass ``--verbose`` on.
     grace_s
@@ -82,9 +177,16 @@ class ExtraListeners:
     """
 
     def __init__(
-        self, count: int, config_path: Path | None, port: int, verbose: bool = False, grace_s: float = 20.0
+        self,
+        count: int,
+        config_path: Path | None,
+        port: int,
+        dispatcher: ConnectionDispatcher,
+        verbose: bool = False,
+        grace_s: float = 20.0,
     ) -> None:
         self.count = count
+        self.dispatcher = dispatcher
         self.grace_s = grace_s
         self.config_path = config_path
         self.port = port
@@ -104,8 +206,12 @@ class ExtraListeners:
         return cmd + (["--verbose"] if self.verbose else [])
 
     def _spawn(self, slot: int) -> None:
-        env = {**os.environ, "HARMONODE_NODE_PORT": str(self.port)}
-        proc = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL)  # its log goes to the parent's
+        theirs = self.dispatcher.connect(slot)
+        env = {**os.environ, "HARMONODE_NODE_PORT": str(self.port), HANDOFF_FD_ENV: str(theirs.fileno())}
+        try:  # its log goes to the parent's
+            proc = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
         self._procs[slot], self._started_at[slot] = proc, time.monotonic()
         log.info("extra listener %d started as pid %d on port %d", slot + 1, proc.pid, self.port)
 
@@ -146,6 +252,7 @@ class ExtraListeners:
             pause,
         )
         self._procs[slot] = None
+        self.dispatcher.disconnect(slot)
         if not self._stop.wait(pause):
             self._spawn(slot)
             self.restarts += 1

@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 XATTR = "user.harmonode.slot"
+POOL_SIZE = 256  # slots made ahead; refilled when half are taken
+SETTLE_DELAY_S = 0.05  # how long the settler lets written slots gather before one directory fsync names them
 SUFFIX = ".slot"
 _FORMAT = "1"  # version of the record's layout
 
@@ -108,16 +111,19 @@ class Settler:
     def __init__(
         self,
         tmp: Path,
-        pool_size: int = 64,
+        pool_size: int = POOL_SIZE,
         background: bool = True,
         on_error: Callable[[Exception], None] | None = None,
+        settle_delay_s: float = SETTLE_DELAY_S,
     ) -> None:
         self.tmp = tmp
         self.pool_size = pool_size
+        self.settle_delay_s = settle_delay_s
         self._pool: deque[Path] = deque()
         self._pending: list[tuple[Path, tuple[Path, ...]]] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._gathering = False  # the thread is letting settled slots gather (no need to wake it)
         self._on_error = on_error
         self._refill()  # the first instance already finds a slot
         self._thread: threading.Thread | None = None
@@ -143,7 +149,8 @@ class Settler:
         """Queue a linked slot: fsync ``directories``, then remove the slot's name."""
         with self._cond:
             self._pending.append((slot, directories))
-            self._cond.notify()
+            if not self._gathering:
+                self._cond.notify()
 
     def flush(self) -> None:
         """Settle every queued slot now, in the calling thread."""
@@ -169,6 +176,17 @@ class Settler:
             with self._cond:
                 while not self._closed and not self._pending and len(self._pool) >= self.pool_size // 2:
                     self._cond.wait()
+                if self._closed:
+                    return
+                # Let a burst gather: one fsync of its series directory then names all of it.
+                deadline = time.monotonic() + self.settle_delay_s
+                self._gathering = True
+                while not self._closed and len(self._pool) >= self.pool_size // 2:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(timeout=left)
+                self._gathering = False
                 if self._closed:
                     return
                 batch, self._pending = self._pending, []

@@ -1,11 +1,11 @@
-"""``[node] listeners = 2``: two processes on one port (SO_REUSEPORT) share the file store and the index.
+"""``[node] listeners = 2``: two processes serve one port and share the file store and the index.
 
-Four lanes of DCMTK storescu push at once (four concurrent associations at any time). The kernel picks a
-listener per connection by a hash of its ports, so each lane sends its share on several associations one
-after the other: with four associations in all, both listeners would get some only 7 times in 8; with
-twenty, all but once in half a million. Every acknowledged instance must be indexed exactly once and
-byte-identical, both processes must have stored some (each logs its count when it stops), and a SIGKILL of
-the extra listener mid-push loses nothing acknowledged (as tests/test_crash_concurrent.py for one process).
+Four lanes of DCMTK storescu push at once (four concurrent associations at any time). The first process
+accepts each connection and hands it to the process serving the fewest, so both always get some; each
+lane sends its share on several associations one after the other. Every acknowledged instance must be
+indexed exactly once and byte-identical, both processes must have stored some (each logs its count when it
+stops), and a SIGKILL of the extra listener mid-push loses nothing acknowledged (as
+tests/test_crash_concurrent.py for one process).
 """
 
 from __future__ import annotations

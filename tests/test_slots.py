@@ -79,3 +79,26 @@ def test_duplicate_bytes_leave_no_slot_behind(tmp_path):
     assert again.duplicate and again.version == 1
     files.close()
     assert list(files.tmp.iterdir()) == []
+
+
+def test_a_burst_into_one_series_costs_one_directory_fsync_not_one_each(tmp_path, monkeypatch):
+    # The settler lets written slots gather for settle_delay_s: one fsync of the series directory names them
+    # all (a device flush saved per instance). Counted by wrapping the real fsync_dir.
+    from storage import slots
+
+    synced: list[Path] = []
+    real = slots.fsync_dir
+
+    def counting(path: Path) -> None:
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(slots, "fsync_dir", counting)
+    files = FileStore(tmp_path)
+    first = files.write_instance(STUDY, SERIES, "1.20", b"first")  # a new series: three directories
+    for i in range(1, 20):
+        files.write_instance(STUDY, SERIES, f"1.20.{i}", b"burst %d" % i)
+    files.close()
+    series_syncs = [p for p in synced if p == first.path.parent]
+    assert 1 <= len(series_syncs) <= 3, f"{len(series_syncs)} fsyncs of the series directory for 20 instances"
+    assert pending_slots(files) == [] and list(files.tmp.iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import socket
+import threading
 import time
 
 import pynetdicom
@@ -132,45 +133,93 @@ def _thread_cpu_s(native_id: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-# -- several listener processes on one port (item 7) ---------------------------------------------------------
-def test_shared_servers_bind_one_port_with_reuseport_and_both_answer() -> None:
-    # pynetdicom's AssociationServer.server_bind must stay the one place its socket is bound (after our
-    # setsockopt), and make_server must keep taking a server_class.
+# -- connections handed to extra listener processes (item 7) -------------------------------------------------
+def test_handed_over_server_relies_on_the_constructor_binding_and_the_serve_loop_flag() -> None:
+    # HandedOverServer replaces server_bind/server_activate (called by TCPServer.__init__, which pynetdicom's
+    # AssociationServer.__init__ calls with bind_and_activate=True), get_request and shutdown_request, and
+    # stops serve_forever through BaseServer's name-mangled flag.
+    import socketserver
+
     from pynetdicom.transport import AssociationServer
 
-    assert "self.socket.bind(self.server_address)" in inspect.getsource(AssociationServer.server_bind)
+    assert "bind_and_activate=True" in inspect.getsource(AssociationServer.__init__)
+    init = inspect.getsource(socketserver.TCPServer.__init__)
+    assert "self.server_bind()" in init and "self.server_activate()" in init
+    assert "self.__shutdown_request" in inspect.getsource(socketserver.BaseServer.serve_forever)
     assert "server_class" in inspect.signature(AE.make_server).parameters
-    port = free_port()
-    servers = []
-    for _ in range(2):  # a second bind on the port fails unless both set SO_REUSEPORT before binding
-        ae = AE(ae_title="SCP")
+    assert "self.get_request()" in inspect.getsource(socketserver.BaseServer._handle_request_noblock)
+
+
+def _echo(port: int) -> int:
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", port, ae_title="SCP")
+    assert assoc.is_established
+    status = assoc.send_c_echo().Status
+    assoc.release()
+    return status
+
+
+def test_a_connection_passed_over_the_unix_socket_is_served_by_the_other_server() -> None:
+    # The parent's server hands every admitted connection over; the other server answers it and says when
+    # it is ready and when the connection ended. The parent listens alone: nothing else binds the port.
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    parent, child = AE(ae_title="SCP"), AE(ae_title="SCP")
+    for ae in (parent, child):
         ae.add_supported_context(Verification)
-        servers.append((ae, transport.start_shared_server(ae, ("127.0.0.1", port), [])))
-    try:
-        for _, server in servers:
-            assert server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
-            assert server.server_address[1] == port
-        servers[0][0].shutdown()  # the other still serves the port alone
-        scu = AE(ae_title="SCU")
-        scu.add_requested_context(Verification)
-        assoc = scu.associate("127.0.0.1", port, ae_title="SCP")
-        assert assoc.is_established and assoc.send_c_echo().Status == 0
-        assoc.release()
-    finally:
-        for ae, _ in servers:
-            ae.shutdown()
+    echoed: list[str] = []
 
+    def on_echo(event: evt.Event) -> int:
+        echoed.append(threading.current_thread().name)
+        return 0x0000
 
-def test_a_plain_pynetdicom_server_does_not_share_its_port() -> None:
-    # Why the patch exists: the stock server ignores allow_reuse_port; if it starts honouring it, item 7 may go.
     port = free_port()
-    ae = AE(ae_title="SCP")
-    ae.add_supported_context(Verification)
-    server = ae.start_server(("127.0.0.1", port), block=False)
+    server = parent.start_server(("127.0.0.1", port), block=False)
+    door = transport.Door(transport.DoorPolicy())
+    door.install(server)
+    handed = transport.start_handed_over_server(child, ("127.0.0.1", port), [(evt.EVT_C_ECHO, on_echo)], theirs)
+    passed: list[int] = []
+
+    def pass_connection(request: socket.socket) -> bool:
+        socket.send_fds(mine, [transport.HANDOFF_PASSED], [request.fileno()])
+        passed.append(request.fileno())
+        return True
+
     try:
-        assert server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+        assert mine.recv(1) == transport.HANDOFF_READY
+        transport.hand_over_connections(server, door, pass_connection)
+        assert _echo(port) == 0x0000 and _echo(port) == 0x0000
+        assert len(passed) == 2 and len(echoed) == 2  # both served by the handed-over server's handler
+        assert door.open_count() == 0  # the parent counted them out when it passed them
+        news = b""
+        deadline = time.monotonic() + 10
+        while news.count(transport.HANDOFF_ENDED) < 2 and time.monotonic() < deadline:
+            news += mine.recv(16)
+        assert news.count(transport.HANDOFF_ENDED) == 2
+        assert handed.server_address[1] == port
     finally:
-        ae.shutdown()
+        parent.shutdown()
+        child.shutdown()
+        mine.close()
+
+
+def test_the_handed_over_server_stops_when_the_parent_closes_its_end() -> None:
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    child = AE(ae_title="SCP")
+    child.add_supported_context(Verification)
+    server = transport.start_handed_over_server(child, ("127.0.0.1", free_port()), [], theirs)
+    try:
+        assert mine.recv(1) == transport.HANDOFF_READY
+        mine.close()
+        deadline = time.monotonic() + 10
+        while not [t for t in threading.enumerate() if t.name == "AcceptorServer-handoff"] == [] and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert not [t for t in threading.enumerate() if t.name == "AcceptorServer-handoff" and t.is_alive()]
+    finally:
+        if server in child._servers:
+            child.shutdown()
 
 
 def test_direct_send_relies_on_the_dul_send_path_and_the_p_data_action() -> None:

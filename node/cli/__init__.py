@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -126,7 +127,9 @@ def _run_roles(
         from node.listeners import ExtraListeners, stop_on_sigterm
 
         stop_on_sigterm()
-        extra = ExtraListeners(config.node.listeners - 1, config_path, node.port or config.node.port, verbose)
+        dispatcher = node.hand_over_connections()
+        port = node.port or config.node.port
+        extra = ExtraListeners(config.node.listeners - 1, config_path, port, dispatcher, verbose)
         extra.start()
     consumed = queues or tuple(q for role in roles for q in ROLE_QUEUES.get(role, ()))
     try:
@@ -137,20 +140,24 @@ def _run_roles(
     finally:
         if extra is not None:  # the node itself has stopped (SIGTERM or ^C: ``Node.wait``)
             extra.stop()
+            extra.dispatcher.close()
 
 
 def _run_extra_listener(config_path: Path | None, parent_pid: int, verbose: bool) -> None:
     """One of ``[node] listeners``: serve the parent's port until SIGTERM or the parent's death."""
     from node.app import Node
-    from node.listeners import die_with_parent, stop_on_sigterm
+    from node.listeners import HANDOFF_FD_ENV, die_with_parent, stop_on_sigterm
 
     setup_logging(verbose)
     die_with_parent(parent_pid)
     stop_on_sigterm()
     config = load_or_fail(config_path)
+    if not os.environ.get(HANDOFF_FD_ENV, "").isdigit():
+        raise fail(f"an extra listener is started by its parent, which sets {HANDOFF_FD_ENV}")
+    handoff = socket.socket(fileno=int(os.environ[HANDOFF_FD_ENV]))
     try:
         node = Node(config)
-        node.start_extra_listener()
+        node.start_extra_listener(handoff)
     except OSError as exc:
         raise fail(f"extra listener cannot start: {exc}") from exc
     node.wait()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -112,13 +113,10 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def listening_sockets(port: int) -> int:
-    """Sockets listening on ``port`` (one per listener process with SO_REUSEPORT)."""
-    n = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        n += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
-    return n
+def serving_processes(log: Path, port: int) -> int:
+    """Listener processes serving ``port``: each logs "listening as … (pid N)" once its server runs."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return len(set(re.findall(rf"listening as \S+ on \S+:{port} \(pid (\d+)\)", text)))
 
 
 def process_tree(pid: int) -> list[int]:
@@ -140,15 +138,16 @@ def harmonode_run(paths: list[Path], work: Path, listeners: int = 1) -> tuple[fl
     cfg.write_text(
         f'[node]\nport = {port}\ndata_dir = "{data}"\nlisteners = {listeners}\n[pipeline]\nquiet_seconds = 3600\n'
     )
+    log = work / f"{data.name}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
         cwd=ROOT,
-        stderr=subprocess.DEVNULL,
+        stderr=open(log, "wb"),  # noqa: SIM115 - the extra listeners inherit it
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
         wait_until(lambda: echo_up(port, "HARMONODE"), timeout=60, what="harmonode")
-        wait_until(lambda: listening_sockets(port) >= listeners, timeout=60, what="every listener process")
+        wait_until(lambda: serving_processes(log, port) >= listeners, timeout=60, what="every listener process")
         seconds = send(paths, port, "HARMONODE")
         return seconds, sum(peak_rss_mb(p) for p in process_tree(proc.pid))
     finally:

@@ -1,0 +1,100 @@
+"""``ConnectionDispatcher``: each admitted connection goes to the process serving the fewest (node.listeners).
+
+The extra listeners here are the other ends of the dispatcher's real Unix socket pairs: what a test reads
+from them is what an extra listener would receive (a byte carrying a connected socket).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from handlers import transport
+from node.listeners import ConnectionDispatcher
+
+
+class Parent:
+    """The parent's own count of open connections, as ``Door.open_count`` gives it (the new one included)."""
+
+    def __init__(self) -> None:
+        self.open = 1
+
+    def __call__(self) -> int:
+        return self.open
+
+
+def connection() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair()
+
+
+def received(child: socket.socket) -> socket.socket | None:
+    """The socket a byte from the dispatcher carried, or None when nothing came."""
+    child.setblocking(False)
+    try:
+        message, fds, _, _ = socket.recv_fds(child, 1, 1)
+    except BlockingIOError:
+        return None
+    assert message == transport.HANDOFF_PASSED and len(fds) == 1
+    return socket.socket(fileno=fds[0])
+
+
+def test_nothing_is_passed_to_an_extra_listener_before_it_says_it_is_ready() -> None:
+    dispatcher = ConnectionDispatcher(Parent())
+    child = dispatcher.connect(0)
+    ours, _peer = connection()
+    assert not dispatcher.pass_connection(ours)
+    assert received(child) is None
+    child.send(transport.HANDOFF_READY)
+    assert dispatcher.pass_connection(ours)
+    assert received(child) is not None
+
+
+def test_connections_are_spread_two_and_two_and_an_ended_one_frees_a_place() -> None:
+    parent = Parent()
+    dispatcher = ConnectionDispatcher(parent)
+    child = dispatcher.connect(0)
+    child.send(transport.HANDOFF_READY)
+    pairs = [connection() for _ in range(4)]
+    placed = []
+    for ours, _ in pairs:  # the parent serves what it does not pass: its count grows
+        passed = dispatcher.pass_connection(ours)
+        placed.append("child" if passed else "parent")
+        parent.open += 0 if passed else 1
+    assert placed == ["child", "parent", "child", "parent"]  # a tie goes to the extra listener
+    child.send(transport.HANDOFF_ENDED * 2)  # both of its connections ended
+    ours, _ = connection()
+    assert dispatcher.pass_connection(ours)
+
+
+def test_the_least_busy_of_several_extra_listeners_gets_the_next_connection() -> None:
+    parent = Parent()
+    parent.open = 10  # the parent is busy: every connection goes to an extra listener
+    dispatcher = ConnectionDispatcher(parent)
+    children = [dispatcher.connect(slot) for slot in range(3)]
+    for child in children:
+        child.send(transport.HANDOFF_READY)
+    for _ in range(6):
+        ours, _ = connection()
+        assert dispatcher.pass_connection(ours)
+    counts = []
+    for child in children:
+        n = 0
+        while received(child) is not None:
+            n += 1
+        counts.append(n)
+    assert counts == [2, 2, 2]
+
+
+def test_a_dead_extra_listener_gets_nothing_and_the_parent_serves() -> None:
+    parent = Parent()
+    parent.open = 5
+    dispatcher = ConnectionDispatcher(parent)
+    child = dispatcher.connect(0)
+    child.send(transport.HANDOFF_READY)
+    child.close()  # it exited
+    ours, _ = connection()
+    assert not dispatcher.pass_connection(ours)
+    again = dispatcher.connect(0)  # restarted: a new pair, not ready until it says so
+    assert not dispatcher.pass_connection(ours)
+    again.send(transport.HANDOFF_READY)
+    assert dispatcher.pass_connection(ours)
+    assert dispatcher.passed == 1
