@@ -32,7 +32,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 XATTR = "user.harmonode.slot"
-POOL_SIZE = 256  # slots made ahead; refilled when half are taken
+POOL_SIZE = 64  # slots made ahead; refilled when half are taken
 SETTLE_DELAY_S = 0.05  # how long the settler lets written slots gather before one directory fsync names them
 SUFFIX = ".slot"
 _FORMAT = "1"  # version of the record's layout
