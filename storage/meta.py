@@ -7,11 +7,51 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+
+# VRs whose raw ASCII bytes give the text pydicom would (``_raw_text``); PN, DS and the rest go through pydicom.
+_SPLIT_THEN_STRIP = frozenset({"SH", "LO"})  # pydicom strips each value (text VRs)
+_STRIP_THEN_SPLIT = frozenset({"CS", "DA", "TM", "UI", "AS"})  # pydicom strips the whole value (string VRs)
+_TAGS: dict[str, tuple[int, str]] = {}  # keyword -> (tag, dictionary VR)
+
+
+def _raw_text(ds: Dataset, keyword: str) -> str | None:
+    """``_converted_text`` read straight from the element's bytes, or None where only pydicom can say.
+
+    Only for a value still raw (never converted), held in memory, in ASCII without an escape (so every DICOM
+    character set decodes it the same), of a VR whose padding and delimiters are handled the same way here;
+    the issue-24 profile had the indexed attributes' conversion as the C-STORE handler's largest cost.
+    """
+    if keyword not in _TAGS:
+        tag = tag_for_keyword(keyword)
+        _TAGS[keyword] = (tag, dictionary_VR(tag)) if tag is not None else (0, "")
+    tag, vr = _TAGS[keyword]
+    raw = ds.get_item(tag) if tag else None
+    if not isinstance(raw, RawDataElement):
+        return None
+    value, vr = raw.value, raw.VR or vr
+    if not isinstance(value, bytes) or not value.isascii() or b"\x1b" in value:
+        return None
+    text = value.decode("ascii")
+    if vr in _STRIP_THEN_SPLIT:
+        text = text.rstrip("\0 ")
+    elif vr in _SPLIT_THEN_STRIP:
+        text = "\\".join(v.rstrip("\0 ") for v in text.split("\\"))
+    else:
+        return None
+    return text if "\\" in text else text.strip()
 
 
 def _text(ds: Dataset, keyword: str) -> str:
     """A header value as plain text ('' when absent); multi-valued joined with '\\' as on the wire."""
+    fast = _raw_text(ds, keyword)
+    return _converted_text(ds, keyword) if fast is None else fast
+
+
+def _converted_text(ds: Dataset, keyword: str) -> str:
+    """``_text`` through pydicom's value conversion (any VR, any character set)."""
     try:
         value = ds.get(keyword)
     except Exception:  # a malformed element must not stop indexing of the others
