@@ -98,3 +98,32 @@ def test_a_dead_extra_listener_gets_nothing_and_the_parent_serves() -> None:
     again.send(transport.HANDOFF_READY)
     assert dispatcher.pass_connection(ours)
     assert dispatcher.passed == 1
+
+
+def test_a_tls_connection_handed_to_another_node_process_is_served_there(tmp_path) -> None:
+    # The parent admits the TLS connection without reading a byte; the other listener wraps it and does the
+    # handshake, then answers the C-ECHO. Both are Node objects here, as in the two processes.
+    import ssl
+
+    from test_door import echo_seconds
+
+    from builders import tls_files
+    from conftest import make_config
+    from node.app import Node
+
+    key, crt = tls_files(tmp_path)
+    tls = {"enabled": True, "cert_file": str(crt), "key_file": str(key)}
+    parent = Node(make_config(tmp_path / "node", tls=tls, node={"acse_timeout_s": 3.0}))
+    parent.start(("listen",))
+    extra = Node(make_config(tmp_path / "node", tls=tls, node={"acse_timeout_s": 3.0, "port": parent.port}))
+    dispatcher = parent.hand_over_connections()
+    extra.start_extra_listener(dispatcher.connect(0))
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(crt))
+    try:
+        times = [echo_seconds(parent.port, client) for _ in range(3)]
+        assert max(times) < 5.0, times
+        assert dispatcher.passed >= 1  # a tie goes to the extra listener: the first connection at least
+    finally:
+        extra.stop()
+        parent.stop()
+        dispatcher.close()
