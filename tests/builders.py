@@ -288,3 +288,17 @@ def write_noise_series(out: Path, n: int, size: int, seed: int) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def shipped_dicom_files() -> list[Path]:
+    """Every file pydicom's test files and the ``pydicom-data`` package ship offline (DICOM or not), sorted."""
+    import pydicom.data
+
+    roots = [Path(pydicom.data.__file__).parent / "test_files"]
+    try:
+        import data_store  # the pydicom-data package
+
+        roots.append(Path(data_store.__file__).parent / "data")
+    except ImportError:
+        pass
+    return sorted(p for root in roots for p in root.rglob("*") if p.is_file())

@@ -11,19 +11,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from builders import shipped_dicom_files
 from storage import meta
 from storage.meta import instance_meta_from_dataset
-
-
-def shipped_files() -> list[Path]:
-    roots = [Path(pydicom.data.__file__).parent / "test_files"]
-    try:
-        import data_store  # the pydicom-data package
-
-        roots.append(Path(data_store.__file__).parent / "data")
-    except ImportError:
-        pass
-    return sorted(p for root in roots for p in root.rglob("*") if p.is_file())
 
 
 def read(path: Path) -> pydicom.Dataset | None:
@@ -34,7 +24,7 @@ def read(path: Path) -> pydicom.Dataset | None:
 
 
 def test_the_raw_path_gives_what_pydicom_gives_for_every_shipped_file(monkeypatch) -> None:
-    files = [(p, ds) for p in shipped_files() if (ds := read(p)) is not None]
+    files = [(p, ds) for p in shipped_dicom_files() if (ds := read(p)) is not None]
     assert len(files) > 200  # the whole corpus, not a handful
     fast = {p: instance_meta_from_dataset(ds) for p, ds in files}
     monkeypatch.setattr(meta, "_raw_text", lambda ds, keyword: None)  # pydicom's conversion for every value

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import generate_uid
 
+from builders import shipped_dicom_files
 from handlers.results import AlgorithmInfo, build_results
 from handlers.store import StoreRefused, store_encoded
 from models.findings import Finding
@@ -38,24 +39,16 @@ CT_MR = {"CT", "MR"}
 
 def shipped_files() -> list[Path]:
     """CT and MR files of pydicom's test files and of pydicom-data, one per series directory."""
-    roots = [Path(pydicom.data.__file__).parent / "test_files"]
-    try:
-        import data_store  # the pydicom-data package
-
-        roots.append(Path(data_store.__file__).parent / "data")
-    except ImportError:
-        pass
     picked: dict[str, Path] = {}
-    for root in roots:
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-            except Exception:  # noqa: BLE001 - not DICOM, or not readable: not an input
-                continue
-            if ds.get("Modality") not in CT_MR:
-                continue
-            key = str(path.parent) if "dicomdirtests" in path.parts else str(path)
-            picked.setdefault(key, path)
+    for path in shipped_dicom_files():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - not DICOM, or not readable: not an input
+            continue
+        if ds.get("Modality") not in CT_MR:
+            continue
+        key = str(path.parent) if "dicomdirtests" in path.parts else str(path)
+        picked.setdefault(key, path)
     return sorted(picked.values())
 
 

@@ -27,10 +27,14 @@ import hashlib
 import os
 import secrets
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from storage.slots import fsync_dir  # noqa: E402 - the settler's own directory fsync
 
 SIZE = 524_288 + 1_200  # a 512×512 16-bit CT slice with its header
 
@@ -112,7 +116,7 @@ def run(protocol: str, threads: int, n: int, base: Path, per_segment: int = 256)
             checkpointed = 0
             while not done.wait(0.05):
                 if segment is None:
-                    _fsync_dir(root / "objects")
+                    fsync_dir(root / "objects")
                 elif received[0] - checkpointed >= per_segment:
                     checkpointed = received[0]
                     _syncfs(root)
@@ -127,16 +131,8 @@ def run(protocol: str, threads: int, n: int, base: Path, per_segment: int = 256)
             t.join()
         done.set()
         behind.join()
-        _fsync_dir(root / "objects") if segment is None else _syncfs(root)
+        fsync_dir(root / "objects") if segment is None else _syncfs(root)
         return n / (time.perf_counter() - start)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _syncfs(path: Path) -> None:
