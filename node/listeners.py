@@ -80,6 +80,7 @@ class ConnectionDispatcher:
     def connect(self, slot: int) -> socket.socket:
         """A new Unix socket pair for extra listener ``slot``: keep one end here, return the child's end."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        mine.setblocking(False)  # the accept loop never waits on a listener that stopped reading
         with self._lock:
             old = self._targets.pop(slot, None)
             self._targets[slot] = _Target(mine)
@@ -103,7 +104,7 @@ class ConnectionDispatcher:
         """Take in what an extra listener said since the last look (ready; connections ended)."""
         while True:
             try:
-                news = target.sock.recv(4096, socket.MSG_DONTWAIT)
+                news = target.sock.recv(4096)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -128,6 +129,9 @@ class ConnectionDispatcher:
                 return False
             try:
                 socket.send_fds(best.sock, [transport.HANDOFF_PASSED], [request.fileno()])
+            except BlockingIOError:  # its socket is full: it is behind, not gone
+                log.warning("an extra listener is not taking connections: served here")
+                return False
             except OSError as exc:
                 log.warning("an extra listener could not take a connection (%s): served here", exc)
                 best.ready = False

@@ -127,3 +127,15 @@ def test_a_tls_connection_handed_to_another_node_process_is_served_there(tmp_pat
         extra.stop()
         parent.stop()
         dispatcher.close()
+
+
+def test_an_extra_listener_that_stopped_reading_never_blocks_the_accept_loop() -> None:
+    parent = Parent()
+    parent.open = 100_000  # so busy that every connection would go to the extra listener
+    dispatcher = ConnectionDispatcher(parent)
+    child = dispatcher.connect(0)
+    child.send(transport.HANDOFF_READY)
+    ours, _ = connection()
+    outcomes = [dispatcher.pass_connection(ours) for _ in range(2_000)]  # it reads none of them
+    assert outcomes[0] and not outcomes[-1]  # its socket filled up: the rest are served here, at once
+    assert received(child) is not None  # and it is still counted as alive
