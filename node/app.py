@@ -136,7 +136,10 @@ class Node:
         space = config.storage
         self.disk = DiskSpace(config.data_path, int(space.min_free_gb * GB), int(space.resume_free_gb * GB))
         self.metrics = NodeMetrics()
-        self.metrics.add_collector(StateCollector(self.store, self.disk, self._associations_open))
+        self.dispatcher: ConnectionDispatcher | None = None  # set when extra listeners take connections
+        self.metrics.add_collector(
+            StateCollector(self.store, self.disk, self._associations_open, self._listener_connections)
+        )
         self.web: WebServer | None = None
         self.audit = NodeAudit(
             config.audit_trail(),
@@ -244,6 +247,7 @@ class Node:
         """From now on, pass each admitted connection to the least busy extra listener (``[node] listeners``)."""
         dispatcher = ConnectionDispatcher(self.door.open_count)
         hand_over_connections(self.server, self.door, dispatcher.pass_connection)
+        self.dispatcher = dispatcher
         return dispatcher
 
     def start_listening(self) -> int:
@@ -350,6 +354,9 @@ class Node:
             self.stop()
 
     # -- web ----------------------------------------------------------------------------------------
+    def _listener_connections(self) -> dict[int, int] | None:
+        return self.dispatcher.serving() if self.dispatcher is not None else None
+
     def _associations_open(self) -> int | None:
         server = self.server
         return len(server.active_associations) if server is not None else None

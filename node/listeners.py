@@ -116,6 +116,13 @@ class ConnectionDispatcher:
             target.ready = target.ready or transport.HANDOFF_READY in news
             target.serving = max(0, target.serving - news.count(transport.HANDOFF_ENDED))
 
+    def serving(self) -> dict[int, int]:
+        """Connections each ready extra listener serves now, by slot (0 for the first extra listener)."""
+        with self._lock:
+            for target in self._targets.values():
+                self._read_news(target)
+            return {slot: t.serving for slot, t in self._targets.items() if t.ready}
+
     def pass_connection(self, request: socket.socket) -> bool:
         """Pass ``request`` to the least busy ready extra listener unless the parent serves fewer; True if passed."""
         with self._lock:

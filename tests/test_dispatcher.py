@@ -110,6 +110,7 @@ def test_a_tls_connection_handed_to_another_node_process_is_served_there(tmp_pat
     from builders import tls_files
     from conftest import make_config
     from node.app import Node
+    from peers import wait_until
 
     key, crt = tls_files(tmp_path)
     tls = {"enabled": True, "cert_file": str(crt), "key_file": str(key)}
@@ -123,6 +124,17 @@ def test_a_tls_connection_handed_to_another_node_process_is_served_there(tmp_pat
         times = [echo_seconds(parent.port, client) for _ in range(3)]
         assert max(times) < 5.0, times
         assert dispatcher.passed >= 1  # a tie goes to the extra listener: the first connection at least
+
+        def gauge() -> list[tuple[dict[str, str], float]]:
+            return [
+                (sample.labels, sample.value)
+                for family in parent.metrics.registry.collect()
+                if family.name == "harmonode_listener_connections"
+                for sample in family.samples
+            ]
+
+        # ready, and serving nothing once the last echo's connection has closed there
+        wait_until(lambda: gauge() == [({"listener": "1"}, 0)], timeout=10, what="the listener gauge at 0")
     finally:
         extra.stop()
         parent.stop()

@@ -97,10 +97,17 @@ class NodeMetrics:
 class StateCollector(Collector):
     """What the shared tables and the disk say now, read at scrape time."""
 
-    def __init__(self, store: Store, disk: DiskSpace, associations_open: Callable[[], int | None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        disk: DiskSpace,
+        associations_open: Callable[[], int | None],
+        listener_connections: Callable[[], dict[int, int] | None] = lambda: None,
+    ) -> None:
         self.store = store
         self.disk = disk
         self.associations_open = associations_open
+        self.listener_connections = listener_connections  # the parent of [node] listeners > 1 knows them
 
     def describe(self) -> list[Metric]:
         return []  # read only when collected: registering must not query the tables
@@ -116,6 +123,16 @@ class StateCollector(Collector):
         open_now = self.associations_open()
         if open_now is not None:
             yield GaugeMetricFamily("harmonode_associations_open", "DICOM associations open now.", value=open_now)
+        handed = self.listener_connections()
+        if handed is not None:
+            family = GaugeMetricFamily(
+                "harmonode_listener_connections",
+                "Connections each extra listener process serves now, as the accepting process counts them.",
+                labels=["listener"],
+            )
+            for slot, n in sorted(handed.items()):
+                family.add_metric([str(slot + 1)], n)
+            yield family
         jobs = GaugeMetricFamily("harmonode_queue_jobs", "Jobs in the durable queue.", labels=["kind", "state"])
         ages = GaugeMetricFamily(
             "harmonode_queue_oldest_age_seconds", "Age of the oldest job waiting or running, by kind.", labels=["kind"]
