@@ -100,6 +100,11 @@ class ConnectionDispatcher:
         for slot in list(self._targets):
             self.disconnect(slot)
 
+    def _refresh(self) -> None:
+        """Read every extra listener's news (under the lock)."""
+        for target in self._targets.values():
+            self._read_news(target)
+
     def _read_news(self, target: _Target) -> None:
         """Take in what an extra listener said since the last look (ready; connections ended)."""
         while True:
@@ -119,15 +124,13 @@ class ConnectionDispatcher:
     def serving(self) -> dict[int, int]:
         """Connections each ready extra listener serves now, by slot (0 for the first extra listener)."""
         with self._lock:
-            for target in self._targets.values():
-                self._read_news(target)
+            self._refresh()
             return {slot: t.serving for slot, t in self._targets.items() if t.ready}
 
     def pass_connection(self, request: socket.socket) -> bool:
         """Pass ``request`` to the least busy ready extra listener unless the parent serves fewer; True if passed."""
         with self._lock:
-            for target in self._targets.values():
-                self._read_news(target)
+            self._refresh()
             ready = [t for t in self._targets.values() if t.ready]
             if not ready:
                 return False
@@ -283,7 +286,8 @@ class ExtraListeners:
         log.info("extra listeners stopped")
 
     def stop(self) -> None:
-        """Stop every extra listener (SIGTERM, then SIGKILL after ``grace_s``) and wait for them."""
+        """Stop every extra listener (SIGTERM, then SIGKILL after ``grace_s``), wait for them, close their sockets."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.grace_s + 10)
+        self.dispatcher.close()

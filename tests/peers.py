@@ -213,3 +213,9 @@ def running_orthanc(workdir: Path, **kwargs) -> Iterator[Orthanc]:  # noqa: ANN0
         yield o
     finally:
         o.stop()
+
+
+def listening_pids(log: Path, port: int, since: int = 0) -> set[int]:
+    """Node processes serving ``port``, from their log: each says "listening as … (pid N)" once it serves."""
+    text = log.read_bytes()[since:].decode(errors="replace") if log.exists() else ""
+    return {int(p) for p in re.findall(rf"listening as \S+ on \S+:{port} \(pid (\d+)\)", text)}

@@ -23,7 +23,7 @@ from pydicom import dcmread
 from test_crash import acknowledged, dataset_body
 
 from builders import write_noise_series
-from peers import free_port, peer_env, system_tool, wait_until
+from peers import free_port, listening_pids, peer_env, system_tool, wait_until
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
@@ -54,11 +54,6 @@ def start_node(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     )
     wait_until(lambda: len(listening_pids(log, port, mark)) == 2, timeout=90, what="two listeners on the port")
     return proc
-
-
-def listening_pids(log: Path, port: int, since: int = 0) -> set[int]:
-    text = log.read_bytes()[since:].decode(errors="replace")
-    return {int(p) for p in re.findall(rf"listening as HARMONODE on 127\.0\.0\.1:{port} \(pid (\d+)\)", text)}
 
 
 def extra_pid(log: Path) -> int:

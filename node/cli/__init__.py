@@ -140,7 +140,6 @@ def _run_roles(
     finally:
         if extra is not None:  # the node itself has stopped (SIGTERM or ^C: ``Node.wait``)
             extra.stop()
-            extra.dispatcher.close()
 
 
 def _run_extra_listener(config_path: Path | None, parent_pid: int, verbose: bool) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from peers import free_port, peer_env, running_orthanc, system_tool, wait_until  # noqa: E402
+from peers import free_port, listening_pids, peer_env, running_orthanc, system_tool, wait_until  # noqa: E402
 
 
 def write_slices(out: Path, n: int, seed: int = 0) -> list[Path]:
@@ -113,12 +112,6 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def serving_processes(log: Path, port: int) -> int:
-    """Listener processes serving ``port``: each logs "listening as … (pid N)" once its server runs."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return len(set(re.findall(rf"listening as \S+ on \S+:{port} \(pid (\d+)\)", text)))
-
-
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its children (the extra listeners, started by one of its threads: every task is read)."""
     kids: list[int] = []
@@ -147,7 +140,7 @@ def harmonode_run(paths: list[Path], work: Path, listeners: int = 1) -> tuple[fl
     )
     try:
         wait_until(lambda: echo_up(port, "HARMONODE"), timeout=60, what="harmonode")
-        wait_until(lambda: serving_processes(log, port) >= listeners, timeout=60, what="every listener process")
+        wait_until(lambda: len(listening_pids(log, port)) >= listeners, timeout=60, what="every listener process")
         seconds = send(paths, port, "HARMONODE")
         return seconds, sum(peak_rss_mb(p) for p in process_tree(proc.pid))
     finally:
